@@ -1,0 +1,41 @@
+# caffe-lmdb: every target installs what it needs, so `make demo` or `make test` works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PB2    := caffe_lmdb/caffe_pb2.py
+
+.PHONY: venv proto demo test lint bench clean
+
+# torch is pinned for dev/test and installed first: on these machines pip takes a local CPU wheel
+# for exactly this version (any other spec pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q "setuptools>=64" wheel "grpcio-tools>=1.85,<1.86"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+venv: $(STAMP)
+
+$(PB2): proto/caffe.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb proto/caffe.proto
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb proto/caffe.proto
+
+demo: $(STAMP) $(PB2)
+	$(BIN)/python -m caffe_lmdb.cli selftest img/train
+
+test: $(STAMP) $(PB2)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP) $(PB2)
+	@echo "no benchmarks yet (see issue #6)"
+
+clean:
+	rm -rf $(VENV) $(PB2) caffe_lmdb/caffe_pb2.pyi .pytest_cache .ruff_cache *.egg-info build dist
+	rm -rf img/*.lmdb img/*_keys.npy img/*classes.txt img/*skipped.txt bench-data bench-results.json

@@ -1,0 +1,45 @@
+"""Shared fixtures: small generated images (non-square, so swapped H/W fails) and the shared photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = REPO.parent / "shared" / "images"
+SAMPLE_TRAIN = REPO / "img" / "train"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def rgb_image(rng) -> Image.Image:
+    """A 7 wide x 5 high RGB image with distinct values in every channel."""
+    return Image.fromarray(rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8), mode="RGB")
+
+
+@pytest.fixture
+def gray_image(rng) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, size=(5, 7), dtype=np.uint8), mode="L")
+
+
+@pytest.fixture
+def shared_images() -> Path:
+    """The real photos in ../shared/images; tests using them skip cleanly where it is absent."""
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip("../shared/images not present")
+    return SHARED_IMAGES
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
