@@ -41,10 +41,12 @@ def test_datum_defaults():
 
 
 def test_import_without_generated_module_says_run_make_proto(tmp_path):
-    package = tmp_path / "caffe_lmdb"
+    # A renamed copy, so that an editable install of the real package cannot shadow it.
+    package = tmp_path / "caffe_lmdb_without_pb2"
     shutil.copytree(REPO / "caffe_lmdb", package, ignore=shutil.ignore_patterns("caffe_pb2.py*", "__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-c", "import caffe_lmdb"], cwd=tmp_path, capture_output=True, text=True, check=False
+        [sys.executable, "-c", "import caffe_lmdb_without_pb2"],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
     )
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
