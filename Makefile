@@ -25,6 +25,7 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb proto/caffe.proto
 
 demo: $(STAMP) $(PB2)
+	$(BIN)/python tools/convert.py img --overwrite
 	$(BIN)/python -m caffe_lmdb.cli selftest img/train
 
 test: $(STAMP) $(PB2)

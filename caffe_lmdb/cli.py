@@ -13,16 +13,67 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CaffeLmdbError
+from .sources import IMAGE_EXTENSIONS, InputError
 
 log = logging.getLogger("caffe_lmdb")
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+UsageError = InputError  # bad arguments or input the user must fix: exit status 2
 
 
-class UsageError(CaffeLmdbError):
-    """Bad arguments or input the user must fix; exits with status 2."""
+def flag(value: str) -> bool:
+    """gflags-style booleans, so Caffe command lines (`--gray=true`, `--shuffle=false`) work as-is."""
+    lowered = value.lower()
+    if lowered in ("1", "true", "t", "yes", "y"):
+        return True
+    if lowered in ("0", "false", "f", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> None:
+    parser.add_argument(*names, type=flag, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Resolve the positional forms, then convert with `writer.convert` (or `convert_splits`)."""
+    from .writer import ConvertOptions, convert, convert_splits
+
+    options = ConvertOptions(
+        gray=args.gray,
+        resize_height=args.resize_height,
+        resize_width=args.resize_width,
+        encoded=args.encoded,
+        encode_type=args.encode_type,
+        check_size=args.check_size,
+    )
+    common = dict(
+        options=options, shuffle=args.shuffle, seed=args.seed, workers=args.workers,
+        commit_every=args.commit_every, overwrite=args.overwrite, strict=args.strict,
+        progress=False if args.quiet else None,
+    )
+    paths = args.paths
+    if args.list is not None:
+        if len(paths) != 1:
+            raise UsageError("with --list, give exactly one positional argument: the output LMDB")
+        results = [convert(None, paths[0], list_file=args.list, root=args.root, keys_path=args.keys, **common)]
+    elif len(paths) == 3:  # Caffe's own form: ROOTFOLDER/ LISTFILE DB_NAME
+        results = [convert(None, paths[2], list_file=paths[1], root=paths[0], keys_path=args.keys, **common)]
+    elif len(paths) == 2:
+        results = [convert(paths[0], paths[1], root=args.root, keys_path=args.keys, **common)]
+    elif len(paths) == 1:
+        if args.keys is not None:
+            raise UsageError("--keys needs an explicit output LMDB (the one-argument form writes one per split)")
+        results = convert_splits(paths[0], **common)
+    else:
+        raise UsageError("give SRC OUT.lmdb, ROOTFOLDER/ LISTFILE OUT.lmdb, --list FILE OUT.lmdb, or a dataset root")
+    for result in results:
+        print(result)
+        if result.skipped:
+            print(f"  {result.skipped} unreadable images skipped, listed in {result.output.parent}/"
+                  f"{result.keys_path.name.replace('keys.npy', 'skipped.txt')}")
+    return EXIT_OK
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -53,6 +104,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser(
+        "convert",
+        help="convert an image folder or a Caffe list file into a Datum LMDB",
+        description="Convert images into a Caffe Datum LMDB plus a .npy keys file, as Caffe's convert_imageset "
+        "does (same keys and flags). Forms: `convert SRC_DIR OUT.lmdb` (one subfolder per class), "
+        "`convert ROOTFOLDER/ LISTFILE OUT.lmdb` (Caffe's), `convert --list FILE --root DIR OUT.lmdb`, "
+        "and `convert DATASET_DIR` (each split folder DATASET_DIR/train, /val ... to DATASET_DIR/<split>.lmdb). "
+        "Example: caffe-lmdb convert img/train train.lmdb --keys train_keys.npy",
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="SRC OUT, ROOT LISTFILE OUT, OUT (with --list), or DATASET_DIR")
+    p.add_argument("--list", metavar="FILE",
+                   help="Caffe list file: 'relative/path label [more numeric columns]' lines")
+    p.add_argument("--root", metavar="DIR", help="folder the list file's paths are relative to (default: its folder)")
+    p.add_argument("--keys", metavar="FILE.npy",
+                   help="where to save the keys (default: <out>_keys.npy beside the LMDB)")
+    add_bool_flag(p, "--gray", help="store one-channel grayscale images (Caffe's --gray)")
+    add_bool_flag(p, "--shuffle", help="shuffle the input order before assigning line ids (Caffe's --shuffle)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --shuffle (default 0; same seed, same order)")
+    p.add_argument("--resize_height", "--resize-height", type=int, default=0, metavar="H",
+                   help="resize to this height (needs --resize_width too; 0 = keep)")
+    p.add_argument("--resize_width", "--resize-width", type=int, default=0, metavar="W",
+                   help="resize to this width (needs --resize_height too; 0 = keep)")
+    add_bool_flag(p, "--check_size", "--check-size", help="fail unless every image has the same size")
+    add_bool_flag(p, "--encoded", help="store the image files' bytes (encoded Datums) instead of raw pixels")
+    p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",
+                   help="format of encoded records (jpg, png, ...); empty keeps each file's bytes; implies --encoded")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
+    p.add_argument("--commit-every", "--commit_every", type=int, default=1000, metavar="N",
+                   help="records per write transaction (default 1000, as Caffe)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
         "selftest",

@@ -43,3 +43,26 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def save_image(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path, rng) -> Path:
+    """A class-folder tree: cat/ (two non-square PNGs, one in a subfolder), dog/ (a JPEG, a gray PNG), notes."""
+    root = tmp_path / "src"
+
+    def noise(h, w, c=3):
+        shape = (h, w, c) if c > 1 else (h, w)
+        return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8))
+
+    save_image(root / "cat" / "a.png", noise(5, 7))
+    save_image(root / "cat" / "deep" / "b c.png", noise(6, 4))
+    save_image(root / "dog" / "x.JPG", noise(16, 24), quality=90)
+    save_image(root / "dog" / "g.png", noise(5, 7, 1))
+    (root / "dog" / "readme.txt").write_text("not an image")
+    return root

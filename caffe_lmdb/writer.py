@@ -1,0 +1,474 @@
+"""The conversion pipeline: entries -> Datum records (decoded in worker processes) -> one LMDB.
+
+Why it is shaped this way:
+
+* Decoding is the cost, so it runs in a process pool; `imap` keeps input order and one writer
+  puts the records, so the output is byte-identical for any number of workers.
+* LMDB's map is started small and doubled on `MDB_MAP_FULL`, replaying the *whole* uncommitted
+  batch (re-putting only the failing record silently loses the rest of the batch).
+* The LMDB is built under a temporary name beside the target and renamed at the end, and the keys
+  file is written last, so an interrupted run (Ctrl-C, an exception, `kill -9`) never leaves an
+  output that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import lmdb
+from PIL import Image
+
+from .datum import (
+    Datum,
+    DatumError,
+    encode_image,
+    encoded_to_datum,
+    image_to_datum,
+    is_passthrough_format,
+    normalize_image,
+    open_image,
+    pil_format,
+    serialize_datum,
+)
+from .errors import CaffeLmdbError
+from .keys import make_key, save_keys
+from .sources import Entry, InputError, find_splits, load_entries, shuffle_entries
+
+log = logging.getLogger(__name__)
+
+#: LMDB's map starts here and doubles whenever it fills up.
+INITIAL_MAP_SIZE = 64 << 20
+
+_TMP_MARK = ".tmp-"
+
+
+class ConversionError(CaffeLmdbError, RuntimeError):
+    """The conversion stopped (`--strict` on a bad image, `--check_size` mismatch, write failure)."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What each record looks like: Caffe's `convert_imageset` flags, with the same meaning.
+
+    Attributes:
+        gray: store one-channel (L) images.
+        resize_height, resize_width: resize to this size when both are > 0 (aspect ratio not kept).
+        encoded: store image file bytes instead of raw planar pixels.
+        encode_type: the file format of encoded records (jpg, png, ...); "" keeps each file's own
+            bytes when nothing would change them. A non-empty value implies `encoded`.
+        check_size: require every record to have the same channels x height x width.
+    """
+
+    gray: bool = False
+    resize_height: int = 0
+    resize_width: int = 0
+    encoded: bool = False
+    encode_type: str = ""
+    check_size: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.resize_height > 0) != (self.resize_width > 0):
+            raise InputError(
+                f"resize needs both sides > 0, got resize_height={self.resize_height} "
+                f"resize_width={self.resize_width}"
+            )
+        if self.resize_height < 0 or self.resize_width < 0:
+            raise InputError("resize sizes must be >= 0")
+        if self.encode_type:
+            try:
+                pil_format(self.encode_type)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+
+    @property
+    def resize(self) -> tuple[int, int] | None:
+        """(width, height) to resize to, or None."""
+        return (self.resize_width, self.resize_height) if self.resize_height > 0 else None
+
+    @property
+    def stores_encoded(self) -> bool:
+        return self.encoded or bool(self.encode_type)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A worker's answer for one entry: the serialized Datum and its decoded shape, or why it was skipped."""
+
+    value: bytes | None = None
+    shape: tuple[int, int, int] | None = None
+    error: str | None = None
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote; `str()` is the final summary line."""
+
+    output: Path
+    keys_path: Path
+    written: int = 0
+    skipped: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.output}: {self.written} records written, {self.skipped} skipped, "
+            f"{self.bytes_written / 2**20:.1f} MiB, {self.seconds:.2f} s, {self.images_per_second:.0f} images/s"
+        )
+
+
+# --------------------------------------------------------------------------- one record (runs in workers)
+
+def _check_structure(image: Image.Image, data: bytes) -> None:
+    """Cheap integrity checks for bytes stored unchanged: a truncated file must not pass.
+
+    A full decode would make encoded conversion as slow as raw, so JPEGs are checked for their
+    end-of-image marker (decoded in full only if it is missing), PNGs by their chunk CRCs, and
+    other formats decoded.
+    """
+    if image.format == "JPEG" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return
+    if image.format == "PNG":
+        with Image.open(io.BytesIO(data)) as fresh:  # verify() must directly follow open()
+            fresh.verify()
+        return
+    image.load()
+
+
+def build_record(data: bytes, label: int, targets: Sequence[float], options: ConvertOptions) -> Record:
+    """Turn one image file's bytes into a serialized Datum, as `convert_imageset` would.
+
+    Raises:
+        DatumError: the bytes are not an image that can be converted (the message says why).
+    """
+    if not data:
+        raise DatumError("file is empty")
+    if options.stores_encoded:
+        datum, shape = _encoded_datum(data, label, options)
+    else:
+        image = open_image(data, gray=options.gray)
+        if options.resize:
+            image = image.resize(options.resize, Image.BILINEAR)
+        datum = image_to_datum(image, label, gray=options.gray)
+        shape = (datum.channels, datum.height, datum.width)
+    if targets:
+        datum.float_data.extend(targets)
+    return Record(serialize_datum(datum), shape)
+
+
+def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Datum, tuple[int, int, int]]:
+    channels = 1 if options.gray else 3
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, size, mode = image.format, image.size, image.mode
+            wanted = pil_format(options.encode_type) if options.encode_type else fmt
+            keep_bytes = (
+                options.resize is None
+                and is_passthrough_format(fmt)
+                and wanted == fmt
+                and (not options.gray or mode == "L")
+                and image.getexif().get(0x0112, 1) == 1  # OpenCV applies EXIF orientation; keep dims honest
+            )
+            if keep_bytes:
+                _check_structure(image, data)
+                return encoded_to_datum(data, label), (channels, size[1], size[0])
+            image.load()
+            decoded = normalize_image(image, gray=options.gray)
+    except DatumError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatumError(f"cannot decode image: {exc}") from None
+    if options.resize:
+        decoded = decoded.resize(options.resize, Image.BILINEAR)
+    target_type = options.encode_type or ("png" if not is_passthrough_format(wanted) else wanted.lower())
+    payload = encode_image(decoded, target_type)
+    width, height = decoded.size
+    return encoded_to_datum(payload, label), (channels, height, width)
+
+
+def encode_entry(entry: Entry, options: ConvertOptions) -> Record:
+    """Read and convert one entry; unreadable images come back as a `Record` with `error` set."""
+    try:
+        with open(entry.path, "rb") as f:
+            data = f.read()
+        return build_record(data, entry.label, entry.targets, options)
+    except DatumError as exc:
+        return Record(error=str(exc))
+    except OSError as exc:
+        return Record(error=exc.strerror or str(exc))
+
+
+# --------------------------------------------------------------------------- the LMDB
+
+def default_keys_path(output: str | os.PathLike) -> Path:
+    """`train.lmdb` -> `train_keys.npy` beside it."""
+    output = Path(output)
+    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
+    return output.with_name(f"{stem}_keys.npy")
+
+
+def sidecar_path(output: str | os.PathLike, name: str) -> Path:
+    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's class list)."""
+    return default_keys_path(output).with_name(default_keys_path(output).name.replace("keys.npy", name))
+
+
+class BatchWriter:
+    """Puts records into an LMDB in transactions of `commit_every`, growing the map as needed."""
+
+    def __init__(self, env: lmdb.Environment, commit_every: int = 1000) -> None:
+        if commit_every < 1:
+            raise ValueError(f"commit_every must be >= 1, got {commit_every}")
+        self.env = env
+        self.commit_every = commit_every
+        self.batch: list[tuple[bytes, bytes]] = []
+        self._last_key = b""
+        self._sorted = True  # Caffe's zero-padded keys arrive sorted: LMDB's append mode skips the B-tree search
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._sorted = self._sorted and key > self._last_key
+        self._last_key = key
+        self.batch.append((key, value))
+        if len(self.batch) >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the batch in one transaction; on MDB_MAP_FULL double the map and replay all of it."""
+        while self.batch:
+            try:
+                with self.env.begin(write=True) as txn, txn.cursor() as cursor:
+                    cursor.putmulti(self.batch, overwrite=True, append=self._sorted)
+            except lmdb.MapFullError:
+                new_size = self.env.info()["map_size"] * 2
+                log.debug("LMDB map full: growing to %d MiB and replaying %d records", new_size >> 20, len(self.batch))
+                self.env.set_mapsize(new_size)
+                continue
+            self.batch.clear()
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Remove temporaries of earlier runs that were killed (`kill -9`), if their process is gone."""
+    for candidate in output.parent.glob(f".{output.name}{_TMP_MARK}*"):
+        pid = candidate.name.rsplit(_TMP_MARK, 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _records(entries: Sequence[Entry], options: ConvertOptions, workers: int) -> Iterator[Record]:
+    work = partial(encode_entry, options=options)
+    if workers <= 1:
+        yield from map(work, entries)
+        return
+    chunksize = max(1, min(16, len(entries) // (workers * 8)))
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield from pool.imap(work, entries, chunksize=chunksize)
+
+
+def write_lmdb(
+    entries: Sequence[Entry],
+    output: str | os.PathLike,
+    *,
+    options: ConvertOptions | None = None,
+    keys_path: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    workers: int | None = None,
+    commit_every: int = 1000,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+    on_record: Callable[[int], None] | None = None,
+) -> ConvertResult:
+    """Convert `entries` (in this order; line ids are their positions) into a Datum LMDB.
+
+    Args:
+        entries: the images, already shuffled if wanted; entry i gets key `%08d_<relpath>` % i.
+        output: the LMDB directory to create.
+        options: record layout (Caffe's flags).
+        keys_path: where to save the keys (`.npy`); default `<output stem>_keys.npy` beside it.
+        classes: class names, saved as `<output stem>_classes.txt` beside the output.
+        workers: decoding processes (default: CPU count); output is identical for any value.
+        commit_every: records per write transaction (Caffe: 1000).
+        overwrite: replace an existing output instead of refusing.
+        strict: fail on the first unreadable image instead of skipping it.
+        progress: show a progress bar (default: when stderr is a terminal).
+        on_record: called with the running count after each record (tests use it to interrupt).
+
+    Returns:
+        The summary of what was written.
+
+    Raises:
+        InputError: no entries, or the output exists without `overwrite`.
+        ConversionError: `strict` and an unreadable image, or a `check_size` mismatch.
+    """
+    from tqdm import tqdm
+
+    options = options or ConvertOptions()
+    output = Path(output)
+    keys_path = Path(keys_path) if keys_path is not None else default_keys_path(output)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if not entries:
+        raise InputError("no input images")
+    for existing in (output, keys_path):
+        if existing.exists() and not overwrite:
+            raise InputError(f"{existing}: already exists (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
+
+    result = ConvertResult(output=output, keys_path=keys_path)
+    tmp = output.with_name(f".{output.name}{_TMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    keys: list[bytes] = []
+    first_shape: tuple[int, int, int] | None = None
+    bar = tqdm(total=len(entries), unit="img", file=sys.stderr, desc=output.name,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    env = lmdb.open(str(tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
+                    max_dbs=0, readahead=False)
+    try:
+        writer = BatchWriter(env, commit_every)
+        for line_id, (entry, record) in enumerate(zip(entries, _records(entries, options, workers), strict=True)):
+            bar.update()
+            if on_record is not None:
+                on_record(line_id + 1)
+            if record.error is not None:
+                if strict:
+                    raise ConversionError(f"{entry.path}: {record.error} (--strict)")
+                log.warning("skipping %s: %s", entry.path, record.error)
+                result.skipped += 1
+                result.skipped_files.append((entry.relpath, record.error))
+                continue
+            if options.check_size:
+                first_shape = first_shape or record.shape
+                if record.shape != first_shape:
+                    raise ConversionError(
+                        f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
+                        f"{_dims(first_shape)} (--check_size)"
+                    )
+            key = _key(line_id, entry)
+            writer.put(key, record.value)
+            keys.append(key)
+            result.written += 1
+            result.bytes_written += len(record.value)
+        writer.commit()
+        if not keys:
+            raise ConversionError(f"{output}: no image could be converted ({result.skipped} skipped)")
+        env.sync(True)
+        env.close()
+        _publish(tmp, output, keys_path, keys, classes, result.skipped_files)
+    except BaseException:
+        env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _key(line_id: int, entry: Entry) -> bytes:
+    try:
+        return make_key(line_id, entry.relpath)
+    except UnicodeEncodeError:
+        raise InputError(f"{entry.path}: file name is not valid UTF-8, cannot make a key") from None
+
+
+def _dims(shape: tuple[int, int, int] | None) -> str:
+    return "x".join(map(str, shape)) if shape else "?"
+
+
+def _publish(
+    tmp: Path,
+    output: Path,
+    keys_path: Path,
+    keys: Sequence[bytes],
+    classes: Sequence[str] | None,
+    skipped: Iterable[tuple[str, str]],
+) -> None:
+    """Move the finished LMDB into place; the keys file goes last, so its presence means complete."""
+    if keys_path.exists():
+        keys_path.unlink()  # never let an old keys file sit beside a new LMDB
+    if classes is not None:
+        _write_text_atomic(sidecar_path(output, "classes.txt"), "".join(f"{name}\n" for name in classes))
+    skipped = list(skipped)
+    skipped_path = sidecar_path(output, "skipped.txt")
+    if skipped:
+        _write_text_atomic(skipped_path, "".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    elif skipped_path.exists():
+        skipped_path.unlink()
+    if output.exists():
+        trash = output.with_name(f".{output.name}.old{_TMP_MARK}{os.getpid()}")
+        os.replace(output, trash)
+        os.replace(tmp, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+    save_keys(keys_path, keys)
+
+
+def convert(
+    source: str | os.PathLike | None,
+    output: str | os.PathLike,
+    *,
+    list_file: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    **kwargs,
+) -> ConvertResult:
+    """Convert an image folder or a Caffe list file into a Datum LMDB (`convert_imageset`'s job).
+
+    Args:
+        source: an image folder (one subfolder per class), or a list file.
+        output: the LMDB to create.
+        list_file, root: a Caffe list file and the folder its paths are relative to.
+        shuffle, seed: shuffle the input order (line ids follow the shuffled order) with this seed.
+        **kwargs: passed to `write_lmdb` (options, keys_path, workers, overwrite, strict, ...).
+    """
+    entries, classes = load_entries(source, list_file=list_file, root=root)
+    if shuffle:
+        entries = shuffle_entries(entries, seed)
+    return write_lmdb(entries, output, classes=classes, **kwargs)
+
+
+def convert_splits(root: str | os.PathLike, **kwargs) -> list[ConvertResult]:
+    """Convert every split folder of `root` (`root/train`, `root/val`, ...) to `root/<split>.lmdb`.
+
+    Each split gets `root/<split>_keys.npy` and `root/<split>_classes.txt` beside its LMDB.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory")
+    splits = find_splits(root)
+    if not splits:
+        raise InputError(f"{root}: no split folders found (expected e.g. {root}/train/<class>/<image>)")
+    return [convert(split, root / f"{split.name}.lmdb", **kwargs) for split in splits]
