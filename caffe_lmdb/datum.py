@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+from collections.abc import Sequence
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
@@ -516,3 +518,48 @@ def datum_to_encoded(datum: Datum, encode_type: str = "png") -> bytes:
 def is_passthrough_format(pil_format: str | None) -> bool:
     """Whether Caffe (OpenCV) can decode files of this Pillow format, so their bytes may be stored as-is."""
     return pil_format in _PASSTHROUGH_FORMATS
+
+
+# --------------------------------------------------------------------------- fast raw serialization
+
+def _varint(value: int) -> bytes:
+    if value < 0:  # int32 negatives are sign-extended to 64 bits on the wire
+        value += 1 << 64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def image_to_datum_bytes(
+    image: Image.Image, label: int = 0, gray: bool = False, float_data: Sequence[float] = ()
+) -> bytearray:
+    """The serialized raw Datum of a PIL image, built in one buffer (the converter's hot path).
+
+    Byte for byte what `serialize_datum(image_to_datum(image, label, gray))` (plus `float_data`)
+    gives, but the planar BGR pixels are written straight into the final buffer: a 256x256 raw
+    record is 192 KiB, and the protobuf route copies it four times (array, bytes, message,
+    serialization), which costs more than decoding the JPEG on a memory-bound machine.
+    """
+    target = "L" if gray else "RGB"
+    if image.mode != target:
+        image = normalize_image(image, gray=gray)
+    width, height = image.size
+    channels = 1 if gray else 3
+    size = channels * height * width
+    head = b"".join((b"\x08", _varint(channels), b"\x10", _varint(height), b"\x18", _varint(width),
+                     b"\x22", _varint(size)))
+    floats = b"".join(b"\x35" + struct.pack("<f", value) for value in float_data)
+    tail = b"\x28" + _varint(int(label)) + floats + b"\x38\x00"
+    out = bytearray(len(head) + size + len(tail))
+    out[: len(head)] = head
+    pixels = np.frombuffer(out, dtype=np.uint8, count=size, offset=len(head))
+    hwc = np.asarray(image)
+    if gray:
+        pixels.reshape(height, width)[...] = hwc
+    else:
+        pixels.reshape(3, height, width)[...] = hwc.transpose(2, 0, 1)[::-1]
+    out[len(head) + size:] = tail
+    return out

@@ -33,7 +33,7 @@ from .datum import (
     DatumError,
     encode_image,
     encoded_to_datum,
-    image_to_datum,
+    image_to_datum_bytes,
     is_passthrough_format,
     normalize_image,
     open_image,
@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 #: LMDB's map starts here and doubles whenever it fills up.
 INITIAL_MAP_SIZE = 64 << 20
+
+#: A transaction also ends when its records reach this many bytes: 1000 raw 256x256 records are
+#: 190 MiB, and holding that much fresh memory per batch costs more than the extra commits.
+COMMIT_BYTES = 64 << 20
 
 _TMP_MARK = ".tmp-"
 
@@ -164,8 +168,9 @@ def build_record(data: bytes, label: int, targets: Sequence[float], options: Con
         image = open_image(data, gray=options.gray)
         if options.resize:
             image = image.resize(options.resize, Image.BILINEAR)
-        datum = image_to_datum(image, label, gray=options.gray)
-        shape = (datum.channels, datum.height, datum.width)
+        width, height = image.size
+        value = image_to_datum_bytes(image, label, gray=options.gray, float_data=targets)
+        return Record(value, (1 if options.gray else 3, height, width))
     if targets:
         datum.float_data.extend(targets)
     return Record(serialize_datum(datum), shape)
@@ -236,6 +241,7 @@ class BatchWriter:
         self.env = env
         self.commit_every = commit_every
         self.batch: list[tuple[bytes, bytes]] = []
+        self._batch_bytes = 0
         self._last_key = b""
         self._sorted = True  # Caffe's zero-padded keys arrive sorted: LMDB's append mode skips the B-tree search
 
@@ -243,21 +249,47 @@ class BatchWriter:
         self._sorted = self._sorted and key > self._last_key
         self._last_key = key
         self.batch.append((key, value))
-        if len(self.batch) >= self.commit_every:
+        self._batch_bytes += len(key) + len(value)
+        if len(self.batch) >= self.commit_every or self._batch_bytes >= COMMIT_BYTES:
             self.commit()
 
     def commit(self) -> None:
-        """Write the batch in one transaction; on MDB_MAP_FULL double the map and replay all of it."""
+        """Write the batch in one transaction; on MDB_MAP_FULL double the map and replay all of it.
+
+        The map is also grown ahead of time when the batch clearly will not fit, so that large
+        records (a raw 256x256 image is 192 KiB) do not cost a replay per doubling.
+        """
+        if not self.batch:
+            return
+        self._reserve(self._batch_bytes)
         while self.batch:
             try:
                 with self.env.begin(write=True) as txn, txn.cursor() as cursor:
                     cursor.putmulti(self.batch, overwrite=True, append=self._sorted)
             except lmdb.MapFullError:
-                new_size = self.env.info()["map_size"] * 2
-                log.debug("LMDB map full: growing to %d MiB and replaying %d records", new_size >> 20, len(self.batch))
-                self.env.set_mapsize(new_size)
+                self._grow(self.env.info()["map_size"] * 2)
                 continue
             self.batch.clear()
+            self._batch_bytes = 0
+
+    def shrink_to_fit(self) -> None:
+        """Cut the map (and, with `writemap`, the file) down to the pages in use, once writing is done."""
+        info, stat = self.env.info(), self.env.stat()
+        self.env.set_mapsize((info["last_pgno"] + 1) * stat["psize"])
+
+    def _reserve(self, batch_bytes: int) -> None:
+        info, stat = self.env.info(), self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        needed = used + batch_bytes + batch_bytes // 8 + (1 << 20)  # page headers, B-tree branches
+        size = info["map_size"]
+        while size < needed:
+            size *= 2
+        if size != info["map_size"]:
+            self._grow(size)
+
+    def _grow(self, new_size: int) -> None:
+        log.debug("LMDB map: growing to %d MiB (%d records in the batch)", new_size >> 20, len(self.batch))
+        self.env.set_mapsize(new_size)
 
 
 def _remove_stale_temporaries(output: Path) -> None:
@@ -352,8 +384,10 @@ def write_lmdb(
     first_shape: tuple[int, int, int] | None = None
     bar = tqdm(total=len(entries), unit="img", file=sys.stderr, desc=output.name,
                disable=not (sys.stderr.isatty() if progress is None else progress))
+    # writemap: records are copied once, straight into the file's pages (not into malloc'd dirty
+    # pages first); the file, grown with the map, is cut back to the used pages at the end.
     env = lmdb.open(str(tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                    max_dbs=0, readahead=False)
+                    writemap=True, map_async=True, max_dbs=0, readahead=False)
     try:
         writer = BatchWriter(env, commit_every)
         for line_id, (entry, record) in enumerate(zip(entries, _records(entries, options, workers), strict=True)):
@@ -383,6 +417,7 @@ def write_lmdb(
         if not keys:
             raise ConversionError(f"{output}: no image could be converted ({result.skipped} skipped)")
         env.sync(True)
+        writer.shrink_to_fit()
         env.close()
         _publish(tmp, output, keys_path, keys, classes, result.skipped_files)
     except BaseException:

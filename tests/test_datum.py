@@ -8,20 +8,23 @@ import numpy as np
 import pytest
 from conftest import png_bytes
 from PIL import Image
-from wire import field_bytes, field_float, field_varint
+from wire import field_bytes, field_float, field_varint, packed_floats, tag, varint
 
 from caffe_lmdb import (
     Datum,
     DatumError,
+    DatumView,
     array_to_datum,
     check_datum,
     datum_to_array,
     datum_to_encoded,
     datum_to_image,
+    datum_to_image_array,
     encoded_to_datum,
     image_to_datum,
     open_image,
     parse_datum,
+    parse_datum_view,
     serialize_datum,
 )
 
@@ -210,3 +213,178 @@ def test_bytes_that_are_not_a_datum():
 
 def test_isinstance_value_error():
     assert issubclass(DatumError, ValueError)
+
+
+# ---------------------------------------------------------------- zero-copy parse: same answer as protobuf
+
+
+def parsed_fields(parse, buf: bytes):
+    """What a parser makes of `buf`: every field's value, or "DatumError"."""
+    try:
+        datum = parse(buf)
+    except DatumError:
+        return "DatumError"
+    floats = np.asarray(datum.float_data, dtype=np.float32).tobytes()  # bitwise, so NaNs compare
+    return (datum.channels, datum.height, datum.width, bytes(datum.data), datum.label, floats, bool(datum.encoded))
+
+
+def random_datum_bytes(rng: np.random.Generator) -> bytes:
+    """Wire bytes mixing what Caffe, pycaffe and other writers emit, then sometimes damaged."""
+    parts = []
+    for _ in range(rng.integers(0, 9)):
+        kind = rng.random()
+        if kind < 0.45:
+            field = int(rng.choice([1, 2, 3, 5, 7]))
+            value = int(rng.choice([0, 1, 7, 255, 300, -1, -2**31, 2**31 - 1, 2**40 + 3, -(2**50)]))
+            parts.append(field_varint(field, value))
+        elif kind < 0.6:
+            parts.append(field_bytes(4, rng.bytes(int(rng.integers(0, 40)))))
+        elif kind < 0.72:  # unpacked, as Caffe writes repeated floats
+            parts += [field_float(6, float(v)) for v in rng.normal(0, 1e3, size=rng.integers(1, 6))]
+        elif kind < 0.8:
+            parts.append(packed_floats(6, rng.normal(size=rng.integers(0, 5)).tolist()))
+        elif kind < 0.85:
+            parts.append(b"\x88\x80\x80\x80\x00" + varint(int(rng.integers(0, 9))))  # channels, 5-byte tag
+        elif kind < 0.9:
+            parts.append(field_varint(int(rng.integers(8, 40)), 1))  # a field a Datum does not have
+        elif kind < 0.95:
+            parts.append(tag(int(rng.integers(1, 8)), int(rng.integers(0, 8))))  # any wire type
+        else:
+            parts.append(rng.bytes(int(rng.integers(1, 4))))
+    buf = bytearray(b"".join(parts))
+    damage = rng.random()
+    if buf and damage < 0.15:
+        del buf[int(rng.integers(0, len(buf))):]
+    elif buf and damage < 0.3:
+        for _ in range(int(rng.integers(1, 4))):
+            buf[int(rng.integers(0, len(buf)))] = int(rng.integers(0, 256))
+    elif damage < 0.35:
+        buf = bytearray(rng.bytes(int(rng.integers(0, 12))))
+    return bytes(buf)
+
+
+def test_view_parse_agrees_with_protobuf_on_many_records(rng):
+    outcomes = {"ok": 0, "DatumError": 0}
+    for _ in range(5000):
+        buf = random_datum_bytes(rng)
+        expected = parsed_fields(parse_datum, buf)
+        assert parsed_fields(parse_datum_view, buf) == expected, buf.hex()
+        outcomes["DatumError" if expected == "DatumError" else "ok"] += 1
+    assert min(outcomes.values()) > 1000  # both sides of the boundary were exercised
+
+
+def test_view_parse_agrees_with_protobuf_on_every_two_byte_string():
+    for value in range(1 << 16):
+        buf = value.to_bytes(2, "little")
+        assert parsed_fields(parse_datum_view, buf) == parsed_fields(parse_datum, buf), buf.hex()
+
+
+@pytest.mark.parametrize("label", [0, 9, -1, -2**31, 2**31 - 1])
+def test_view_parse_of_caffe_records(rgb_image, label):
+    raw = serialize_datum(image_to_datum(rgb_image, label=label))
+    encoded = encoded_to_datum(png_bytes(rgb_image), label=label)
+    encoded.float_data.extend([0.25, -3.5, float("inf")])
+    floats = array_to_datum(np.arange(105, dtype=np.float32).reshape(3, 5, 7) - 50, label=label)
+    for buf in (raw, serialize_datum(encoded), serialize_datum(floats)):
+        view = parse_datum_view(buf)
+        assert isinstance(view, DatumView) and view.label == label
+        assert parsed_fields(parse_datum_view, buf) == parsed_fields(parse_datum, buf)
+
+
+def test_view_data_shares_memory_with_the_buffer(rgb_image):
+    buf = bytearray(serialize_datum(image_to_datum(rgb_image)))
+    view = parse_datum_view(memoryview(buf))
+    assert isinstance(view.data, memoryview) and len(view.data) == 105
+    assert np.shares_memory(np.frombuffer(view.data, np.uint8), np.frombuffer(buf, np.uint8))
+    assert view.float_data.dtype == np.float32 and view.float_data.flags.writeable
+
+
+def test_view_parse_of_a_large_unpacked_float_datum():
+    chw = np.random.default_rng(5).normal(size=(3, 64, 48)).astype(np.float32)
+    view = parse_datum_view(serialize_datum(array_to_datum(chw, label=2)))
+    assert not np.shares_memory(view.float_data, chw)
+    assert np.array_equal(view.float_data, chw.ravel()) and view.data == b"" and view.label == 2
+
+
+def test_view_parse_refuses_what_is_not_a_datum():
+    for buf, reason in [
+        (b"\xff\xff\xff\xff", "truncated"),
+        (field_varint(15, 1), "field 15 with wire type 0 at byte 0 is not a Datum field"),
+        (tag(4, 2) + varint(10) + b"abc", "runs 7 bytes past the end"),
+        (field_bytes(6, b"\x00" * 5), "not a multiple of 4"),
+        (tag(1, 2) + varint(1) + b"x", "field 1 with wire type 2"),
+        (tag(1, 0) + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
+    ]:
+        with pytest.raises(DatumError, match=f"not a Datum \\({len(buf)} bytes.*{reason}"):
+            parse_datum_view(buf)
+
+
+def test_codec_functions_accept_a_view(rgb_image):
+    buf = serialize_datum(image_to_datum(rgb_image, label=3))
+    view = parse_datum_view(buf)
+    check_datum(view)
+    assert np.array_equal(np.asarray(datum_to_image(view)), np.asarray(rgb_image))
+    assert np.array_equal(datum_to_array(view), datum_to_array(parse_datum(buf)))
+    with pytest.raises(DatumError, match="data has 104 bytes"):
+        check_datum(parse_datum_view(serialize_datum(Datum(channels=3, height=5, width=7, data=bytes(104)))))
+
+
+# ---------------------------------------------------------------- C x H x W arrays of the image, RGB order
+
+
+def image_chw(image: Image.Image) -> np.ndarray:
+    hwc = np.asarray(image)
+    return hwc[np.newaxis] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
+
+
+def test_image_array_is_the_image_as_chw(rgb_image, gray_image):
+    rgba = Image.fromarray(np.random.default_rng(3).integers(0, 256, size=(5, 7, 4), dtype=np.uint8), "RGBA")
+    raw_rgba = Datum(channels=4, height=5, width=7, label=0, encoded=False)
+    raw_rgba.data = np.asarray(rgba)[:, :, [2, 1, 0, 3]].transpose(2, 0, 1).tobytes()  # BGRA planes
+    cases = [
+        image_to_datum(rgb_image),
+        image_to_datum(gray_image, gray=True),
+        raw_rgba,
+        encoded_to_datum(png_bytes(rgb_image)),
+        encoded_to_datum(png_bytes(gray_image)),
+    ]
+    for datum in cases:
+        for parsed in (datum, parse_datum_view(serialize_datum(datum))):
+            for mode in (None, "RGB", "L"):
+                array = datum_to_image_array(parsed, mode)
+                assert array.dtype == np.uint8 and array.flags.writeable and array.flags.c_contiguous
+                assert np.array_equal(array, image_chw(datum_to_image(datum, mode))), (datum.channels, mode)
+
+
+def test_image_array_copies_out_of_the_buffer(rgb_image):
+    buf = bytearray(serialize_datum(image_to_datum(rgb_image)))
+    array = datum_to_image_array(parse_datum_view(buf))
+    assert not np.shares_memory(array, np.frombuffer(buf, np.uint8))
+    buf[:] = bytes(len(buf))  # an LMDB page reused after the transaction
+    assert np.array_equal(array, np.asarray(rgb_image).transpose(2, 0, 1))
+
+
+def test_image_array_of_float_datums_keeps_values_in_rgb_order():
+    bgr = np.arange(105, dtype=np.float32).reshape(3, 5, 7) * 3.5 - 100
+    array = datum_to_image_array(parse_datum_view(serialize_datum(array_to_datum(bgr))))
+    assert array.dtype == np.float32 and np.array_equal(array, bgr[::-1])
+    gray = datum_to_image_array(array_to_datum(bgr[:1]), mode="RGB")
+    assert gray.shape == (3, 5, 7) and all(np.array_equal(plane, bgr[0]) for plane in gray)
+
+
+def test_image_array_keeps_other_channel_counts_in_stored_order():
+    planes = np.arange(2 * 5 * 7, dtype=np.uint8).reshape(2, 5, 7)
+    assert np.array_equal(datum_to_image_array(array_to_datum(planes)), planes)
+    with pytest.raises(DatumError, match="2 channels"):
+        datum_to_image_array(array_to_datum(planes), mode="RGB")
+
+
+@pytest.mark.parametrize("gray", [False, True])
+@pytest.mark.parametrize(("label", "floats"), [(0, ()), (-5, (1.5, 0.1)), (300, (3.0,))])
+def test_image_to_datum_bytes_equals_protobuf_serialization(rgb_image, gray, label, floats):
+    from caffe_lmdb.datum import image_to_datum_bytes
+
+    for image in (rgb_image, rgb_image.resize((300, 200))):
+        expected = image_to_datum(image, label, gray=gray)
+        expected.float_data.extend(floats)
+        assert bytes(image_to_datum_bytes(image, label, gray=gray, float_data=floats)) == serialize_datum(expected)

@@ -343,3 +343,22 @@ def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, shar
         lst.write_text("m.png 1\n")
         assert main(["convert", "--list", str(lst), "--root", str(tmp_path / "src"), str(out), "-q"]) == 0
         assert not partial.exists()  # the next run removed the dead run's temporary
+
+
+def test_map_full_replays_the_whole_batch(tmp_path):
+    """Without the up-front reservation, MDB_MAP_FULL must double the map and replay every record."""
+    import lmdb
+
+    class NoReserve(writer_module.BatchWriter):
+        def _reserve(self, batch_bytes):
+            pass
+
+    env = lmdb.open(str(tmp_path / "db"), map_size=256 << 10)
+    writer = NoReserve(env, commit_every=40)
+    values = {b"%08d" % i: bytes([i]) * 20000 for i in range(100)}
+    for key, value in values.items():
+        writer.put(key, value)
+    writer.commit()
+    assert env.info()["map_size"] > 256 << 10
+    env.close()
+    assert dict(read_all(tmp_path / "db")) == values
