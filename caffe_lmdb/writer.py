@@ -326,6 +326,73 @@ def _records(entries: Sequence[Entry], options: ConvertOptions, workers: int) ->
         yield from pool.imap(work, entries, chunksize=chunksize)
 
 
+class AtomicLmdb:
+    """An LMDB built under a temporary name and published only when complete.
+
+    Anything that writes an LMDB for users (conversion, merge, migration) goes through this, so
+    they all share the guarantees: the output and its keys file appear only at the end, the keys
+    file last; an existing output is refused without `overwrite`; an exception (or Ctrl-C)
+    removes the temporary, and a temporary left by `kill -9` is removed by the next run.
+
+    Use as a context manager; `finish()` publishes, leaving the block without it discards::
+
+        with AtomicLmdb("out.lmdb", overwrite=False) as out:
+            out.put(key, value)
+            out.finish(classes=["cat", "dog"])
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        keys_path: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
+        commit_every: int = 1000,
+    ) -> None:
+        self.output = Path(output)
+        self.keys_path = Path(keys_path) if keys_path is not None else default_keys_path(self.output)
+        for existing in (self.output, self.keys_path):
+            if existing.exists() and not overwrite:
+                raise InputError(f"{existing}: already exists (pass --overwrite to replace it)")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.output)
+        self.tmp = self.output.with_name(f".{self.output.name}{_TMP_MARK}{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.keys: list[bytes] = []
+        self.bytes_written = 0
+        self._finished = False
+        # writemap: records are copied once, straight into the file's pages (not into malloc'd
+        # dirty pages first); the file, grown with the map, is cut back to the used pages at the end.
+        self.env = lmdb.open(str(self.tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
+                             writemap=True, map_async=True, max_dbs=0, readahead=False)
+        self.writer = BatchWriter(self.env, commit_every)
+
+    def __enter__(self) -> AtomicLmdb:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finished:
+            self.discard()
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.writer.put(key, value)
+        self.keys.append(key)
+        self.bytes_written += len(value)
+
+    def finish(self, classes: Sequence[str] | None = None, skipped: Iterable[tuple[str, str]] = ()) -> None:
+        """Commit, flush to disk, and move the LMDB (then its keys file) into place."""
+        self.writer.commit()
+        self.env.sync(True)
+        self.writer.shrink_to_fit()
+        self.env.close()
+        _publish(self.tmp, self.output, self.keys_path, self.keys, classes, skipped)
+        self._finished = True
+
+    def discard(self) -> None:
+        self.env.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_lmdb(
     entries: Sequence[Entry],
     output: str | os.PathLike,
@@ -338,6 +405,7 @@ def write_lmdb(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool | None = None,
+    line_offset: int = 0,
     on_record: Callable[[int], None] | None = None,
 ) -> ConvertResult:
     """Convert `entries` (in this order; line ids are their positions) into a Datum LMDB.
@@ -353,6 +421,8 @@ def write_lmdb(
         overwrite: replace an existing output instead of refusing.
         strict: fail on the first unreadable image instead of skipping it.
         progress: show a progress bar (default: when stderr is a terminal).
+        line_offset: line id of the first entry (a shard's start in the whole list), so that
+            shards get the same global keys as an unsharded conversion.
         on_record: called with the running count after each record (tests use it to interrupt).
 
     Returns:
@@ -365,40 +435,24 @@ def write_lmdb(
     from tqdm import tqdm
 
     options = options or ConvertOptions()
-    output = Path(output)
-    keys_path = Path(keys_path) if keys_path is not None else default_keys_path(output)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if not entries:
         raise InputError("no input images")
-    for existing in (output, keys_path):
-        if existing.exists() and not overwrite:
-            raise InputError(f"{existing}: already exists (pass --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
-
-    result = ConvertResult(output=output, keys_path=keys_path)
-    tmp = output.with_name(f".{output.name}{_TMP_MARK}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    keys: list[bytes] = []
     first_shape: tuple[int, int, int] | None = None
-    bar = tqdm(total=len(entries), unit="img", file=sys.stderr, desc=output.name,
-               disable=not (sys.stderr.isatty() if progress is None else progress))
-    # writemap: records are copied once, straight into the file's pages (not into malloc'd dirty
-    # pages first); the file, grown with the map, is cut back to the used pages at the end.
-    env = lmdb.open(str(tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                    writemap=True, map_async=True, max_dbs=0, readahead=False)
-    try:
-        writer = BatchWriter(env, commit_every)
-        for line_id, (entry, record) in enumerate(zip(entries, _records(entries, options, workers), strict=True)):
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
+            tqdm(total=len(entries), unit="img", file=sys.stderr, desc=out.output.name,
+                 disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
+        result = ConvertResult(output=out.output, keys_path=out.keys_path)
+        records = _records(entries, options, workers)
+        for position, (entry, record) in enumerate(zip(entries, records, strict=True)):
             bar.update()
             if on_record is not None:
-                on_record(line_id + 1)
+                on_record(position + 1)
             if record.error is not None:
                 if strict:
                     raise ConversionError(f"{entry.path}: {record.error} (--strict)")
                 log.warning("skipping %s: %s", entry.path, record.error)
-                result.skipped += 1
                 result.skipped_files.append((entry.relpath, record.error))
                 continue
             if options.check_size:
@@ -408,24 +462,11 @@ def write_lmdb(
                         f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
                         f"{_dims(first_shape)} (--check_size)"
                     )
-            key = _key(line_id, entry)
-            writer.put(key, record.value)
-            keys.append(key)
-            result.written += 1
-            result.bytes_written += len(record.value)
-        writer.commit()
-        if not keys:
-            raise ConversionError(f"{output}: no image could be converted ({result.skipped} skipped)")
-        env.sync(True)
-        writer.shrink_to_fit()
-        env.close()
-        _publish(tmp, output, keys_path, keys, classes, result.skipped_files)
-    except BaseException:
-        env.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
+            out.put(_key(line_offset + position, entry), record.value)
+        if not out.keys:
+            raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} skipped)")
+        out.finish(classes, result.skipped_files)
+    result.written, result.skipped, result.bytes_written = len(out.keys), len(result.skipped_files), out.bytes_written
     result.seconds = time.perf_counter() - start
     return result
 
