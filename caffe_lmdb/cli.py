@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,33 @@ def add_bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> No
     parser.add_argument(*names, type=flag, nargs="?", const=True, default=False, metavar="BOOL", help=help)
 
 
+def _shard_arguments(args: argparse.Namespace) -> dict:
+    """`--num-shards N --shard-index I`, or `--num-shards auto` from torchrun's or Slurm's variables."""
+    from .shards import local_world_size, shard_from_environment
+
+    if args.num_shards is None:
+        if args.shard_index is not None:
+            raise UsageError("--shard-index needs --num-shards")
+        return {}
+    if args.num_shards == "auto":
+        if args.shard_index is not None:
+            raise UsageError("--shard-index cannot be combined with --num-shards auto")
+        index, count = shard_from_environment()
+        if args.workers is None:  # the launcher starts one converter per shard: share the cores
+            args.workers = max(1, (os.cpu_count() or 1) // local_world_size())
+        return {"num_shards": count, "shard_index": index}
+    try:
+        count = int(args.num_shards)
+    except ValueError:
+        raise UsageError(f"--num-shards must be an integer or 'auto', got {args.num_shards!r}") from None
+    if args.shard_index is None:
+        raise UsageError("--num-shards N needs --shard-index I (or use --num-shards auto under a launcher)")
+    from .shards import shard_range
+
+    shard_range(0, count, args.shard_index)  # validates the pair
+    return {"num_shards": count, "shard_index": args.shard_index}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Resolve the positional forms, then convert with `writer.convert` (or `convert_splits`)."""
     from .writer import ConvertOptions, convert, convert_splits
@@ -51,7 +79,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     common = dict(
         options=options, shuffle=args.shuffle, seed=args.seed, workers=args.workers,
         commit_every=args.commit_every, overwrite=args.overwrite, strict=args.strict,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet else None, **_shard_arguments(args),
     )
     paths = args.paths
     if args.list is not None:
@@ -73,6 +101,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if result.skipped:
             print(f"  {result.skipped} unreadable images skipped, listed in {result.output.parent}/"
                   f"{result.keys_path.name.replace('keys.npy', 'skipped.txt')}")
+    return EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge shard LMDBs (a list, or a glob) into one with `merge.merge_lmdbs`."""
+    from .merge import merge_lmdbs
+    from .shards import find_shards
+
+    shards = [shard for pattern in args.shards for shard in find_shards(pattern)]
+    print(merge_lmdbs(shards, args.output, keys_path=args.keys, overwrite=args.overwrite,
+                      progress=False if args.quiet else None))
     return EXIT_OK
 
 
@@ -137,8 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records per write transaction (default 1000, as Caffe)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("--num-shards", "--num_shards", metavar="N|auto",
+                   help="convert one of N contiguous shards to OUT-IIIII-of-NNNNN.lmdb; 'auto' takes the shard "
+                   "from RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or "
+                   "SLURM_PROCID/SLURM_NTASKS")
+    p.add_argument("--shard-index", "--shard_index", type=int, metavar="I", help="which shard, 0 <= I < N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge shard LMDBs into one LMDB",
+        description="Merge shard LMDBs (from `convert --num-shards`) into one LMDB whose records and keys file "
+        "equal the unsharded conversion's. Example: caffe-lmdb merge 'train-*-of-00008.lmdb' -o train.lmdb",
+    )
+    p.add_argument("shards", nargs="+", metavar="SHARD", help="shard LMDBs, or glob patterns (quoted)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.lmdb", help="the merged LMDB to create")
+    p.add_argument("--keys", metavar="FILE.npy", help="keys file (default: <out>_keys.npy beside the LMDB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "selftest",

@@ -318,7 +318,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def _records(entries: Sequence[Entry], options: ConvertOptions, workers: int) -> Iterator[Record]:
     work = partial(encode_entry, options=options)
-    if workers <= 1:
+    if workers <= 1 or len(entries) < 4 * workers:  # a pool costs more than it saves on tiny inputs
         yield from map(work, entries)
         return
     chunksize = max(1, min(16, len(entries) // (workers * 8)))
@@ -519,6 +519,9 @@ def convert(
     root: str | os.PathLike | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    num_shards: int | None = None,
+    shard_index: int = 0,
+    keys_path: str | os.PathLike | None = None,
     **kwargs,
 ) -> ConvertResult:
     """Convert an image folder or a Caffe list file into a Datum LMDB (`convert_imageset`'s job).
@@ -528,12 +531,25 @@ def convert(
         output: the LMDB to create.
         list_file, root: a Caffe list file and the folder its paths are relative to.
         shuffle, seed: shuffle the input order (line ids follow the shuffled order) with this seed.
-        **kwargs: passed to `write_lmdb` (options, keys_path, workers, overwrite, strict, ...).
+        num_shards, shard_index: convert only shard `shard_index` of `num_shards` contiguous
+            ranges of the (shuffled) input, to `<out>-IIIII-of-NNNNN.lmdb` with global keys.
+        keys_path: the keys file (default `<out>_keys.npy`; a shard gets the shard suffix).
+        **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, ...).
     """
+    from .shards import shard_name, shard_range
+
     entries, classes = load_entries(source, list_file=list_file, root=root)
     if shuffle:
         entries = shuffle_entries(entries, seed)
-    return write_lmdb(entries, output, classes=classes, **kwargs)
+    line_offset = 0
+    if num_shards is not None:
+        line_offset, stop = shard_range(len(entries), num_shards, shard_index)
+        if stop == line_offset:
+            raise InputError(f"shard {shard_index} of {num_shards} is empty: only {len(entries)} input images")
+        entries = entries[line_offset:stop]
+        keys_path = shard_name(keys_path, shard_index, num_shards) if keys_path is not None else None
+        output = shard_name(output, shard_index, num_shards)
+    return write_lmdb(entries, output, classes=classes, keys_path=keys_path, line_offset=line_offset, **kwargs)
 
 
 def convert_splits(root: str | os.PathLike, **kwargs) -> list[ConvertResult]:

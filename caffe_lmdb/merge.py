@@ -1,0 +1,93 @@
+"""Merging shard LMDBs into one: the records of the unsharded conversion, byte for byte.
+
+Shards hold disjoint, sorted key ranges, so a k-way merge of their cursors yields every record
+in key order, which is the unsharded conversion's write order; values are copied as stored
+(never parsed) and written with LMDB's append mode.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import LmdbFormatError
+from .keys import open_readonly
+from .sources import InputError
+from .writer import AtomicLmdb, ConvertResult, sidecar_path
+
+
+class MergeError(LmdbFormatError):
+    """The shards cannot be merged: the same key in two shards, or different class lists."""
+
+
+def read_sidecar_lines(lmdb_path: Path, name: str) -> list[str] | None:
+    """The lines of a converter side file (`<stem>_classes.txt`, ...) beside an LMDB, or None."""
+    path = sidecar_path(lmdb_path, name)
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+
+
+def _records(shard_index: int, txn) -> Iterator[tuple[bytes, int, bytes]]:
+    for key, value in txn.cursor():
+        yield key, shard_index, value
+
+
+def merge_lmdbs(
+    shards: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    keys_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    commit_every: int = 1000,
+    progress: bool | None = None,
+) -> ConvertResult:
+    """Merge shard LMDBs into one LMDB (+ keys file, class list and skipped list).
+
+    Raises:
+        InputError: fewer than one shard, or a shard that does not exist.
+        MergeError: two shards hold the same key, or their class lists differ (both named).
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise InputError("merge needs at least one shard LMDB")
+    classes = [read_sidecar_lines(s, "classes.txt") for s in shards]
+    for shard, shard_classes in zip(shards[1:], classes[1:], strict=True):
+        if shard_classes != classes[0]:
+            raise MergeError(
+                f"{shards[0]} and {shard} have different class lists ({sidecar_path(shard, 'classes.txt').name})"
+            )
+    skipped = [
+        tuple(line.split("\t", 1)) if "\t" in line else (line, "")
+        for shard in shards for line in (read_sidecar_lines(shard, "skipped.txt") or [])
+    ]
+    start = time.perf_counter()
+    envs = [open_readonly(s) for s in shards]
+    try:
+        txns = [env.begin() for env in envs]
+        total = sum(txn.stat()["entries"] for txn in txns)
+        with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
+                tqdm(total=total, unit="rec", file=sys.stderr, desc=Path(output).name,
+                     disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
+            previous: tuple[bytes, int] | None = None
+            for key, index, value in heapq.merge(*(_records(i, txn) for i, txn in enumerate(txns))):
+                if previous is not None and previous[0] == key:
+                    raise MergeError(f"key {key!r} is in both {shards[previous[1]]} and {shards[index]}")
+                out.put(key, value)
+                previous = (key, index)
+                bar.update()
+            out.finish(classes[0], skipped)
+        for txn in txns:
+            txn.abort()
+    finally:
+        for env in envs:
+            env.close()
+    result = ConvertResult(output=out.output, keys_path=out.keys_path, written=len(out.keys),
+                           skipped=len(skipped), bytes_written=out.bytes_written)
+    result.seconds = time.perf_counter() - start
+    return result
