@@ -1,33 +1,55 @@
 """caffe-lmdb: image folders to Caffe Datum LMDBs, and Caffe LMDBs (new or legacy) to PyTorch.
 
 Importing the package needs the generated `caffe_pb2` (`make proto`); without it the import
-fails with one line saying so.
+fails with one line saying so. The PyTorch parts (`LmdbDataset_train`, `BlockShuffleSampler`,
+`open_shards`) are imported on first use, so that the command-line tools start without torch.
 """
 
 from .datum import (
     Datum,
+    DatumView,
     array_to_datum,
     check_datum,
     datum_to_array,
     datum_to_encoded,
     datum_to_image,
+    datum_to_image_array,
     encoded_to_datum,
     image_to_datum,
     open_image,
     parse_datum,
+    parse_datum_view,
     serialize_datum,
 )
-from .errors import CaffeLmdbError, DatumError, KeysFileError, LmdbFormatError
+from .errors import CaffeLmdbError, DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import load_keys, make_key, save_keys, scan_keys
 from .proto import caffe_pb2
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "LmdbDataset_train": "dataset",
+    "open_shards": "dataset",
+    "BlockShuffleSampler": "samplers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
+    "BlockShuffleSampler",
     "CaffeLmdbError",
     "Datum",
     "DatumError",
+    "DatumView",
     "KeysFileError",
+    "KeysFileWarning",
+    "LmdbDataset_train",
     "LmdbFormatError",
     "__version__",
     "array_to_datum",
@@ -36,12 +58,15 @@ __all__ = [
     "datum_to_array",
     "datum_to_encoded",
     "datum_to_image",
+    "datum_to_image_array",
     "encoded_to_datum",
     "image_to_datum",
     "load_keys",
     "make_key",
     "open_image",
+    "open_shards",
     "parse_datum",
+    "parse_datum_view",
     "save_keys",
     "scan_keys",
     "serialize_datum",

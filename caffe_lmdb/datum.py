@@ -142,19 +142,26 @@ def parse_datum_view(buf: bytes | bytearray | memoryview) -> DatumView:
             field, wire = key >> 3, key & 7
             if wire == 0:  # varint: channels, height, width, label, encoded
                 value = view[pos]
-                pos += 1
-                if value >= 0x80:
-                    value, pos = _read_varint(view, pos - 1, 10)
-                if field == 1:
-                    channels = _int32(value)
-                elif field == 2:
-                    height = _int32(value)
-                elif field == 3:
-                    width = _int32(value)
-                elif field == 5:
-                    label = _int32(value)
-                elif field == 7:
+                if value < 0x80:
+                    pos += 1
+                elif view[pos + 1] < 0x80:  # two bytes: dims up to 16383, the common case
+                    value = (value & 0x7F) | (view[pos + 1] << 7)
+                    pos += 2
+                else:
+                    value, pos = _read_varint(view, pos, 10)
+                if field == 7:
                     encoded = value != 0
+                    continue
+                if value > 0x7FFFFFFF:
+                    value = _int32(value)
+                if field == 1:
+                    channels = value
+                elif field == 2:
+                    height = value
+                elif field == 3:
+                    width = value
+                elif field == 5:
+                    label = value
                 else:
                     raise _WireError(_bad_field(field, wire, start))
             elif wire == 2:  # length-delimited: data, or packed float_data
@@ -420,8 +427,6 @@ def planes_to_image(data: bytes | memoryview, channels: int, height: int, width:
     raise DatumError(f"raw datum has {channels} channels; only 1, 3 or 4 make an image")
 
 
-#: The planes of a raw Datum in image (RGB/RGBA) order: Caffe stores colour planes as BGR(A).
-_IMAGE_PLANE_ORDER = {3: [2, 1, 0], 4: [2, 1, 0, 3]}
 _NATURAL_MODE = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
@@ -460,8 +465,11 @@ def datum_to_image_array(datum: Datum | DatumView, mode: str | None = None) -> n
                 planes = np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
             if channels == 1 and mode == "RGB":
                 return np.repeat(planes, 3, axis=0)
-            order = _IMAGE_PLANE_ORDER.get(channels)
-            return planes.copy() if order is None else planes[order]  # fancy indexing copies
+            if channels == 3:  # Caffe stores colour planes as BGR(A): reverse them while copying
+                return planes[::-1].copy()
+            if channels == 4:
+                return planes[[2, 1, 0, 3]]  # fancy indexing copies
+            return planes.copy()
     hwc = np.asarray(datum_to_image(datum, mode))
     if hwc.ndim == 2:
         return hwc[np.newaxis].copy()
@@ -563,3 +571,55 @@ def image_to_datum_bytes(
         pixels.reshape(3, height, width)[...] = hwc.transpose(2, 0, 1)[::-1]
     out[len(head) + size:] = tail
     return out
+
+
+# --------------------------------------------------------------------------- inspection without decoding
+
+class EncodedHeader(NamedTuple):
+    """What an encoded payload's header says: its Pillow format and the dims it decodes to."""
+
+    format: str
+    channels: int
+    height: int
+    width: int
+
+
+#: EXIF orientations that turn the image a quarter, so the decoded image has width and height swapped.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def read_encoded_header(data: bytes | memoryview) -> EncodedHeader:
+    """The format and decoded C x H x W of an encoded Datum's payload, read from its header alone.
+
+    Tools that describe big LMDBs (`caffe-lmdb info`) cannot afford a decode per record; Pillow's
+    `Image.open` parses only the header. The dims are those `datum_to_image` will give: EXIF
+    orientation applied (a quarter turn swaps width and height), one channel for grayscale
+    modes and three for everything else (alpha is dropped, palettes expanded).
+
+    Raises:
+        DatumError: the header is not one of an image format Pillow recognises.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+            channels = 1 if image.mode in _GRAY_MODES else 3
+            return EncodedHeader(image.format or "unknown", channels, height, width)
+    except UnidentifiedImageError:
+        raise DatumError(f"encoded data ({len(data)} bytes) is not an image format Pillow recognises") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatumError(f"encoded data ({len(data)} bytes) has a bad image header: {exc}") from None
+
+
+def image_plane_order(channels: int) -> list[int]:
+    """Indices that put a raw Datum's planes, or per-plane values, in image order (RGB, RGBA).
+
+    Caffe stores colour planes as BGR(A), so values computed per Datum plane (a mean, a std)
+    must be reordered before they meet RGB tensors, e.g. in `torchvision.transforms.Normalize`.
+    """
+    if channels == 3:
+        return [2, 1, 0]
+    if channels == 4:
+        return [2, 1, 0, 3]
+    return list(range(channels))

@@ -17,3 +17,7 @@ class LmdbFormatError(CaffeLmdbError, ValueError):
 
 class KeysFileError(CaffeLmdbError, ValueError):
     """A `.npy` keys file is unreadable, pickled, or disagrees with its LMDB."""
+
+
+class KeysFileWarning(UserWarning):
+    """A keys file that loads but disagrees with its LMDB (e.g. a different number of entries)."""

@@ -1,0 +1,333 @@
+"""The PyTorch side: `LmdbDataset_train`, a map-style Dataset over one Caffe Datum LMDB, new or legacy.
+
+Why it is built this way:
+
+* The LMDB environment is opened lazily, once per process, and never pickled. LMDB forbids using
+  an environment across `fork()` and py-lmdb cannot pickle one for spawned workers, so the dataset
+  keeps only the path and options, opens on the first read, and reopens when `os.getpid()` says
+  the object has crossed into a new process.
+* It is opened read-only with `lock=False` (no reader table, so no `MDB_READERS_FULL` however many
+  workers and ranks read), `meminit=False`, and `readahead=False` by default (random access to
+  small records; see the `readahead` argument for large records on LMDBs bigger than RAM).
+* Keys are a numpy bytes array: forked workers share its pages, where a list of Python bytes would
+  be copied page by page as reference counts change.
+* Values are read with `buffers=True` and parsed by `datum.parse_datum_view`, so the pixels are
+  copied once, from the memory map into the image, tensor or array returned.
+* py-lmdb refuses to open an LMDB twice in one process (LMDB's locks belong to the process and
+  file), so datasets over the same LMDB (`ds + ds`, or a train and a val view of one LMDB) share
+  the process's one read-only environment, kept in `_OPEN_ENVS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lmdb
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .datum import DatumView, datum_to_image, datum_to_image_array, parse_datum_view
+from .errors import DatumError, KeysFileError, KeysFileWarning
+from .keys import keys_to_array, load_keys, open_readonly, save_keys
+
+logger = logging.getLogger(__name__)
+
+Target = Literal["label", "float", "both"]
+Output = Literal["pil", "tensor", "numpy"]
+
+_TARGETS = ("label", "float", "both")
+_OUTPUTS = ("pil", "tensor", "numpy")
+
+#: LMDB's reader-table size. The dataset opens with `lock=False`, which keeps no reader table, so
+#: `MDB_READERS_FULL` cannot happen and the value does not bind; it is still set far above
+#: workers x ranks (LMDB's default is 126) so that it is never the limit.
+DEFAULT_MAX_READERS = 1024
+
+
+class _ProcessEnvironments:
+    """The read-only LMDB environments open in this process, one per LMDB, shared by its datasets.
+
+    py-lmdb raises "already open in this process" on a second open of the same files, so every
+    dataset gets its environment here. Entries are weak: an environment closes when the last
+    dataset using it goes. A child made by fork() inherits the parent's handles, which it must
+    not use (LMDB's rule) and which block reopening the files; the first call in the child closes
+    them, which touches nothing the parent shares because they were opened with `lock=False`.
+    The first dataset to open an LMDB in a process chooses `max_readers` and `readahead`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._envs: weakref.WeakValueDictionary[str, lmdb.Environment] = weakref.WeakValueDictionary()
+        if hasattr(os, "register_at_fork"):  # a fork while another thread held the lock must not deadlock the child
+            os.register_at_fork(after_in_child=self._new_lock)
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    def get(self, lmdb_path: str, **options: Any) -> lmdb.Environment:
+        """This process's environment for `lmdb_path`, opened read-only (see `keys.open_readonly`)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                for env in list(self._envs.values()):
+                    env.close()
+                self._envs = weakref.WeakValueDictionary()
+                self._pid = os.getpid()
+            key = os.path.realpath(lmdb_path)
+            env = self._envs.get(key)
+            if env is None:
+                env = open_readonly(lmdb_path, **options)
+                self._envs[key] = env
+            return env
+
+
+_OPEN_ENVS = _ProcessEnvironments()
+
+
+class LmdbDataset_train(Dataset[tuple[Any, Any]]):
+    """Images and labels from a Caffe Datum LMDB, in key order, for `torch.utils.data.DataLoader`.
+
+    Works on LMDBs written by caffe-lmdb (with a `.npy` keys file) and on legacy LMDBs written by
+    Caffe's own `convert_imageset` (no keys file: the keys are scanned from the LMDB, which reads
+    keys only). Several LMDBs train as one with `ds1 + ds2 + ...` (torch's `ConcatDataset`).
+
+    Each item is `(image, target)`. Raw records become an RGB image rebuilt from their planar BGR
+    channels (an `L` image for one channel), encoded records are decoded with Pillow, and float
+    records (pixels in `float_data`) keep their values in the tensor and numpy outputs (the PIL
+    output clips them to 0..255).
+
+    Args:
+        lmdb_path: the LMDB: a directory holding `data.mdb` (what Caffe writes) or a single file.
+        transform: called on each image (a PIL image, tensor or array, as `output` says).
+        keys_path: the `.npy` keys file written with the LMDB. None scans the keys from the LMDB
+            at construction; `save_keys` writes them out so the next run can skip the scan.
+        target: what the second item is: "label", the Datum's int `label`; "float", its
+            `float_data` as a 1-D float32 tensor (multi-label or regression targets stored with
+            the image); "both", a `(label, float_data)` tuple. A float record's `float_data` is
+            its pixels, not targets, so asking it for "float" raises `DatumError`.
+        target_transform: called on each target.
+        output: "pil" for a PIL image; "tensor" for a C x H x W uint8 `torch.Tensor` in RGB
+            order, built straight from the planar record (no PIL, no H x W x C round trip);
+            "numpy" for the same as a numpy array.
+        mode: a Pillow mode for every image. None keeps `L` for one-channel records and RGB for
+            colour; "RGB" gives one-channel records three equal channels, so that an LMDB of
+            mixed records collates into one batch.
+        max_readers: LMDB's reader-table size (see `DEFAULT_MAX_READERS`).
+        readahead: let the OS read ahead around each record. Off suits random access to small
+            records; a cold 256x256 raw record spans 48 pages, so on an LMDB bigger than RAM
+            turning it on can be an order of magnitude faster. Datasets over one LMDB share one
+            environment per process, so the first to open it sets this and `max_readers`.
+
+    Raises:
+        LmdbFormatError: `lmdb_path` is missing or is not an LMDB.
+        KeysFileError: `keys_path` is missing, pickled or not a 1-D bytes/str array.
+        ValueError: `target`, `output` or `mode` is not one of the values above.
+    """
+
+    def __init__(
+        self,
+        lmdb_path: str | os.PathLike,
+        transform: Callable[[Any], Any] | None = None,
+        keys_path: str | os.PathLike | None = None,
+        *,
+        target: Target = "label",
+        target_transform: Callable[[Any], Any] | None = None,
+        output: Output = "pil",
+        mode: str | None = None,
+        max_readers: int = DEFAULT_MAX_READERS,
+        readahead: bool = False,
+    ) -> None:
+        if target not in _TARGETS:
+            raise ValueError(f"target must be one of {', '.join(map(repr, _TARGETS))}, got {target!r}")
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
+        if mode is not None and mode not in Image.MODES:
+            raise ValueError(f"mode must be None or a Pillow mode such as 'RGB' or 'L', got {mode!r}")
+        self.root = os.fspath(lmdb_path)
+        self.keys_path = None if keys_path is None else os.fspath(keys_path)
+        self.transform = transform
+        self.target_transform = target_transform
+        self.target = target
+        self.output = output
+        self.mode = mode
+        self._env_options = {"max_readers": max_readers, "readahead": readahead}
+        env = _OPEN_ENVS.get(self.root, **self._env_options)  # a missing or non-LMDB path fails here
+        entries = env.stat()["entries"]
+        self._keys = load_keys(self.keys_path) if self.keys_path is not None else self._scan_keys(env)
+        #: Whether the first record is encoded (None: empty LMDB, or not a Datum), shown by repr.
+        self.encoded = _first_record_encoded(env, self._keys)
+        del env  # not kept: each process opens its own on first read
+        if self.keys_path is not None and len(self._keys) != entries:
+            warnings.warn(
+                f"{self.keys_path}: keys file has {len(self._keys)} keys but the LMDB {self.root} has "
+                f"{entries} entries (a stale keys file, or one for another LMDB?)",
+                KeysFileWarning,
+                stacklevel=2,
+            )
+        self._env = None
+        self._pid: int | None = None
+
+    def _scan_keys(self, env: lmdb.Environment) -> np.ndarray:
+        # keys.scan_keys opens the LMDB itself, which py-lmdb refuses while this process has it open
+        started = time.perf_counter()
+        with env.begin() as txn:
+            keys = keys_to_array(txn.cursor().iternext(keys=True, values=False))
+        logger.info(
+            "%s: no keys file, scanned %d keys in %.2fs; save them with save_keys() to skip this next time",
+            self.root, len(keys), time.perf_counter() - started,
+        )
+        return keys
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The record keys in dataset order, a numpy bytes (`S`) array (index i reads key i)."""
+        return self._keys
+
+    def save_keys(self, path: str | os.PathLike) -> Path:
+        """Write this dataset's keys to a `.npy` keys file, so that the next run skips the scan.
+
+        Use it once on a legacy LMDB, then pass the file as `keys_path`:
+        `LmdbDataset_train(lmdb_path, transform, saved_keys)`.
+
+        Returns:
+            The path written.
+        """
+        return save_keys(path, self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """Read, decode and transform record `index` (negative indices count from the end).
+
+        Raises:
+            IndexError: `index` is out of range.
+            KeysFileError: the key is not in the LMDB.
+            DatumError: the value is not a Datum, its data size disagrees with its dims, or its
+                encoded payload cannot be decoded.
+        """
+        key = self._key_at(index)
+        if self._pid != os.getpid():
+            self._open_env()
+        with self._env.begin(buffers=True) as txn:
+            value = txn.get(key)
+            if value is None:
+                raise KeysFileError(f"{self.root}: key {bytes(key)!r} is not in the LMDB ({self._keys_origin()})")
+            try:
+                view = parse_datum_view(value)
+                image = self._image(view)  # copies the pixels out of the memory map
+                target = self._target(view)
+            except DatumError as exc:
+                raise DatumError(f"{self.root}: key {bytes(key)!r}: {exc}") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def _key_at(self, index: int) -> np.bytes_:
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(
+                f"{self.root}: dataset indices must be integers, not {type(index).__name__}"
+            ) from None
+        count = len(self._keys)
+        if i < 0:
+            i += count
+        if not 0 <= i < count:
+            raise IndexError(f"{self.root}: index {index} out of range for {count} records")
+        return self._keys[i]
+
+    def _open_env(self) -> None:
+        # First read in this process, or the object crossed a fork(): never use an inherited handle.
+        self._env = _OPEN_ENVS.get(self.root, **self._env_options)
+        self._pid = os.getpid()
+
+    def _image(self, view: DatumView) -> Any:
+        if self.output == "pil":
+            return datum_to_image(view, self.mode)
+        array = datum_to_image_array(view, self.mode)
+        return torch.from_numpy(array) if self.output == "tensor" else array
+
+    def _target(self, view: DatumView) -> Any:
+        if self.target == "label":
+            return view.label
+        if not view.encoded and not view.data:
+            raise DatumError("float_data holds this float datum's pixels, not targets (use target='label')")
+        floats = torch.from_numpy(view.float_data)
+        return floats if self.target == "float" else (view.label, floats)
+
+    def _keys_origin(self) -> str:
+        if self.keys_path is None:
+            return "keys scanned at construction: has the LMDB changed since?"
+        return f"listed in keys file {self.keys_path}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle everything but the environment, which the receiving process opens for itself."""
+        state = self.__dict__.copy()
+        state["_env"] = None
+        state["_pid"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        """The lines of `repr` after the location, as torchvision's `VisionDataset.extra_repr`."""
+        keys = self.keys_path if self.keys_path is not None else "None (keys scanned from the LMDB)"
+        encoded = "unknown" if self.encoded is None else str(self.encoded)
+        lines = [f"Keys file: {keys}", f"Encoded: {encoded} (first record)", f"Output: {self.output}"]
+        if self.mode is not None:
+            lines.append(f"Mode: {self.mode}")
+        lines.append(f"Target: {self.target}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        body = [f"Number of datapoints: {len(self)}", f"Root location: {self.root}"]
+        body += self.extra_repr().splitlines()
+        for head, transform in (("Transform: ", self.transform), ("Target transform: ", self.target_transform)):
+            if transform is not None:
+                first, *rest = repr(transform).splitlines() or [""]
+                body.append(head + first)
+                body += [" " * len(head) + line for line in rest]
+        return "\n".join([f"Dataset {type(self).__name__}"] + ["    " + line for line in body])
+
+
+def _first_record_encoded(env: lmdb.Environment, keys: np.ndarray) -> bool | None:
+    """Whether the first record is encoded, for `repr`; None when there is none or it is not a Datum."""
+    if not len(keys):
+        return None
+    with env.begin(buffers=True) as txn:
+        value = txn.get(keys[0])
+        if value is None:
+            return None
+        try:
+            return parse_datum_view(value).encoded
+        except DatumError:
+            return None
+
+
+def open_shards(
+    shards: str | os.PathLike | list[str | os.PathLike],
+    transform: Callable[[Any], Any] | None = None,
+    **kwargs: Any,
+) -> torch.utils.data.ConcatDataset:
+    """Open shard LMDBs (a glob such as `"train-*-of-00008.lmdb"`, a folder of them, or a list) as one dataset.
+
+    Each shard's keys file is found beside it (`<shard>_keys.npy`; scanned when absent), and the
+    shards are concatenated in name order with `+` (torch's `ConcatDataset`), so index i is the
+    i-th record of the unsharded conversion. `kwargs` go to every `LmdbDataset_train`.
+    """
+    from .shards import find_shards, keys_path_for
+
+    parts = [LmdbDataset_train(path, transform, keys_path_for(path), **kwargs) for path in find_shards(shards)]
+    return torch.utils.data.ConcatDataset(parts)
