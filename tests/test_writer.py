@@ -303,10 +303,11 @@ def test_exception_mid_run_leaves_nothing(image_tree, tmp_path):
 
 # ---------------------------------------------------------------- killed for real
 
-def _slow_conversion(tmp_path, shared_images):
-    """A list of 3000 lines pointing at one 741x500 PNG: seconds of work, so it can be killed mid-run."""
+def _slow_conversion(tmp_path):
+    """A list of 3000 lines pointing at one 740x500 PNG: seconds of work, so it can be killed mid-run."""
     root = tmp_path / "src"
-    save_image(root / "m.png", Image.open(shared_images / "motorcycle_right.png"))
+    noise = np.random.default_rng(9).integers(0, 256, size=(500, 740, 3), dtype=np.uint8)
+    save_image(root / "m.png", Image.fromarray(noise))
     lst = tmp_path / "list.txt"
     lst.write_text("m.png 1\n" * 3000)
     out = tmp_path / "out.lmdb"
@@ -328,8 +329,8 @@ def _wait_for_partial_output(tmp_path, proc):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, shared_images, sig):
-    out, proc = _slow_conversion(tmp_path, shared_images)
+def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, sig):
+    out, proc = _slow_conversion(tmp_path)
     partial = _wait_for_partial_output(tmp_path, proc)
     os.kill(proc.pid, sig)
     proc.communicate(timeout=60)
