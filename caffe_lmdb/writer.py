@@ -17,8 +17,10 @@ import io
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -233,9 +235,15 @@ def sidecar_path(output: str | os.PathLike, name: str) -> Path:
 
 
 class BatchWriter:
-    """Puts records into an LMDB in transactions of `commit_every`, growing the map as needed."""
+    """Puts records into an LMDB in transactions of `commit_every`, growing the map as needed.
 
-    def __init__(self, env: lmdb.Environment, commit_every: int = 1000) -> None:
+    With `background=True` the transactions run in a writer thread while the caller goes on
+    decoding the next batch (py-lmdb releases the GIL while it copies and commits), so writing
+    192 KiB raw records overlaps decoding instead of adding to it. Transactions still commit in
+    order, one at a time, from that one thread.
+    """
+
+    def __init__(self, env: lmdb.Environment, commit_every: int = 1000, background: bool = False) -> None:
         if commit_every < 1:
             raise ValueError(f"commit_every must be >= 1, got {commit_every}")
         self.env = env
@@ -244,6 +252,13 @@ class BatchWriter:
         self._batch_bytes = 0
         self._last_key = b""
         self._sorted = True  # Caffe's zero-padded keys arrive sorted: LMDB's append mode skips the B-tree search
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=2)  # at most two batches waiting: bounded memory
+            self._thread = threading.Thread(target=self._drain, name="lmdb-writer", daemon=True)
+            self._thread.start()
 
     def put(self, key: bytes, value: bytes) -> None:
         self._sorted = self._sorted and key > self._last_key
@@ -251,26 +266,61 @@ class BatchWriter:
         self.batch.append((key, value))
         self._batch_bytes += len(key) + len(value)
         if len(self.batch) >= self.commit_every or self._batch_bytes >= COMMIT_BYTES:
-            self.commit()
+            self._submit()
 
     def commit(self) -> None:
-        """Write the batch in one transaction; on MDB_MAP_FULL double the map and replay all of it.
+        """Write everything put so far; returns when it is committed (waits for the writer thread)."""
+        self._submit()
+        if self._queue is not None:
+            self._queue.join()
+        self._raise_writer_error()
+
+    def close(self) -> None:
+        """Stop the writer thread (after the batches already handed to it)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _submit(self) -> None:
+        if not self.batch:
+            return
+        work = (self.batch, self._batch_bytes, self._sorted)
+        self.batch, self._batch_bytes = [], 0
+        if self._queue is None:
+            self._write(*work)
+            return
+        self._raise_writer_error()
+        self._queue.put(work)
+
+    def _drain(self) -> None:
+        while (work := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self._write(*work)
+            except BaseException as exc:  # handed to the caller's next put/commit
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write(self, batch: list[tuple[bytes, bytes]], batch_bytes: int, append: bool) -> None:
+        """One transaction; on MDB_MAP_FULL double the map and replay the *whole* batch.
 
         The map is also grown ahead of time when the batch clearly will not fit, so that large
         records (a raw 256x256 image is 192 KiB) do not cost a replay per doubling.
         """
-        if not self.batch:
-            return
-        self._reserve(self._batch_bytes)
-        while self.batch:
+        self._reserve(batch_bytes)
+        while True:
             try:
                 with self.env.begin(write=True) as txn, txn.cursor() as cursor:
-                    cursor.putmulti(self.batch, overwrite=True, append=self._sorted)
+                    cursor.putmulti(batch, overwrite=True, append=append)
+                return
             except lmdb.MapFullError:
                 self._grow(self.env.info()["map_size"] * 2)
-                continue
-            self.batch.clear()
-            self._batch_bytes = 0
 
     def shrink_to_fit(self) -> None:
         """Cut the map (and, with `writemap`, the file) down to the pages in use, once writing is done."""
@@ -288,7 +338,7 @@ class BatchWriter:
             self._grow(size)
 
     def _grow(self, new_size: int) -> None:
-        log.debug("LMDB map: growing to %d MiB (%d records in the batch)", new_size >> 20, len(self.batch))
+        log.debug("LMDB map: growing to %d MiB", new_size >> 20)
         self.env.set_mapsize(new_size)
 
 
@@ -365,7 +415,7 @@ class AtomicLmdb:
         # dirty pages first); the file, grown with the map, is cut back to the used pages at the end.
         self.env = lmdb.open(str(self.tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
                              writemap=True, map_async=True, max_dbs=0, readahead=False)
-        self.writer = BatchWriter(self.env, commit_every)
+        self.writer = BatchWriter(self.env, commit_every, background=True)
 
     def __enter__(self) -> AtomicLmdb:
         return self
@@ -382,6 +432,7 @@ class AtomicLmdb:
     def finish(self, classes: Sequence[str] | None = None, skipped: Iterable[tuple[str, str]] = ()) -> None:
         """Commit, flush to disk, and move the LMDB (then its keys file) into place."""
         self.writer.commit()
+        self.writer.close()
         self.env.sync(True)
         self.writer.shrink_to_fit()
         self.env.close()
@@ -389,6 +440,7 @@ class AtomicLmdb:
         self._finished = True
 
     def discard(self) -> None:
+        self.writer.close()
         self.env.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
