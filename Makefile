@@ -26,7 +26,7 @@ proto: $(STAMP)
 
 demo: $(STAMP) $(PB2)
 	$(BIN)/python tools/convert.py img --overwrite
-	$(BIN)/python -m caffe_lmdb.cli selftest img/train
+	$(BIN)/python tools/main.py img/train.lmdb
 
 test: $(STAMP) $(PB2)
 	$(BIN)/python -m pytest -q
@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP) $(PB2)
-	@echo "no benchmarks yet (see issue #6)"
+	$(BIN)/python tools/bench.py
 
 clean:
 	rm -rf $(VENV) $(PB2) caffe_lmdb/caffe_pb2.pyi .pytest_cache .ruff_cache *.egg-info build dist

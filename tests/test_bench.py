@@ -1,0 +1,27 @@
+"""Smoke test of the benchmark script on tiny data: it runs and reports every figure (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from caffe_lmdb.bench import TARGETS, main, make_images
+
+
+def test_make_images_is_deterministic(tmp_path):
+    first = make_images(tmp_path / "a", 6, classes=2, seed=1)
+    second = make_images(tmp_path / "b", 6, classes=2, seed=1)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert {p.parent.name for p in first} == {"class00", "class01"}
+
+
+def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["--quick", "--n", "40", "--passes", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["n"] == 40
+    ratios = {**results["reading"]["ratios"], **results["conversion"]["ratios"]}
+    assert set(TARGETS) <= set(ratios) and all(value > 0 for value in ratios.values())
+    assert len(results["scale"]["loader_memory"]) == 3
+    assert [row["n"] for row in results["scale"]["conversion"]] == [10, 20, 40]
+    table = capsys.readouterr().out
+    assert "D/C" in table and "raw w2/w1" in table and "epoch 2" in table
