@@ -40,6 +40,8 @@ class BenchConfig:
     classes: int = 10
     seed: int = 0
     sections: Sequence[str] = ("reading", "conversion", "scale")
+    cold_n: int = 11000  # 11000 raw 256x256 records: 2.1 GB
+    cold_count: int = 4000
     results: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -310,11 +312,142 @@ def bench_scale(files: Sequence[Path], workdir: Path, sizes: Sequence[int], seed
     return results
 
 
+# --------------------------------------------------------------------------- cold reads (bigger than RAM)
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop a file's pages from the page cache; only pages no process has mapped can go."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cold_pass(spec: dict[str, Any]) -> dict[str, Any]:
+    """One cold pass, run in a fresh process (`python -c`): evict, then read `count` samples.
+
+    spec: lmdb, keys, order ("sequential", "random", "block", or "disk" for plain 1 MiB reads of
+    data.mdb), count, workers, readahead, prefetch, seed.
+    """
+    import torch
+
+    data = Path(spec["lmdb"]) / "data.mdb"
+    evict_from_page_cache(data)
+    if spec["order"] == "disk":
+        record = spec["record_bytes"]
+        start = time.perf_counter()
+        read = 0
+        with open(data, "rb", buffering=0) as f:
+            while read < spec["count"] * record and (chunk := f.read(1 << 20)):
+                read += len(chunk)
+        seconds = time.perf_counter() - start
+        return {"samples_per_s": read / record / seconds, "mib_per_s": read / 2**20 / seconds}
+
+    from .dataset import LmdbDataset_train
+    from .samplers import BlockShuffleSampler
+
+    dataset = LmdbDataset_train(spec["lmdb"], None, spec["keys"], output="tensor",
+                                readahead=spec["readahead"], prefetch=spec["prefetch"])
+    size, count = len(dataset), spec["count"]
+    if spec["order"] == "sequential":
+        order = list(range(count))
+    elif spec["order"] == "random":
+        order = np.random.default_rng(spec["seed"]).permutation(size)[:count].tolist()
+    else:
+        order = list(BlockShuffleSampler(dataset, num_replicas=1, rank=0, seed=spec["seed"]))[:count]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=order, num_workers=spec["workers"])
+    start = time.perf_counter()
+    seen = sum(len(labels) for _, labels in loader)
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": seen / seconds}
+
+
+def _run_cold_pass(spec: dict[str, Any]) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    code = f"import json; from caffe_lmdb.bench import cold_pass; print(json.dumps(cold_pass({spec!r})))"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_cold(files: Sequence[Path], workdir: Path, n: int, count: int, seed: int = 0) -> dict[str, Any]:
+    """Cold-cache reading by order and reader settings, beside the disk's own sequential speed;
+    and sharded conversion and merge against an unsharded run and a plain copy."""
+    import subprocess
+    import sys
+
+    from .writer import default_keys_path
+
+    src = workdir / f"cold_src_{n}"
+    if not src.is_dir() or len(list(src.glob("class*/*.jpg"))) != n:
+        shutil.rmtree(src, ignore_errors=True)
+        for path in files[:n]:
+            target = src / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    results: dict[str, Any] = {"n": n, "count": count}
+
+    out = workdir / "cold.lmdb"
+    start = time.perf_counter()
+    written = convert(src, out, overwrite=True, progress=False).written
+    results["convert_unsharded_s"] = time.perf_counter() - start
+    results["lmdb_gib"] = (out / "data.mdb").stat().st_size / 2**30
+    record_bytes = (out / "data.mdb").stat().st_size / written
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert.py"
+    for old in workdir.glob("cold_shard*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, str(tool), str(src), str(workdir / "cold_shard.lmdb"), "-q",
+                               "--num-shards", "2", "--shard-index", str(i), "--workers", "1"],
+                              stdout=subprocess.DEVNULL) for i in range(2)]
+    if any(p.wait() for p in procs):
+        raise RuntimeError("a shard conversion failed")
+    results["convert_2_shards_parallel_s"] = time.perf_counter() - start
+    from .merge import merge_lmdbs
+
+    start = time.perf_counter()
+    merge_lmdbs(sorted(workdir.glob("cold_shard-*.lmdb")), workdir / "cold_merged.lmdb", overwrite=True,
+                progress=False)
+    results["merge_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    shutil.copyfile(out / "data.mdb", workdir / "cold_copy.mdb")
+    os.sync()
+    results["plain_copy_s"] = time.perf_counter() - start
+    for old in [*workdir.glob("cold_shard*"), workdir / "cold_merged.lmdb", workdir / "cold_copy.mdb"]:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+    base = {"lmdb": str(out), "keys": str(default_keys_path(out)), "count": count, "seed": seed,
+            "record_bytes": record_bytes, "readahead": None, "prefetch": True, "workers": 0}
+    passes = {"disk limit (1 MiB reads)": {"order": "disk"}}
+    for workers in (0, 2):
+        for order in ("sequential", "random", "block"):
+            passes[f"{order}, workers={workers}"] = {"order": order, "workers": workers}
+    passes["random, no readahead, no prefetch (common recipe)"] = {
+        "order": "random", "readahead": False, "prefetch": False, "count": max(count // 8, 64)}
+    passes["block, no readahead, no prefetch"] = {"order": "block", "readahead": False, "prefetch": False}
+    passes["random, readahead, no prefetch"] = {"order": "random", "readahead": True, "prefetch": False}
+    results["passes"] = {name: _run_cold_pass({**base, **spec}) for name, spec in passes.items()}
+    disk = results["passes"]["disk limit (1 MiB reads)"]["samples_per_s"]
+    rates = {name: value["samples_per_s"] for name, value in results["passes"].items()}
+    results["ratios"] = {
+        "block/sequential": rates["block, workers=0"] / rates["sequential, workers=0"],
+        "block/disk": rates["block, workers=0"] / disk,
+        "sequential/disk": rates["sequential, workers=0"] / disk,
+    }
+    return results
+
+
 # --------------------------------------------------------------------------- report
 
 TARGETS = {
     "D/C": 1.0, "E/B": 0.9, "D/A": 5.0, "F/A": 0.9,
     "raw w2/w1": 1.6, "raw w1/decode": 0.7, "encoded/raw w1": 5.0,
+    "block/sequential": 0.8, "block/disk": 0.5, "sequential/disk": 0.7,
 }
 
 
@@ -363,6 +496,21 @@ def format_report(results: dict[str, Any]) -> str:
                 f"    epoch {row['epoch']}: RSS {row['peak_rss_mib']:.0f} MiB, PSS {row['peak_pss_mib']:.0f} MiB, "
                 f"anonymous {row['peak_anonymous_mib']:.0f} MiB"
             )
+    if "cold" in results:
+        cold = results["cold"]
+        lines.append("")
+        lines.append(f"cold reads: {cold['lmdb_gib']:.2f} GiB LMDB of {cold['n']} raw 256x256 records, evicted "
+                     f"from the page cache before each pass (fresh process), {cold['count']} samples per pass")
+        for name, value in cold["passes"].items():
+            extra = f"  ({value['mib_per_s']:.0f} MiB/s)" if "mib_per_s" in value else ""
+            lines.append(f"  {name:<52} {value['samples_per_s']:>8.0f} samples/s{extra}")
+        for name, value in cold["ratios"].items():
+            target = TARGETS[name]
+            verdict = "ok" if value >= target else f"MISSED by {100 * (1 - value / target):.0f}%"
+            lines.append(f"  {name:<16} {value:>9.2f}   >= {target:<4}  {verdict}")
+        lines.append(f"  conversion of {cold['n']} images: unsharded {cold['convert_unsharded_s']:.1f} s, 2 shards in "
+                     f"parallel {cold['convert_2_shards_parallel_s']:.1f} s; merge {cold['merge_s']:.1f} s vs plain "
+                     f"copy {cold['plain_copy_s']:.1f} s")
     return "\n".join(lines)
 
 
@@ -370,7 +518,8 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = print) -> d
     """Generate the data, convert it, run the sections; returns the results dict (JSON-ready)."""
     workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    n_images = max(config.n, *config.scale_sizes) if "scale" in config.sections else config.n
+    n_images = max(config.n, *(config.scale_sizes if "scale" in config.sections else ()),
+                   config.cold_n if "cold" in config.sections else 0)
     log(f"generating {n_images} images in {workdir / 'src'} ...")
     all_files = ensure_images(workdir / "src", n_images, config.classes, config.seed)
     files = all_files[: config.n]
@@ -396,6 +545,9 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = print) -> d
     if "scale" in config.sections:
         log(f"scale (N = {', '.join(map(str, config.scale_sizes))}) ...")
         results["scale"] = bench_scale(all_files, workdir, config.scale_sizes, config.seed)
+    if "cold" in config.sections:
+        log(f"cold reads ({config.cold_n} records) ...")
+        results["cold"] = bench_cold(all_files, workdir, config.cold_n, config.cold_count, config.seed)
     return results
 
 
@@ -416,7 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="images to generate (default 5000, --quick 500)")
     parser.add_argument("--passes", type=int, help="passes per measurement (median; default 3)")
     parser.add_argument("--sections", default="reading,conversion,scale",
-                        help="comma-separated: reading, conversion, scale")
+                        help="comma-separated: reading, conversion, scale, cold")
+    parser.add_argument("--cold", action="store_true",
+                        help="add the cold-read section: a >= 2 GB LMDB evicted from the page cache before each pass")
+    parser.add_argument("--cold-n", type=int, default=11000,
+                        help="records in the cold-read LMDB (default 11000: 2.1 GB)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"), help="where data and LMDBs go")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"), help="results file (JSON)")
     args = parser.parse_args(argv)
@@ -428,8 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = BenchConfig(workdir=args.workdir, n=n, scale_sizes=sizes)
     if args.passes:
         config.passes = args.passes
-    config.sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = set(config.sections) - {"reading", "conversion", "scale"}
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    config.sections = sections + (("cold",) if args.cold and "cold" not in sections else ())
+    config.cold_n = args.cold_n
+    config.cold_count = min(config.cold_count, args.cold_n)
+    unknown = set(config.sections) - {"reading", "conversion", "scale", "cold"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     results = run_benchmarks(config)

@@ -20,7 +20,8 @@ def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["n"] == 40
     ratios = {**results["reading"]["ratios"], **results["conversion"]["ratios"]}
-    assert set(TARGETS) <= set(ratios) and all(value > 0 for value in ratios.values())
+    warm = {name for name in TARGETS if "disk" not in name and "sequential" not in name}
+    assert warm <= set(ratios) and all(value > 0 for value in ratios.values())
     assert len(results["scale"]["loader_memory"]) == 3
     assert [row["n"] for row in results["scale"]["conversion"]] == [10, 20, 40]
     table = capsys.readouterr().out

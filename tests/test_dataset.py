@@ -434,3 +434,25 @@ def test_reads_what_the_converter_wrote_raw_and_encoded(image_tree, tmp_path):
             assert np.array_equal(np.asarray(image.convert("RGB")), expected), relpath
         tensor, _ = LmdbDataset_train(out, None, result.keys_path, output="tensor", mode="RGB")[0]
         assert tensor.shape == (3, 5, 7) and tensor.dtype == torch.uint8
+
+
+def test_readahead_is_chosen_by_record_size_and_batches_prefetch(tmp_path):
+    from caffe_lmdb.dataset import READAHEAD_MIN_BYTES
+
+    rng = np.random.default_rng(0)
+    big = [rng.integers(0, 256, size=(160, 160, 3), dtype=np.uint8) for _ in range(5)]
+    small = [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(5)]
+    assert 3 * 160 * 160 >= READAHEAD_MIN_BYTES > 3 * 8 * 8
+    for name, arrays, expected in (("big", big, True), ("small", small, False)):
+        path = tmp_path / f"{name}.lmdb"
+        write_lmdb(path, {caffe_key(i, f"{i}.png"): caffe_raw_datum(a, i).SerializeToString()
+                          for i, a in enumerate(arrays)})
+        dataset = LmdbDataset_train(path, output="numpy")
+        assert dataset.readahead is expected
+        batch = dataset.__getitems__([4, 0, 2])
+        assert [label for _, label in batch] == [4, 0, 2]
+        for (image, _), i in zip(batch, (4, 0, 2), strict=True):
+            assert np.array_equal(image, arrays[i].transpose(2, 0, 1))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=0)
+        assert [int(x) for _, labels in loader for x in labels] == [0, 1, 2, 3, 4]
+    assert LmdbDataset_train(tmp_path / "small.lmdb", readahead=True).readahead is True
