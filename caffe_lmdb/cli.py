@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 problems found (or the operation failed), 2 usage errors.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -115,6 +116,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Rewrite a pickle/msgpack LMDB as a Datum LMDB with `migrate.migrate_lmdb` (never unpickling unsafely)."""
+    from .migrate import migrate_lmdb
+
+    print(migrate_lmdb(args.old, args.new, keys_path=args.keys, overwrite=args.overwrite, dry_run=args.dry_run,
+                       progress=False if args.quiet else None))
+    return EXIT_OK
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     """Round-trip every image of a folder through raw and encoded Datums and compare the pixels."""
     from .selftest import codec_roundtrip
@@ -132,6 +142,71 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         print(f"{path.relative_to(folder)}: {report}")
     print(f"{len(files)} images, {len(files) - mismatches} round-tripped pixel-exact, {mismatches} mismatched")
     return EXIT_OK if mismatches == 0 else EXIT_PROBLEMS
+
+
+def positive_int(value: str) -> int:
+    """An argparse type for counts and sizes that must be at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe an LMDB with `inspect.info`; exit 1 if some of its records are not Datums."""
+    from .inspect import info
+
+    result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return EXIT_PROBLEMS if result.invalid else EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every record and the keys file with `inspect.verify`; print each problem with its key."""
+    from .inspect import verify
+
+    report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None)
+    for line in report.problem_lines():
+        print(line)
+    print(report)
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def cmd_mean(args: argparse.Namespace) -> int:
+    """Write Caffe's mean.binaryproto (and Normalize stats) with `mean.image_mean`."""
+    from .mean import image_mean
+
+    print(image_mean(args.lmdb, args.output, json_path=args.json, progress=False if args.quiet else None))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the records back as image files plus a list file with `export.export_lmdb`."""
+    from .export import export_lmdb
+
+    result = export_lmdb(args.lmdb, args.out_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
+    for line in result.report_lines(args.lmdb):
+        print(line)
+    print(result)
+    return EXIT_PROBLEMS if result.problems else EXIT_OK
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """Save a contact sheet of random records with `grid.save_grid`."""
+    from .grid import save_grid
+
+    print(save_grid(args.lmdb, args.output, n=args.n, seed=args.seed, keys_path=args.keys, tile=args.tile))
+    return EXIT_OK
+
+
+def cmd_loader(args: argparse.Namespace) -> int:
+    """Run the DataLoader check (`loader.loader_check`), printing its lines as batches arrive."""
+    from .loader import loader_check
+
+    for line in loader_check(args.lmdb, keys_path=args.keys, batch_size=args.batch_size, size=args.size,
+                             num_workers=args.workers):
+        print(line, flush=True)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
+        "migrate",
+        help="rewrite a pickle/msgpack LMDB (Efficient-PyTorch folder2lmdb, LMDB_Image) as a Datum LMDB, safely",
+        description="Rewrite an LMDB of pickled or msgpack records (Efficient-PyTorch folder2lmdb, the LMDB_Image "
+        "recipe) as Caffe Datum records plus a .npy keys file. Pickles are read by a restricted unpickler "
+        "(builtin containers, numpy arrays, LMDB_Image only): a record naming anything else is refused, and "
+        "nothing is written. Example: caffe-lmdb migrate train_old.lmdb train.lmdb --dry-run",
+    )
+    p.add_argument("old", metavar="OLD.lmdb", help="the pickle/msgpack LMDB to read (never modified)")
+    p.add_argument("new", metavar="NEW.lmdb", help="the Datum LMDB to create")
+    p.add_argument("--keys", metavar="FILE.npy", help="keys file (default: <new>_keys.npy beside the LMDB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the detected format, record count and a sample record; write nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
         "selftest",
         help="round-trip a folder of images through the Datum codec",
         description="Round-trip every image of FOLDER through raw and encoded Datums and compare pixels. "
@@ -205,6 +297,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("folder", help="folder of images (searched recursively)")
     p.set_defaults(func=cmd_selftest)
+
+    keys_help = "keys file (default: <stem>_keys.npy beside the LMDB if present, else keys are scanned)"
+    p = sub.add_parser(
+        "info",
+        help="summarise an LMDB: record kinds, sizes, labels, disk use, key range",
+        description="Summarise a Datum LMDB without decoding any image: records, raw vs encoded, "
+        "channels x height x width and label histograms (class names from <stem>_classes.txt), bytes on "
+        "disk, first and last key. Exit 1 if some records are not Datums. Example: caffe-lmdb info img/train.lmdb",
+    )
+    p.add_argument("lmdb", metavar="LMDB", help="the LMDB (a directory with data.mdb, or a single file)")
+    p.add_argument("--keys", metavar="FILE.npy", help=keys_help)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (every histogram row)")
+    p.add_argument("--sample", type=positive_int, metavar="N",
+                   help="count only N records drawn at random from the keys: a quick estimate on big LMDBs")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every record and the keys file; exit 1 on any problem",
+        description="Parse every record, check its data size against its dims, compare the keys file with the "
+        "LMDB (missing and extra keys named) and, with --decode, decode every encoded image. Each problem is "
+        "printed with its key; exit 1 if there is any. Example: caffe-lmdb verify img/train.lmdb --decode",
+    )
+    p.add_argument("lmdb", metavar="LMDB", help="the LMDB to check")
+    p.add_argument("--keys", metavar="FILE.npy",
+                   help="keys file to compare with the LMDB (default: <stem>_keys.npy beside the LMDB if present)")
+    p.add_argument("--decode", action="store_true", help="also decode every encoded image (slower)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "mean",
+        help="compute the mean image as Caffe's compute_image_mean (mean.binaryproto)",
+        description="Write what Caffe's compute_image_mean writes: a BlobProto (num=1, channels, height, width) "
+        "holding the per-pixel mean in Datum order (BGR, CxHxW), and print one mean value per channel. Every "
+        "record must have the same size. Example: caffe-lmdb mean train.lmdb -o mean.binaryproto --json stats.json",
+    )
+    p.add_argument("lmdb", metavar="LMDB", help="the LMDB to average")
+    p.add_argument("-o", "--output", required=True, metavar="MEAN.binaryproto", help="the mean file to write")
+    p.add_argument("--json", metavar="STATS.json",
+                   help="also write per-channel mean and std, RGB order, scaled to [0,1] (for Normalize)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_mean)
+
+    p = sub.add_parser(
+        "export",
+        help="write the records back as image files in class folders, plus a Caffe list file",
+        description="Write every record to OUT_DIR/<class>/<name> (PNG for raw records, the stored bytes for "
+        "encoded ones) and OUT_DIR/list.txt, from which `convert --list` rebuilds identical Datums. Names come "
+        "from the keys, sanitised so that nothing lands outside OUT_DIR. "
+        "Example: caffe-lmdb export img/train.lmdb exported/",
+    )
+    p.add_argument("lmdb", metavar="LMDB", help="the LMDB to export")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write into (created if needed)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files in OUT_DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "grid",
+        help="save a contact sheet of random records with their labels",
+        description="Draw N random records in a grid, each captioned with its label (and class name when "
+        "<stem>_classes.txt is there): the quickest way to spot BGR/RGB or label mistakes. "
+        "Example: caffe-lmdb grid img/train.lmdb -o samples.png --n 16",
+    )
+    p.add_argument("lmdb", metavar="LMDB", help="the LMDB to sample")
+    p.add_argument("-o", "--output", required=True, metavar="IMAGE", help="the image to write (e.g. samples.png)")
+    p.add_argument("--n", type=positive_int, default=64, help="records to show (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; same seed, same records)")
+    p.add_argument("--tile", type=positive_int, default=128, metavar="PX", help="tile side in pixels (default 128)")
+    p.add_argument("--keys", metavar="FILE.npy", help=keys_help)
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser(
+        "loader",
+        help="iterate an LMDB through LmdbDataset_train and a DataLoader, printing keys and batch shapes",
+        description="The loader check: read every record through LmdbDataset_train and a DataLoader (images "
+        "resized to SIZE x SIZE, H x W x C uint8 tensors), printing `key N` per sample and the batch's "
+        "torch.Size per batch. Example: caffe-lmdb loader img/train.lmdb",
+    )
+    p.add_argument("lmdb", metavar="LMDB", help="the LMDB to read")
+    p.add_argument("--keys", metavar="FILE.npy", help=keys_help)
+    p.add_argument("--batch-size", "--batch_size", type=positive_int, default=2, help="samples per batch (default 2)")
+    p.add_argument("--size", type=positive_int, default=224, help="side images are resized to (default 224)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2; 0 = none)")
+    p.set_defaults(func=cmd_loader)
     return parser
 
 

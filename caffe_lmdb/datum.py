@@ -52,10 +52,21 @@ def parse_datum(buf: bytes | bytearray | memoryview) -> Datum:
     try:
         datum.ParseFromString(bytes(buf) if isinstance(buf, memoryview) else buf)
     except DecodeError as exc:
-        raise DatumError(f"not a Datum ({len(buf)} bytes that do not parse as protobuf: {exc})") from None
+        raise DatumError(_not_a_datum(buf, f"{len(buf)} bytes that do not parse as protobuf: {exc}")) from None
     if _has_unknown_fields(datum):
-        raise DatumError(f"not a Datum ({len(buf)} bytes with fields a Datum does not have)")
+        raise DatumError(_not_a_datum(buf, f"{len(buf)} bytes with fields a Datum does not have"))
     return datum
+
+
+def _not_a_datum(buf: bytes | bytearray | memoryview, detail: str) -> str:
+    """The "not a Datum" message; for a pickle/msgpack/pyarrow value, what it is and what to do instead.
+
+    Nothing is unpickled: the value is recognised from its bytes (`migrate.foreign_value_hint`).
+    """
+    from .migrate import foreign_value_hint  # late: migrate builds on this module
+
+    hint = foreign_value_hint(buf)
+    return f"not a Datum: {hint}" if hint is not None else f"not a Datum ({detail})"
 
 
 def _has_unknown_fields(message) -> bool:
@@ -193,9 +204,9 @@ def parse_datum_view(buf: bytes | bytearray | memoryview) -> DatumView:
             else:
                 raise _WireError(_bad_field(field, wire, start))
     except IndexError:
-        raise DatumError(f"not a Datum ({size} bytes, truncated at byte {pos})") from None
+        raise DatumError(_not_a_datum(view, f"{size} bytes, truncated at byte {pos}")) from None
     except _WireError as exc:
-        raise DatumError(f"not a Datum ({size} bytes: {exc})") from None
+        raise DatumError(_not_a_datum(view, f"{size} bytes: {exc}")) from None
     # concatenate copies, so float_data never shares memory with buf
     float_data = np.concatenate(floats).astype(np.float32, copy=False) if floats else np.empty(0, np.float32)
     return DatumView(channels, height, width, data, label, float_data, encoded)
@@ -576,12 +587,13 @@ def image_to_datum_bytes(
 # --------------------------------------------------------------------------- inspection without decoding
 
 class EncodedHeader(NamedTuple):
-    """What an encoded payload's header says: its Pillow format and the dims it decodes to."""
+    """What an encoded payload's header says: its Pillow format, the dims it decodes to, its EXIF orientation."""
 
     format: str
     channels: int
     height: int
     width: int
+    orientation: int = 1
 
 
 #: EXIF orientations that turn the image a quarter, so the decoded image has width and height swapped.
@@ -602,10 +614,11 @@ def read_encoded_header(data: bytes | memoryview) -> EncodedHeader:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
             channels = 1 if image.mode in _GRAY_MODES else 3
-            return EncodedHeader(image.format or "unknown", channels, height, width)
+            return EncodedHeader(image.format or "unknown", channels, height, width, orientation)
     except UnidentifiedImageError:
         raise DatumError(f"encoded data ({len(data)} bytes) is not an image format Pillow recognises") from None
     except (OSError, SyntaxError, ValueError) as exc:

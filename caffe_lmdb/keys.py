@@ -94,7 +94,12 @@ def scan_keys(lmdb_path: str | os.PathLike) -> np.ndarray:
     This is how legacy LMDBs written by Caffe's own tools, which have no keys file, get keys.
     """
     with open_readonly(lmdb_path) as env, env.begin(buffers=False) as txn:
-        return keys_to_array(txn.cursor().iternext(keys=True, values=False))
+        return txn_keys(txn)
+
+
+def txn_keys(txn: lmdb.Transaction) -> np.ndarray:
+    """`scan_keys` inside a transaction the caller holds: py-lmdb refuses a second open of an LMDB in a process."""
+    return keys_to_array(txn.cursor().iternext(keys=True, values=False))
 
 
 def open_readonly(lmdb_path: str | os.PathLike, **kwargs) -> lmdb.Environment:

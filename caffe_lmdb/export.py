@@ -1,0 +1,297 @@
+"""LMDB -> image files: every record written back as a file in a class folder, plus a Caffe list file.
+
+The export is the converter run backwards, so that `caffe-lmdb convert --list OUT/list.txt NEW.lmdb`
+rebuilds the same Datums (same pixels or bytes, label, dims, in the same order):
+
+* raw records become lossless PNGs (their exact pixels), encoded records their stored bytes
+  unchanged, which the converter's `--encoded` mode stores unchanged again;
+* the list file has one `class/file label` line per record, in key order, with any
+  `float_data` targets as the extra numeric columns the converter reads them from.
+
+Records the converter cannot rebuild exactly (4-channel or float pixels, GIF payloads, rotated
+JPEGs, targets a list cannot express) are still exported, and reported with their keys.
+File names come from the keys, which are not to be trusted: a key such as `00000001_../../x.jpg`
+must not write outside the output folder, so names keep only the key's line id and last path
+component, with separators and control characters replaced.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .datum import (
+    ENCODE_FORMATS,
+    DatumView,
+    check_datum,
+    datum_to_image,
+    is_passthrough_format,
+    parse_datum_view,
+    read_encoded_header,
+)
+from .errors import CaffeLmdbError, DatumError
+from .records import class_names, format_key, iter_values, label_name, progress_bar, read_txn
+from .sources import InputError
+from .writer import _write_text_atomic
+
+#: The list file `export` writes in OUT_DIR.
+LIST_NAME = "list.txt"
+
+#: File name extension for an encoded payload's format, when the key's own extension does not name it.
+_FORMAT_SUFFIX = {"JPEG": ".jpg", "TIFF": ".tif", "JPEG2000": ".jp2"}
+
+#: Characters never put in a file name: path separators, controls, and what Windows refuses.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+_SEPARATORS = re.compile(r"[/\\]")
+
+#: Longest file name written, in UTF-8 bytes (file systems allow 255; room is left for a `_N` suffix).
+_MAX_NAME_BYTES = 200
+
+
+#: zlib level of the PNGs: level 1 writes a 256x256 photo 4x faster than Pillow's default 6, ~8% larger.
+_PNG_LEVEL = 1
+
+
+class ExportError(CaffeLmdbError, RuntimeError):
+    """The export cannot continue: a target would land outside the output folder."""
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote; `str()` is the summary `caffe-lmdb export` prints.
+
+    Attributes:
+        out_dir: the output folder.
+        list_path: the Caffe list file written in it.
+        written: files written, `raw` of them PNGs of raw records, `encoded` stored payloads.
+        bytes_written: their total size.
+        problems: (key, why) for records that could not be exported at all.
+        inexact: (key or None, why) for exported records `convert` will not rebuild identically.
+        convert_flags: the `convert` flags that rebuild the LMDB from the list (`--encoded`,
+            `--gray`), or None when the records are too mixed for any one conversion.
+    """
+
+    out_dir: Path
+    list_path: Path
+    written: int = 0
+    raw: int = 0
+    encoded: int = 0
+    bytes_written: int = 0
+    problems: list[tuple[bytes, str]] = field(default_factory=list)
+    inexact: list[tuple[bytes | None, str]] = field(default_factory=list)
+    convert_flags: list[str] | None = None
+
+    def report_lines(self, lmdb_path: str | os.PathLike) -> list[str]:
+        """One line per record not exported, then one per record that will not convert back identically."""
+        lines = [f"{lmdb_path}: {format_key(key)}: not exported: {why}" for key, why in self.problems]
+        lines += [f"{lmdb_path}: {format_key(key) + ': ' if key is not None else ''}will not convert back "
+                  f"identically: {why}" for key, why in self.inexact]
+        return lines
+
+    def convert_command(self, output: str = "NEW.lmdb") -> str | None:
+        """The command that rebuilds the LMDB from this export, or None if no one command can."""
+        if self.convert_flags is None:
+            return None
+        return " ".join(["caffe-lmdb convert", *self.convert_flags, "--list", str(self.list_path), output])
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.out_dir}: {self.written} records exported ({self.raw} raw as PNG, {self.encoded} encoded "
+            f"as stored), {self.bytes_written / 2**20:.1f} MiB; list file {self.list_path}"
+        ]
+        command = self.convert_command()
+        if command is not None:
+            lines.append(f"  rebuild with: {command}")
+        else:
+            lines.append("  the records mix raw and encoded kinds or channel counts: no single convert rebuilds them")
+        if self.inexact:
+            lines.append(f"  {len(self.inexact)} records will not convert back identically (listed above)")
+        if self.problems:
+            lines.append(f"  {len(self.problems)} records could not be exported (listed above)")
+        return "\n".join(lines)
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """`text` as one harmless file name component: no separators or controls, no leading dots or spaces.
+
+    Leading dots would make `..` or hidden files, a leading space breaks Caffe's list format, and
+    names are cut to `_MAX_NAME_BYTES`. An empty result becomes `fallback`.
+    """
+    name = _UNSAFE.sub("_", text).strip(" ").lstrip(".").rstrip(". ")
+    encoded = name.encode("utf-8")
+    if len(encoded) > _MAX_NAME_BYTES:
+        name = encoded[:_MAX_NAME_BYTES].decode("utf-8", "ignore").rstrip(". ")
+    return name or fallback
+
+
+def key_file_stem(key: bytes) -> str:
+    """A file name (without directories) for a record: the key's line id and the last part of its path.
+
+    `00000007_cat/deep/a.jpg` -> `00000007_a.jpg`; `00000001_../../x.jpg` -> `00000001_x.jpg`;
+    keys not in Caffe's `%08d_<path>` form keep their last path component.
+    """
+    text = key.decode("utf-8", "backslashreplace")
+    line_id, sep, relpath = text.partition("_")
+    caffe_key = sep and line_id.isdigit()
+    last = _SEPARATORS.split(relpath if caffe_key else text)[-1]
+    return safe_name(f"{line_id}_{last}" if caffe_key else last, fallback="record")
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    stem, current = os.path.splitext(name)
+    return (stem or name) + suffix if current else name + suffix
+
+
+def _encoded_suffix(name: str, fmt: str) -> str:
+    """Keep the key's extension when it names the payload's format (`.JPG`, `.jpeg`), else the format's own."""
+    current = os.path.splitext(name)[1]
+    if current and ENCODE_FORMATS.get(current.lower().lstrip(".")) == fmt:
+        return name
+    return _with_suffix(name, _FORMAT_SUFFIX.get(fmt, "." + fmt.lower()))
+
+
+def _target_columns(datum: DatumView) -> tuple[list[str], str | None]:
+    """The list columns after the path (label, then targets) and, if they lose something, why."""
+    floats = datum.float_data
+    if not len(floats) or (not datum.encoded and not datum.data):  # no targets, or float pixels
+        return [str(datum.label)], None
+    if len(floats) < 2 or floats[0] != datum.label or not np.all(np.isfinite(floats)):
+        return [str(datum.label)], (
+            f"float_data {floats.tolist()[:4]} cannot be list columns (convert writes all of a line's numbers, "
+            "the first being the integer label)"
+        )
+    return [str(datum.label), *(str(value) for value in floats[1:])], None
+
+
+class _Names:
+    """Hands out unique file names per folder (case-insensitively, for macOS and Windows file systems)."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+
+    def claim(self, folder: str, name: str) -> str:
+        stem, suffix = os.path.splitext(name)
+        candidate, n = name, 0
+        while f"{folder}/{candidate}".casefold() in self._used:
+            n += 1
+            candidate = f"{stem}_{n}{suffix}"
+        self._used.add(f"{folder}/{candidate}".casefold())
+        return candidate
+
+
+def export_lmdb(
+    lmdb_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ExportResult:
+    """Write every record of an LMDB to `out_dir/<class>/<name>` and a Caffe list file `out_dir/list.txt`.
+
+    Class folders are the converter's class names (`<stem>_classes.txt` beside the LMDB) or the
+    label numbers. Records that are not valid Datums are skipped and reported in
+    `result.problems`; the list file is written last, so its presence means the export finished.
+
+    Args:
+        lmdb_path: the LMDB.
+        out_dir: the folder to write into (created if needed).
+        overwrite: replace existing files; without it an existing file stops the export.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns:
+        What was written, what could not be, and the `convert` flags that rebuild the LMDB.
+
+    Raises:
+        LmdbFormatError: the path is not an LMDB.
+        InputError: a file to write exists already and `overwrite` is False.
+        ExportError: a target path would resolve outside `out_dir` (e.g. a symlinked class folder).
+    """
+    lmdb_path, out_dir = Path(lmdb_path), Path(out_dir)
+    list_path = out_dir / LIST_NAME
+    if list_path.exists() and not overwrite:
+        raise InputError(f"{list_path}: already exists (pass --overwrite to replace it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir.resolve()
+    classes = class_names(lmdb_path)
+    result = ExportResult(out_dir=out_dir, list_path=list_path)
+    names = _Names()
+    safe_folders: set[str] = set()
+    kinds: set[str] = set()
+    target_counts: set[int] = set()
+    lines: list[str] = []
+    with read_txn(lmdb_path) as txn, progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
+        for key, value in iter_values(txn):
+            bar.update()
+            try:
+                datum = parse_datum_view(value)
+                payload, name, kind, inexact = _record_file(datum, key_file_stem(key))
+            except DatumError as exc:
+                result.problems.append((key, str(exc)))
+                continue
+            folder = safe_name(label_name(datum.label, classes) or str(datum.label), fallback=f"label_{datum.label}")
+            name = names.claim(folder, name)
+            target = out_dir / folder / name
+            if folder not in safe_folders:  # names cannot climb out; a symlinked folder still could
+                if not target.parent.resolve().is_relative_to(root):
+                    raise ExportError(f"{target}: resolves outside {out_dir}; refusing to write ({format_key(key)})")
+                safe_folders.add(folder)
+            _write(target, payload, overwrite)
+            columns, target_loss = _target_columns(datum)
+            inexact = inexact or target_loss
+            if inexact is not None:
+                result.inexact.append((key, inexact))
+            target_counts.add(len(columns) - 1)
+            kinds.add(kind)
+            lines.append(f"{folder}/{name} {' '.join(columns)}\n")
+            result.written += 1
+            result.bytes_written += len(payload)
+            result.raw += kind != "encoded"
+            result.encoded += kind == "encoded"
+    if len(target_counts) > 1:
+        result.inexact.append((None, "records carry different numbers of float_data targets; convert keeps "
+                                     "the smallest count on every line"))
+    result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
+                            frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
+    _write_text_atomic(list_path, "".join(lines))
+    return result
+
+
+def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | None]:
+    """The file bytes, name, kind (raw1, raw3, encoded, other) and any reason a rebuild would differ.
+
+    Raises:
+        DatumError: the record cannot be written as an image file.
+    """
+    check_datum(datum)
+    if datum.encoded:
+        header = read_encoded_header(datum.data)
+        inexact = None
+        if not is_passthrough_format(header.format):
+            inexact = f"{header.format} payload: convert re-encodes it (Caffe cannot decode {header.format})"
+        elif header.orientation != 1:
+            inexact = f"EXIF orientation {header.orientation}: convert re-encodes it upright"
+        return bytes(datum.data), _encoded_suffix(stem, header.format), "encoded", inexact
+    image = datum_to_image(datum)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=_PNG_LEVEL)
+    kind, inexact = f"raw{datum.channels}", None
+    if not datum.data:
+        kind, inexact = "other", "float pixels: the PNG holds them clipped to 0..255 as 8 bits"
+    elif datum.channels not in (1, 3):
+        kind, inexact = "other", f"{datum.channels} channels: convert stores 3 (alpha dropped)"
+    return buffer.getvalue(), _with_suffix(stem, ".png"), kind, inexact
+
+
+def _write(target: Path, payload: bytes, overwrite: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(target, "wb" if overwrite else "xb") as f:
+            f.write(payload)
+    except FileExistsError:
+        raise InputError(f"{target}: already exists (pass --overwrite to replace it)") from None

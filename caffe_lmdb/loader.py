@@ -1,0 +1,81 @@
+"""The loader check: an LMDB through `LmdbDataset_train` and a `DataLoader`, batch by batch.
+
+This is the check the original `main.py` ran (`python main.py img/train.lmdb`): every sample read,
+resized to 224 x 224, turned into an H x W x C uint8 tensor and batched in pairs, printing
+`key N` per sample and the batch's `torch.Size` per batch. It exercises what training needs:
+key enumeration (keys file or scan), record decoding, a picklable transform, worker processes
+that each open the LMDB themselves, and collation into equal-sized batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .dataset import LmdbDataset_train
+from .records import keys_file_for
+from .sources import InputError
+
+
+class ResizeToHWC:
+    """Resize a PIL image to `size` x `size` (bilinear, aspect ratio not kept) as an H x W x C uint8 tensor.
+
+    A plain Pillow callable, so the check needs no torchvision; a class rather than a lambda so
+    that worker processes can receive it (spawned workers unpickle the dataset and its transform).
+    """
+
+    def __init__(self, size: int = 224) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        return torch.from_numpy(np.array(resized))  # np.array copies: a writable array torch can own
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def loader_check(
+    lmdb_path: str | os.PathLike,
+    keys_path: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 2,
+    size: int = 224,
+    num_workers: int = 0,
+) -> Iterator[str]:
+    """Iterate the LMDB through a DataLoader and yield the lines the original `main.py` printed.
+
+    Samples come in key order (no shuffling), so `key N` is the N-th record of the dataset.
+
+    Args:
+        lmdb_path: the LMDB.
+        keys_path: its keys file; default the converter's `<stem>_keys.npy` when present, else
+            the keys are scanned from the LMDB.
+        batch_size: samples per batch.
+        size: the side images are resized to.
+        num_workers: DataLoader worker processes (0 reads in this process).
+
+    Yields:
+        `key N` for each sample, then `torch.Size([batch, size, size, 3])` after each batch.
+
+    Raises:
+        InputError: `num_workers` is negative.
+        LmdbFormatError, KeysFileError, DatumError: as `LmdbDataset_train` reading the LMDB.
+    """
+    if num_workers < 0:
+        raise InputError(f"num_workers must be >= 0, got {num_workers}")
+    dataset = LmdbDataset_train(lmdb_path, transform=ResizeToHWC(size), keys_path=keys_file_for(lmdb_path, keys_path))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    index = 0
+    for images, _labels in loader:
+        for _ in range(len(images)):
+            yield f"key {index}"
+            index += 1
+        yield str(images.shape)

@@ -1,0 +1,184 @@
+"""`export`: records back to files and a list file; `convert --list` of it rebuilds identical Datums."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import caffe_key, png_bytes, save_image
+from lmdbread import read_datums
+from PIL import Image
+from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, raw_value
+
+from caffe_lmdb import caffe_pb2
+from caffe_lmdb.cli import main
+from caffe_lmdb.export import ExportError, export_lmdb, key_file_stem
+from caffe_lmdb.sources import InputError
+
+
+def fields(datum: caffe_pb2.Datum) -> tuple:
+    return (datum.channels, datum.height, datum.width, datum.data, datum.label, datum.encoded,
+            list(datum.float_data))
+
+
+def assert_rebuilds(original, out_dir, *flags: str) -> None:
+    """Convert the export's list file back (with `flags`) and compare every record, in order."""
+    rebuilt = out_dir.with_name(out_dir.name + "-rebuilt.lmdb")
+    assert main(["convert", *flags, "--list", str(out_dir / "list.txt"), str(rebuilt), "-q", "--workers", "1"]) == 0
+    before, after = list(read_datums(original).values()), list(read_datums(rebuilt).values())
+    assert len(before) == len(after)
+    for old, new in zip(before, after, strict=True):
+        assert fields(old) == fields(new)
+
+
+def files_under(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- round trips
+
+def test_raw_round_trip_from_converter_lmdb(image_tree, tmp_path):
+    original = converted(image_tree, tmp_path / "train.lmdb")
+    out = tmp_path / "out"
+    result = export_lmdb(original, out)
+    assert (result.written, result.raw, result.encoded, result.problems, result.inexact) == (4, 4, 0, [], [])
+    assert result.convert_flags == []
+    assert files_under(out) == {"list.txt", "cat/00000000_a.png", "cat/00000001_b c.png", "dog/00000002_g.png",
+                                "dog/00000003_x.png"}
+    assert (out / "list.txt").read_text().splitlines()[1] == "cat/00000001_b c.png 0"
+    assert_rebuilds(original, out)
+
+
+def test_encoded_round_trip_keeps_the_stored_bytes(image_tree, tmp_path):
+    original = converted(image_tree, tmp_path / "train.lmdb", encoded=True)
+    out = tmp_path / "out"
+    result = export_lmdb(original, out)
+    assert result.encoded == 4 and result.convert_flags == ["--encoded"]
+    stored = {key.decode().split("_", 1)[1].rsplit("/", 1)[-1]: d.data for key, d in read_datums(original).items()}
+    assert (out / "dog" / "00000003_x.JPG").read_bytes() == stored["x.JPG"]
+    assert (out / "cat" / "00000001_b c.png").read_bytes() == stored["b c.png"]
+    assert_rebuilds(original, out, "--encoded")
+
+
+def test_gray_round_trip_needs_gray(image_tree, tmp_path):
+    original = converted(image_tree, tmp_path / "train.lmdb", gray=True)
+    result = export_lmdb(original, tmp_path / "out")
+    assert result.convert_flags == ["--gray"]
+    assert "--gray --list" in result.convert_command()
+    assert_rebuilds(original, tmp_path / "out", "--gray")
+
+
+def test_hand_written_lmdbs_round_trip_with_label_folders(legacy_rgb_lmdb, tmp_path, rng):
+    path, _, _, _ = legacy_rgb_lmdb
+    out = tmp_path / "out"
+    assert main(["export", str(path), str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2", "list.txt"]
+    assert (out / "list.txt").read_text().splitlines()[0] == "0/00000000_img0.png 0"
+    assert_rebuilds(path, out)
+
+    enc_path, _ = legacy_encoded(tmp_path / "enc", rng)
+    assert export_lmdb(enc_path, tmp_path / "enc_out").convert_flags == ["--encoded"]
+    assert_rebuilds(enc_path, tmp_path / "enc_out", "--encoded")
+
+
+def test_targets_become_list_columns(tmp_path, rng):
+    images = tmp_path / "img"
+    for i in range(3):
+        save_image(images / f"{i}.png", Image.fromarray(rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)))
+    (tmp_path / "list.txt").write_text("0.png 1 0.5 -2\n1.png 0 0.25 3e-3\n2.png 2 1 7\n")
+    original = tmp_path / "multi.lmdb"
+    assert main(["convert", "--list", str(tmp_path / "list.txt"), "--root", str(images), str(original), "-q"]) == 0
+    out = tmp_path / "out"
+    result = export_lmdb(original, out)
+    assert result.inexact == []
+    assert (out / "list.txt").read_text().splitlines()[0] == "1/00000000_0.png 1 0.5 -2.0"
+    assert_rebuilds(original, out)
+
+
+def test_mixed_kinds_and_lossy_records_are_reported(tmp_path, rng):
+    rgba = caffe_pb2.Datum(channels=4, height=2, width=3, data=bytes(range(24)), label=0, encoded=False)
+    records = {
+        caffe_key(0, "a.jpg"): raw_value(rng.integers(0, 256, size=(2, 3, 3), dtype=np.uint8), 0),
+        caffe_key(1, "b.png"): encoded_datum(png_bytes(Image.new("RGB", (3, 2))), 1),
+        caffe_key(2, "c.png"): rgba.SerializeToString(),
+    }
+    result = export_lmdb(hand_written(tmp_path / "mixed", records), tmp_path / "out")
+    assert result.written == 3 and result.convert_flags is None and result.convert_command() is None
+    assert result.inexact == [(caffe_key(2, "c.png"), "4 channels: convert stores 3 (alpha dropped)")]
+    assert "no single convert rebuilds them" in str(result)
+
+
+# ---------------------------------------------------------------- names, safety, overwrite
+
+@pytest.mark.parametrize(("key", "stem"), [
+    (b"00000007_cat/deep/a.jpg", "00000007_a.jpg"),
+    (b"00000001_../../x.jpg", "00000001_x.jpg"),
+    (b"00000002_a\\..\\..\\y.png", "00000002_y.png"),
+    (b"..", "record"),
+    (b"/etc/passwd", "passwd"),
+    (b"00000003_.hidden", "00000003_.hidden"),
+    (b".hidden", "hidden"),
+    (b"00000004_a\nb\x00c.jpg", "00000004_a_b_c.jpg"),
+    (b"00042", "00042"),
+    (b" spaced ", "spaced"),
+])
+def test_key_file_stem(key, stem):
+    assert key_file_stem(key) == stem
+
+
+def test_keys_cannot_escape_out_dir(tmp_path, rng):
+    pixels = rng.integers(0, 256, size=(2, 3, 3), dtype=np.uint8)
+    hostile = [b"00000001_../../x.jpg", b"..", b"/tmp/abs.jpg", b"00000002_..\\..\\y.jpg", b"../../../z"]
+    path = hand_written(tmp_path / "evil.lmdb", {key: raw_value(pixels, 0) for key in hostile})
+    (tmp_path / "evil_classes.txt").write_text("../../escaped\n")
+    out = tmp_path / "deep" / "out"
+    before = files_under(tmp_path) - files_under(tmp_path / "evil.lmdb")
+    result = export_lmdb(path, out)
+    assert result.written == 5
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} - before
+    assert all(name.startswith(os.path.join("deep", "out") + os.sep) for name in written), written
+    assert {p.name for p in (out / "_.._escaped").iterdir()} == {
+        "00000001_x.png", "record.png", "abs.png", "00000002_y.png", "z.png"}
+    lines = (out / "list.txt").read_text().splitlines()
+    assert len(lines) == 5 and all(line.startswith("_.._escaped/") for line in lines)
+
+
+def test_symlinked_class_folder_pointing_outside_is_refused(legacy_rgb_lmdb, tmp_path):
+    path = legacy_rgb_lmdb[0]
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "0").symlink_to(outside)
+    with pytest.raises(ExportError, match="resolves outside"):
+        export_lmdb(path, out)
+    assert list(outside.iterdir()) == []
+
+
+def test_nothing_is_overwritten_without_overwrite(legacy_rgb_lmdb, tmp_path, capsys):
+    path = legacy_rgb_lmdb[0]
+    out = tmp_path / "out"
+    export_lmdb(path, out)
+    assert main(["export", str(path), str(out), "-q"]) == 2
+    assert "list.txt: already exists (pass --overwrite" in capsys.readouterr().err
+    kept = save_image(tmp_path / "fresh" / "1" / "00000001_img1.png", Image.new("RGB", (1, 1)))
+    mine = kept.read_bytes()
+    with pytest.raises(InputError, match="00000001_img1.png: already exists"):
+        export_lmdb(path, tmp_path / "fresh")
+    assert kept.read_bytes() == mine
+    assert main(["export", str(path), str(tmp_path / "fresh"), "--overwrite", "-q"]) == 0
+    assert kept.read_bytes() != mine and (tmp_path / "fresh" / "list.txt").is_file()
+
+
+def test_bad_records_are_named_and_the_rest_exported(tmp_path, rng, capsys):
+    records = {
+        caffe_key(0, "a.jpg"): raw_value(rng.integers(0, 256, size=(2, 3, 3), dtype=np.uint8), 0),
+        caffe_key(1, "b.jpg"): b"\xff junk",
+        caffe_key(2, "c.png"): encoded_datum(b"not an image", 0),
+    }
+    path = hand_written(tmp_path / "bad", records)
+    assert main(["export", str(path), str(tmp_path / "out"), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "key b'00000001_b.jpg': not exported: not a Datum" in out
+    assert "key b'00000002_c.png': not exported: encoded data (12 bytes) is not an image" in out
+    assert (tmp_path / "out" / "list.txt").read_text() == "0/00000000_a.png 0\n"

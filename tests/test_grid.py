@@ -1,0 +1,56 @@
+"""`grid`: a contact sheet of random records, opened with Pillow; colours and layout checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import caffe_key
+from PIL import Image
+from toollmdbs import converted, encoded_datum, hand_written, raw_value
+
+from caffe_lmdb import DatumError
+from caffe_lmdb.cli import main
+from caffe_lmdb.grid import PAD, make_grid, save_grid
+
+
+def test_grid_of_converter_lmdb(image_tree, tmp_path, capsys):
+    lmdb_path = converted(image_tree, tmp_path / "train.lmdb")
+    out = tmp_path / "samples.png"
+    assert main(["grid", str(lmdb_path), "-o", str(out), "--n", "3", "--tile", "32"]) == 0
+    assert "3 of 4 records, 2x2 tiles" in capsys.readouterr().out
+    with Image.open(out) as sheet:
+        assert sheet.format == "PNG" and sheet.mode == "RGB"
+        assert sheet.width == 2 * (32 + PAD) + PAD
+        assert 2 * (32 + PAD) + PAD < sheet.height < 2 * (32 + 40) + PAD  # tiles plus one caption row each
+
+
+def test_more_samples_than_records_shows_them_all(legacy_rgb_lmdb, tmp_path):
+    grid = save_grid(legacy_rgb_lmdb[0], tmp_path / "all.png", n=64, tile=16)
+    assert (grid.count, grid.records, grid.columns, grid.rows) == (6, 6, 3, 2)
+    with Image.open(tmp_path / "all.png") as sheet:
+        assert sheet.size == grid.image.size and sheet.width == 3 * (16 + PAD) + PAD
+
+
+def test_same_seed_same_sheet(image_tree, tmp_path):
+    lmdb_path = converted(image_tree, tmp_path / "train.lmdb")
+    first = make_grid(lmdb_path, n=2, seed=3, tile=16).image
+    assert first.tobytes() == make_grid(lmdb_path, n=2, seed=3, tile=16).image.tobytes()
+
+
+def test_tiles_show_rgb_not_bgr(tmp_path):
+    red = np.zeros((4, 6, 3), np.uint8)
+    red[..., 0] = 255  # RGB red, stored by Caffe as planes B=0, G=0, R=255
+    path = hand_written(tmp_path / "red", {caffe_key(0, "red.jpg"): raw_value(red, 0)})
+    sheet = make_grid(path, n=1, tile=24).image
+    assert sheet.getpixel((PAD + 12, PAD + 12)) == (255, 0, 0)
+
+
+def test_grid_errors(tmp_path, legacy_rgb_lmdb, capsys):
+    bad = hand_written(tmp_path / "bad", {caffe_key(0, "x.png"): encoded_datum(b"not an image", 0)})
+    with pytest.raises(DatumError, match=r"key b'00000000_x.png'"):
+        make_grid(bad, n=1)
+    assert main(["grid", str(bad), "-o", str(tmp_path / "g.png")]) == 1
+    assert main(["grid", str(legacy_rgb_lmdb[0]), "-o", str(tmp_path / "g.png"), "--n", "0"]) == 2
+    assert main(["grid", str(legacy_rgb_lmdb[0]), "-o", str(tmp_path / "g.unknown-ext")]) == 2
+    assert "cannot save the grid" in capsys.readouterr().err
+    assert main(["grid", str(tmp_path / "nothing"), "-o", str(tmp_path / "g.png")]) == 1

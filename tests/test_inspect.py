@@ -1,0 +1,155 @@
+"""`info` and `verify` on converter-made and hand-written Caffe LMDBs, including broken ones."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import caffe_key, png_bytes
+from PIL import Image
+from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, raw_value
+
+from caffe_lmdb import LmdbFormatError, caffe_pb2, save_keys
+from caffe_lmdb.cli import main
+from caffe_lmdb.datum import read_encoded_header
+from caffe_lmdb.inspect import info, verify
+
+
+@pytest.fixture
+def train_lmdb(image_tree, tmp_path):
+    """The converter's LMDB of `image_tree`: cat/a.png 5x7, cat/deep/b c.png 6x4, dog/g.png 5x7 gray, dog/x.JPG."""
+    return converted(image_tree, tmp_path / "train.lmdb")
+
+
+# ---------------------------------------------------------------- info
+
+def test_info_on_converter_lmdb(train_lmdb, tmp_path):
+    result = info(train_lmdb)
+    assert (result.records, result.scanned, result.raw, result.encoded, result.invalid) == (4, 4, 4, 0, 0)
+    assert result.shapes == {(3, 5, 7): 2, (3, 6, 4): 1, (3, 16, 24): 1}
+    assert result.labels == {0: 2, 1: 2} and result.classes == ["cat", "dog"]
+    assert (result.first_key, result.last_key) == (b"00000000_cat/a.png", b"00000003_dog/x.JPG")
+    assert result.keys_path == tmp_path / "train_keys.npy" and result.keys_count == 4
+    assert result.disk_bytes > 0 and result.payload_bytes > 3 * 5 * 7
+    text = str(result)
+    assert "4 records" in text and "3x5x7" in text and "cat" in text and "dog" in text
+
+
+def test_info_on_hand_written_caffe_lmdb(legacy_rgb_lmdb):
+    path, keys, _, _ = legacy_rgb_lmdb
+    result = info(path)
+    assert result.keys_path is None and result.classes is None
+    assert result.shapes == {(3, 5, 7): 6} and result.labels == {0: 2, 1: 2, 2: 2}
+    assert (result.first_key, result.last_key) == (keys[0], keys[-1])
+    assert "keys file: none" in str(result)
+
+
+def test_info_reads_encoded_dims_from_headers(tmp_path, rng):
+    path, _ = legacy_encoded(tmp_path / "enc", rng)
+    result = info(path)
+    assert (result.raw, result.encoded) == (0, 3)
+    assert result.formats == {"PNG": 3} and result.shapes == {(3, 5, 7): 3}
+
+
+def test_read_encoded_header_applies_exif_rotation_and_gray():
+    image = Image.new("RGB", (7, 5))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: decodes 5 wide x 7 high
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif)
+    assert read_encoded_header(buf.getvalue()) == ("JPEG", 3, 7, 5, 6)
+    assert read_encoded_header(png_bytes(Image.new("L", (7, 5)))) == ("PNG", 1, 5, 7, 1)
+
+
+def test_info_sample_counts_only_the_sample(train_lmdb):
+    result = info(train_lmdb, sample=2, seed=1)
+    assert (result.records, result.scanned) == (4, 2) and result.sampled
+    assert sum(result.labels.values()) == 2
+    assert info(train_lmdb, sample=2, seed=1).labels == result.labels  # seeded
+
+
+def test_info_json_and_exit_codes(train_lmdb, tmp_path, capsys):
+    assert main(["info", str(train_lmdb), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["records"] == 4 and data["first_key"] == "00000000_cat/a.png"
+    assert {row["name"] for row in data["labels"]} == {"cat", "dog"}
+    assert main(["info", str(tmp_path / "missing.lmdb")]) == 1
+    assert "missing.lmdb: LMDB not found" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert main(["info", str(tmp_path / "plain")]) == 1
+    assert "not an LMDB" in capsys.readouterr().err
+    assert main(["info", str(train_lmdb), "--sample", "0"]) == 2
+
+
+def test_info_counts_records_that_are_not_datums(tmp_path, rng, capsys):
+    path = hand_written(tmp_path / "bad", {caffe_key(0, "a.jpg"): raw_value(np.zeros((5, 7, 3), np.uint8), 0),
+                                           caffe_key(1, "b.jpg"): b"\xff\xff garbage"})
+    assert info(path).invalid == 1
+    assert main(["info", str(path)]) == 1
+    assert "NOT DATUMS: 1 records, first key b'00000001_b.jpg'" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- verify
+
+def test_verify_clean_lmdbs(train_lmdb, legacy_rgb_lmdb, capsys):
+    report = verify(train_lmdb, decode=True)
+    assert report.ok and report.records == 4 and report.keys_path is not None
+    assert main(["verify", str(legacy_rgb_lmdb[0]), "-q"]) == 0
+    assert "6 records checked: OK" in capsys.readouterr().out
+
+
+def test_verify_names_each_bad_record(tmp_path, capsys):
+    short = caffe_pb2.Datum(channels=3, height=5, width=7, data=b"\x00" * 100, label=0, encoded=False)
+    records = {
+        caffe_key(0, "good.jpg"): raw_value(np.zeros((5, 7, 3), np.uint8), 0),
+        caffe_key(1, "short.jpg"): short.SerializeToString(),
+        caffe_key(2, "junk.jpg"): b"\xff\xff junk",
+        caffe_key(3, "empty.jpg"): encoded_datum(b"", 1),
+    }
+    path = hand_written(tmp_path / "bad", records)
+    assert main(["verify", str(path), "-q"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any("key b'00000001_short.jpg'" in line and "100 bytes" in line and "3*5*7 = 105" in line for line in out)
+    assert any("key b'00000002_junk.jpg'" in line and "not a Datum" in line for line in out)
+    assert any("key b'00000003_empty.jpg'" in line and "empty data" in line for line in out)
+    assert not any("good.jpg" in line for line in out)
+    assert out[-1].endswith("4 records checked: 3 problems")
+
+
+def test_verify_decode_finds_undecodable_payloads(tmp_path, capsys):
+    payload = png_bytes(Image.new("RGB", (7, 5)))
+    path = hand_written(tmp_path / "enc", {caffe_key(0, "ok.png"): encoded_datum(payload, 0),
+                                           caffe_key(1, "cut.png"): encoded_datum(payload[:40], 0)})
+    assert verify(path).ok  # structure only
+    report = verify(path, decode=True)
+    assert [key for key, _ in report.problems] == [caffe_key(1, "cut.png")] and report.decoded == 1
+    assert main(["verify", str(path), "--decode", "-q"]) == 1
+    assert "key b'00000001_cut.png': cannot decode" in capsys.readouterr().out
+
+
+def test_verify_keys_file_mismatch_names_missing_and_extra_keys(legacy_rgb_lmdb, tmp_path, capsys):
+    path, keys, _, _ = legacy_rgb_lmdb
+    keys_file = save_keys(tmp_path / "k.npy", [*keys[1:], b"99999999_ghost.jpg", keys[2]])
+    report = verify(path, keys_path=keys_file)
+    assert report.problems == [
+        (b"99999999_ghost.jpg", f"listed in keys file {keys_file} but missing from the LMDB"),
+        (keys[2], f"listed twice in keys file {keys_file}"),
+        (keys[0], f"in the LMDB but not in keys file {keys_file}"),
+    ]
+    assert main(["verify", str(path), "--keys", str(keys_file), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "key b'99999999_ghost.jpg': listed in keys file" in out and f"key {keys[0]!r}: in the LMDB" in out
+
+
+def test_verify_picks_up_the_converters_keys_file(train_lmdb, tmp_path):
+    save_keys(tmp_path / "train_keys.npy", [b"00000000_cat/a.png"])
+    report = verify(train_lmdb)
+    assert len(report.problems) == 3 and all("not in keys file" in why for _, why in report.problems)
+
+
+def test_verify_empty_and_missing(tmp_path):
+    assert verify(hand_written(tmp_path / "empty", {})).problems == [(None, "the LMDB has no records")]
+    with pytest.raises(LmdbFormatError, match="LMDB not found"):
+        verify(tmp_path / "nope")

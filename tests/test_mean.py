@@ -1,0 +1,140 @@
+"""`mean`: Caffe's mean.binaryproto checked against numpy, on raw, encoded and hand-written LMDBs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import caffe_key
+from toollmdbs import bgr_planes, converted, hand_written, legacy_encoded, raw_value, same_size_tree
+
+from caffe_lmdb import DatumError, caffe_pb2
+from caffe_lmdb.cli import main
+from caffe_lmdb.mean import MeanError, compute_mean, load_mean, save_mean
+
+
+@pytest.fixture
+def tree(tmp_path, rng):
+    return same_size_tree(tmp_path / "src", rng)
+
+
+def expected_bgr(planes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and per-channel population std of C x H x W BGR arrays, in float64 numpy."""
+    stack = np.stack(planes).astype(np.float64)
+    return stack.mean(axis=0), stack.transpose(1, 0, 2, 3).reshape(stack.shape[1], -1).std(axis=1)
+
+
+def read_blob(path) -> caffe_pb2.BlobProto:
+    blob = caffe_pb2.BlobProto()
+    blob.ParseFromString(path.read_bytes())
+    return blob
+
+
+def test_mean_file_is_what_compute_image_mean_writes(tree, tmp_path, capsys):
+    lmdb_path = converted(tree, tmp_path / "train.lmdb")
+    mean, _ = expected_bgr([bgr_planes(p) for p in sorted(tree.rglob("*.png"))])
+    out = tmp_path / "mean.binaryproto"
+    assert main(["mean", str(lmdb_path), "-o", str(out), "-q"]) == 0
+    blob = read_blob(out)
+    assert (blob.num, blob.channels, blob.height, blob.width) == (1, 3, 5, 7)
+    assert not blob.HasField("shape") and len(blob.diff) == 0 and len(blob.double_data) == 0
+    np.testing.assert_allclose(np.asarray(blob.data).reshape(3, 5, 7), mean, rtol=1e-6)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:] == ["Number of channels: 3"] + [
+        f"mean_value channel [{c}]: {mean[c].mean():g}" for c in range(3)
+    ]
+
+
+def test_json_stats_are_rgb_scaled_for_normalize(tree, tmp_path):
+    lmdb_path = converted(tree, tmp_path / "train.lmdb")
+    mean, std = expected_bgr([bgr_planes(p) for p in sorted(tree.rglob("*.png"))])
+    stats_path = tmp_path / "stats.json"
+    assert main(["mean", str(lmdb_path), "-o", str(tmp_path / "m.binaryproto"), "--json", str(stats_path)]) == 0
+    stats = json.loads(stats_path.read_text())
+    assert stats["channel_order"] == "RGB" and (stats["records"], stats["height"], stats["width"]) == (6, 5, 7)
+    np.testing.assert_allclose(stats["mean"], mean.mean(axis=(1, 2))[::-1] / 255, rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], std[::-1] / 255, rtol=1e-9)
+
+
+def test_encoded_records_give_the_raw_mean(tree, tmp_path):
+    raw = compute_mean(converted(tree, tmp_path / "raw.lmdb"))
+    encoded = compute_mean(converted(tree, tmp_path / "enc.lmdb", encoded=True))
+    np.testing.assert_array_equal(raw.mean, encoded.mean)
+    np.testing.assert_array_equal(raw.channel_std, encoded.channel_std)
+
+
+def test_hand_written_lmdbs(legacy_rgb_lmdb, tmp_path, rng):
+    path, _, images, _ = legacy_rgb_lmdb
+    mean, std = expected_bgr([image[:, :, ::-1].transpose(2, 0, 1) for image in images])
+    result = compute_mean(path)
+    assert result.count == 6
+    np.testing.assert_allclose(result.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(result.channel_std, std, rtol=1e-9)
+    enc_path, enc_images = legacy_encoded(tmp_path / "enc", rng)
+    expected, _ = expected_bgr([image[:, :, ::-1].transpose(2, 0, 1) for image in enc_images])
+    np.testing.assert_allclose(compute_mean(enc_path).mean, expected, rtol=1e-12)
+
+
+def test_gray_records_give_one_channel(tmp_path, rng):
+    images = [rng.integers(0, 256, size=(4, 6), dtype=np.uint8) for _ in range(3)]
+    path = hand_written(tmp_path / "mnist", {b"%08d" % i: raw_value(p, i) for i, p in enumerate(images)})
+    result = compute_mean(path)
+    np.testing.assert_allclose(result.mean[0], np.mean(images, axis=0))
+    assert result.normalize_stats()["channel_order"] == "L"
+
+
+def test_differing_sizes_name_the_first_offending_key(tmp_path, rng, capsys):
+    records = {
+        caffe_key(0, "a.jpg"): raw_value(rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8), 0),
+        caffe_key(1, "b.jpg"): raw_value(rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8), 0),
+        caffe_key(2, "t.jpg"): raw_value(rng.integers(0, 256, size=(7, 5, 3), dtype=np.uint8), 0),  # same C*H*W
+        caffe_key(3, "c.jpg"): raw_value(rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8), 0),
+    }
+    path = hand_written(tmp_path / "mixed", records)
+    out = tmp_path / "mean.binaryproto"
+    assert main(["mean", str(path), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "key b'00000002_t.jpg': size 3x7x5 differs from the first record's 3x5x7 (key b'00000000_a.jpg')" in err
+    assert not out.exists()
+
+
+def test_bad_record_and_empty_lmdb(tmp_path):
+    path = hand_written(tmp_path / "bad", {caffe_key(0, "a.jpg"): b"\xff junk"})
+    with pytest.raises(DatumError, match=r"key b'00000000_a.jpg': not a Datum"):
+        compute_mean(path)
+    with pytest.raises(MeanError, match="no records"):
+        compute_mean(hand_written(tmp_path / "empty", {}))
+
+
+# ---------------------------------------------------------------- load_mean
+
+def test_load_mean_round_trip_and_both_layouts(tmp_path, rng):
+    mean = rng.random((3, 5, 7)) * 255
+    np.testing.assert_allclose(load_mean(save_mean(tmp_path / "legacy.binaryproto", mean)), mean, rtol=1e-6)
+
+    shaped = caffe_pb2.BlobProto()
+    shaped.shape.dim.extend([1, 3, 5, 7])
+    shaped.data.extend(mean.ravel().tolist())
+    (tmp_path / "shaped.binaryproto").write_bytes(shaped.SerializeToString())
+    assert load_mean(tmp_path / "shaped.binaryproto").shape == (3, 5, 7)
+
+    doubles = caffe_pb2.BlobProto(num=1, channels=3, height=5, width=7)
+    doubles.double_data.extend(mean.ravel().tolist())
+    (tmp_path / "double.binaryproto").write_bytes(doubles.SerializeToString())
+    loaded = load_mean(tmp_path / "double.binaryproto")
+    assert loaded.dtype == np.float64
+    np.testing.assert_array_equal(loaded, mean)
+
+
+def test_load_mean_refuses_what_is_not_a_mean_file(tmp_path):
+    with pytest.raises(MeanError, match="not found"):
+        load_mean(tmp_path / "missing.binaryproto")
+    short = caffe_pb2.BlobProto(num=1, channels=3, height=5, width=7)
+    short.data.extend([0.0] * 10)
+    (tmp_path / "short.binaryproto").write_bytes(short.SerializeToString())
+    with pytest.raises(MeanError, match=r"shape \(1, 3, 5, 7\) does not match its 10 values"):
+        load_mean(tmp_path / "short.binaryproto")
+    (tmp_path / "junk.binaryproto").write_bytes(b"\xff\xff\xff")
+    with pytest.raises(MeanError, match="junk.binaryproto"):
+        load_mean(tmp_path / "junk.binaryproto")
