@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP) $(PB2)
-	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench.py --cold
 
 clean:
 	rm -rf $(VENV) $(PB2) caffe_lmdb/caffe_pb2.pyi .pytest_cache .ruff_cache *.egg-info build dist

@@ -153,8 +153,8 @@ def positive_int(value: str) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Describe an LMDB with `inspect.info`; exit 1 if some of its records are not Datums."""
-    from .inspect import info
+    """Describe an LMDB with `inspection.info`; exit 1 if some of its records are not Datums."""
+    from .inspection import info
 
     result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
@@ -162,8 +162,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check every record and the keys file with `inspect.verify`; print each problem with its key."""
-    from .inspect import verify
+    """Check every record and the keys file with `inspection.verify`; print each problem with its key."""
+    from .inspection import verify
 
     report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None)
     for line in report.problem_lines():

@@ -178,7 +178,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         entries = env.stat()["entries"]
         self._keys = load_keys(self.keys_path) if self.keys_path is not None else self._scan_keys(env)
         #: Whether the first record is encoded (None: empty LMDB, or not a Datum), shown by repr.
-        self.encoded, first_size = _first_record(env, self._keys)
+        self.encoded, first_size = _first_record(env, self._keys, self.root)
         #: Whether the OS reads ahead around each record (see the `readahead` argument).
         self.readahead = first_size >= READAHEAD_MIN_BYTES if readahead is None else readahead
         self._env_options["readahead"] = self.readahead
@@ -356,11 +356,19 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         return "\n".join([f"Dataset {type(self).__name__}"] + ["    " + line for line in body])
 
 
-def _first_record(env: lmdb.Environment, keys: np.ndarray) -> tuple[bool | None, int]:
-    """Whether the first record is encoded (None when there is none or it is not a Datum), and its size."""
-    if not len(keys):
-        return None, 0
+def _first_record(env: lmdb.Environment, keys: np.ndarray, root: str) -> tuple[bool | None, int]:
+    """Whether the first record is encoded (None when there is none or it is not a Datum), and its size.
+
+    Raises:
+        LmdbFormatError: the LMDB holds pickled/msgpack records (from the popular PyTorch recipes),
+            with the `caffe-lmdb migrate` command to convert it; nothing is unpickled.
+    """
+    from .records import refuse_foreign_lmdb
+
     with env.begin(buffers=True) as txn:
+        refuse_foreign_lmdb(root, txn)
+        if not len(keys):
+            return None, 0
         value = txn.get(keys[0])
         if value is None:
             return None, 0

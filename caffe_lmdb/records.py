@@ -19,6 +19,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from .errors import LmdbFormatError
 from .keys import load_keys, open_readonly, txn_keys
 from .writer import default_keys_path, sidecar_path
 
@@ -77,14 +78,31 @@ def read_txn(lmdb_path: str | os.PathLike) -> Iterator[lmdb.Transaction]:
     Values read in it are memoryviews on the memory map, valid until the block ends.
 
     Raises:
-        LmdbFormatError: the path is missing or not an LMDB.
+        LmdbFormatError: the path is missing or not an LMDB, or it holds pickled/msgpack records
+            (then the message says to run `caffe-lmdb migrate`; nothing is unpickled).
     """
     env = open_readonly(lmdb_path)
     try:
         with env.begin(buffers=True) as txn:
+            refuse_foreign_lmdb(lmdb_path, txn)
             yield txn
     finally:
         env.close()
+
+
+def refuse_foreign_lmdb(lmdb_path: str | os.PathLike, txn: lmdb.Transaction) -> None:
+    """Fail with one line if the LMDB's first record is a pickle/msgpack/pyarrow value, not a Datum.
+
+    LMDBs from the popular PyTorch recipes hold pickled records; reading them needs
+    `caffe-lmdb migrate`, and every reader says so up front instead of once per record.
+    """
+    from .migrate import foreign_value_hint
+
+    cursor = txn.cursor()
+    if cursor.first():
+        hint = foreign_value_hint(cursor.value(), lmdb_path)
+        if hint is not None:
+            raise LmdbFormatError(f"{lmdb_path}: key {bytes(cursor.key())!r}: {hint}")
 
 
 def iter_values(txn: lmdb.Transaction) -> Iterator[tuple[bytes, memoryview]]:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from caffe_lmdb import LmdbDataset_train, load_keys, parse_datum
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import DatumError, image_to_datum, serialize_datum
+from caffe_lmdb.errors import LmdbFormatError
 from caffe_lmdb.migrate import (
     LegacyRecord,
     LmdbImageRecord,
@@ -402,12 +403,19 @@ def test_dataset_on_an_unmigrated_lmdb_points_to_migrate(tmp_path, image_files, 
         lmdb_image_recipe(old, [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)] * 3, [0, 1, 2])
     with pytest.raises(DatumError, match="caffe-lmdb migrate"):
         parse_datum(read_all(old)[0][1])
-    dataset = LmdbDataset_train(old)
-    with pytest.raises(DatumError) as info:
-        dataset[0]
+    with pytest.raises(LmdbFormatError) as info:  # refused at construction, before any record is read
+        LmdbDataset_train(old)
     message = str(info.value)
     assert len(message.splitlines()) == 1 and "not Caffe Datums" in message
     assert "caffe-lmdb migrate" in message and str(old) in message
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_info_and_verify_on_an_unmigrated_lmdb_say_one_line(tmp_path, image_files, capsys, command):
+    old = folder2lmdb_pickle(tmp_path / "old.lmdb", image_files[:3], [0, 1, 2])
+    assert main([command, str(old)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not Caffe Datums" in err and "caffe-lmdb migrate" in err
 
 
 # ---------------------------------------------------------------- dry run, overwrite, refusals

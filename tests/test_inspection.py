@@ -14,7 +14,7 @@ from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, ra
 from caffe_lmdb import LmdbFormatError, caffe_pb2, save_keys
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import read_encoded_header
-from caffe_lmdb.inspect import info, verify
+from caffe_lmdb.inspection import info, verify
 
 
 @pytest.fixture
