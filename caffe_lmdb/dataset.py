@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from .datum import DatumView, datum_to_image, datum_to_image_array, parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning
-from .keys import keys_to_array, load_keys, open_readonly, save_keys
+from .keys import load_keys, open_readonly, save_keys, txn_keys
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         # keys.scan_keys opens the LMDB itself, which py-lmdb refuses while this process has it open
         started = time.perf_counter()
         with env.begin() as txn:
-            keys = keys_to_array(txn.cursor().iternext(keys=True, values=False))
+            keys = txn_keys(txn)
         logger.info(
             "%s: no keys file, scanned %d keys in %.2fs; save them with save_keys() to skip this next time",
             self.root, len(keys), time.perf_counter() - started,

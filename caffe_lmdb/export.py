@@ -37,7 +37,7 @@ from .datum import (
 from .errors import CaffeLmdbError, DatumError
 from .records import class_names, format_key, iter_values, label_name, progress_bar, read_txn
 from .sources import InputError
-from .writer import _write_text_atomic
+from .writer import write_text_atomic
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"
@@ -258,7 +258,7 @@ def export_lmdb(
                                      "the smallest count on every line"))
     result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
                             frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
-    _write_text_atomic(list_path, "".join(lines))
+    write_text_atomic(list_path, "".join(lines))
     return result
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import LmdbFormatError
 from .keys import open_readonly
 from .sources import InputError
-from .writer import AtomicLmdb, ConvertResult, sidecar_path
+from .writer import AtomicLmdb, ConvertResult, progress_bar, sidecar_path
 
 
 class MergeError(LmdbFormatError):
@@ -49,10 +49,6 @@ def merge_lmdbs(
         InputError: fewer than one shard, or a shard that does not exist.
         MergeError: two shards hold the same key, or their class lists differ (both named).
     """
-    import sys
-
-    from tqdm import tqdm
-
     shards = [Path(s) for s in shards]
     if not shards:
         raise InputError("merge needs at least one shard LMDB")
@@ -72,8 +68,7 @@ def merge_lmdbs(
         txns = [env.begin() for env in envs]
         total = sum(txn.stat()["entries"] for txn in txns)
         with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
-                tqdm(total=total, unit="rec", file=sys.stderr, desc=Path(output).name,
-                     disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
+                progress_bar(total, Path(output).name, progress) as bar:
             previous: tuple[bytes, int] | None = None
             for key, index, value in heapq.merge(*(_records(i, txn) for i, txn in enumerate(txns))):
                 if previous is not None and previous[0] == key:

@@ -30,7 +30,6 @@ import logging
 import pickle
 import pickletools
 import struct
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from .datum import (
 from .errors import CaffeLmdbError
 from .keys import make_key, open_readonly
 from .sources import InputError
-from .writer import AtomicLmdb, ConvertOptions, build_record, default_keys_path
+from .writer import AtomicLmdb, ConvertOptions, build_record, default_keys_path, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -709,8 +708,6 @@ def migrate_lmdb(
         MigrationError: an unsafe pickle, a pyarrow-serialized or unreadable record, a bad label
             (the message names the key).
     """
-    from tqdm import tqdm
-
     old, new = Path(old), Path(new)
     if not old.exists():
         raise InputError(f"{old}: LMDB not found")
@@ -755,8 +752,7 @@ def migrate_lmdb(
         created = _missing_parents(new)
         try:
             with AtomicLmdb(new, keys_path, overwrite=overwrite) as out, \
-                    tqdm(total=len(order), unit="rec", file=sys.stderr, desc=new.name,
-                         disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
+                    progress_bar(len(order), new.name, progress) as bar:
                 for line_id, old_key in enumerate(order):
                     where = f"{old}: key {old_key!r}"
                     if line_id:  # the first record was converted above

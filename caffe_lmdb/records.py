@@ -11,7 +11,6 @@ helpers find them, and work without them on LMDBs made by Caffe's own tools.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,9 +126,3 @@ def random_subset(keys: np.ndarray, count: int, seed: int) -> np.ndarray:
     return keys[np.sort(chosen)]
 
 
-def progress_bar(total: int, desc: str, progress: bool | None):
-    """A tqdm bar on stderr, shown only on a terminal unless `progress` says otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="rec", file=sys.stderr, desc=desc,
-                disable=not (sys.stderr.isatty() if progress is None else progress))

@@ -360,7 +360,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "rec"):
+    """A tqdm bar on stderr, shown only on a terminal unless `progress` says otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, desc=desc,
+                disable=not (sys.stderr.isatty() if progress is None else progress))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a side file (class list, skipped list, list file) by temp file and rename: never half-written."""
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -484,8 +493,6 @@ def write_lmdb(
         InputError: no entries, or the output exists without `overwrite`.
         ConversionError: `strict` and an unreadable image, or a `check_size` mismatch.
     """
-    from tqdm import tqdm
-
     options = options or ConvertOptions()
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if not entries:
@@ -493,8 +500,7 @@ def write_lmdb(
     start = time.perf_counter()
     first_shape: tuple[int, int, int] | None = None
     with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
-            tqdm(total=len(entries), unit="img", file=sys.stderr, desc=out.output.name,
-                 disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
+            progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
         result = ConvertResult(output=out.output, keys_path=out.keys_path)
         records = _records(entries, options, workers)
         for position, (entry, record) in enumerate(zip(entries, records, strict=True)):
@@ -546,11 +552,11 @@ def _publish(
     if keys_path.exists():
         keys_path.unlink()  # never let an old keys file sit beside a new LMDB
     if classes is not None:
-        _write_text_atomic(sidecar_path(output, "classes.txt"), "".join(f"{name}\n" for name in classes))
+        write_text_atomic(sidecar_path(output, "classes.txt"), "".join(f"{name}\n" for name in classes))
     skipped = list(skipped)
     skipped_path = sidecar_path(output, "skipped.txt")
     if skipped:
-        _write_text_atomic(skipped_path, "".join(f"{path}\t{reason}\n" for path, reason in skipped))
+        write_text_atomic(skipped_path, "".join(f"{path}\t{reason}\n" for path, reason in skipped))
     elif skipped_path.exists():
         skipped_path.unlink()
     if output.exists():
