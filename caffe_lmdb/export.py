@@ -35,9 +35,9 @@ from .datum import (
     read_encoded_header,
 )
 from .errors import CaffeLmdbError, DatumError
-from .records import class_names, format_key, iter_values, label_name, progress_bar, read_txn
+from .records import class_names, format_key, iter_values, label_name, read_txn
 from .sources import InputError
-from .writer import write_text_atomic
+from .writer import progress_bar, write_text_atomic
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"

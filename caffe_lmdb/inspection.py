@@ -31,11 +31,11 @@ from .records import (
     iter_values,
     keys_file_for,
     label_name,
-    progress_bar,
     random_subset,
     read_txn,
 )
 from .sources import InputError
+from .writer import progress_bar
 
 # --------------------------------------------------------------------------- info
 

@@ -25,7 +25,8 @@ from google.protobuf.message import DecodeError
 from .datum import datum_to_array, image_plane_order, parse_datum_view
 from .errors import CaffeLmdbError, DatumError
 from .proto import caffe_pb2
-from .records import format_key, format_shape, iter_values, progress_bar, read_txn
+from .records import format_key, format_shape, iter_values, read_txn
+from .writer import progress_bar
 
 #: The channel order `MeanResult.normalize_stats` reports, by channel count.
 _IMAGE_ORDER_NAMES = {1: "L", 3: "RGB", 4: "RGBA"}
