@@ -52,6 +52,10 @@ _OUTPUTS = ("pil", "tensor", "numpy")
 #: Records at least this big are read with OS readahead by default: 16 pages and more.
 READAHEAD_MIN_BYTES = 64 << 10
 
+#: Prefetched byte ranges closer than this are read as one (the gap is read too).
+PREFETCH_MERGE_GAP = 256 << 10
+_PAGE = 4096
+
 #: LMDB's reader-table size. The dataset opens with `lock=False`, which keeps no reader table, so
 #: `MDB_READERS_FULL` cannot happen and the value does not bind; it is still set far above
 #: workers x ranks (LMDB's default is 126) so that it is never the limit.
@@ -263,7 +267,9 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
 
         A record's offset in `data.mdb` is its address in LMDB's memory map minus the map's
         start; `posix_fadvise(WILLNEED)` queues the reads without waiting, so a cold batch costs
-        about one IO round trip instead of one synchronous page fault per 4 KiB page.
+        about one IO round trip instead of one synchronous page fault per 4 KiB page. Ranges
+        closer than `PREFETCH_MERGE_GAP` are merged into one request: records of a block (see
+        `BlockShuffleSampler`) then arrive as one sequential read.
         """
         if not hasattr(os, "posix_fadvise"):
             return
@@ -273,15 +279,15 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
             path = Path(self.root)
             self._data_fd = os.open(path / "data.mdb" if path.is_dir() else path, os.O_RDONLY)
         base = self._env.info()["map_addr"]
-        page = 4096
+        ranges = []
         with self._env.begin(buffers=True) as txn:
             for index in indices:
                 value = txn.get(self._key_at(index))
-                if value is None or len(value) < 2 * page:
-                    continue
-                offset = np.frombuffer(value, dtype=np.uint8).ctypes.data - base
-                start = offset - offset % page
-                os.posix_fadvise(self._data_fd, start, offset + len(value) - start, os.POSIX_FADV_WILLNEED)
+                if value is not None and len(value) >= 2 * _PAGE:
+                    offset = np.frombuffer(value, dtype=np.uint8).ctypes.data - base
+                    ranges.append((offset - offset % _PAGE, offset + len(value)))
+        for start, stop in _merge_ranges(ranges, PREFETCH_MERGE_GAP):
+            os.posix_fadvise(self._data_fd, start, stop - start, os.POSIX_FADV_WILLNEED)
 
     def __del__(self) -> None:
         if getattr(self, "_data_fd", None) is not None and self._pid == os.getpid():
@@ -354,6 +360,17 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
                 body.append(head + first)
                 body += [" " * len(head) + line for line in rest]
         return "\n".join([f"Dataset {type(self).__name__}"] + ["    " + line for line in body])
+
+
+def _merge_ranges(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Sort `[start, stop)` ranges and merge those that overlap or lie within `gap` bytes."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start - merged[-1][1] <= gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def _first_record(env: lmdb.Environment, keys: np.ndarray, root: str) -> tuple[bool | None, int]:

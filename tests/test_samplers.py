@@ -59,3 +59,13 @@ def test_invalid_arguments():
         BlockShuffleSampler(range(4), num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="block_size"):
         BlockShuffleSampler(range(4), block_size=0)
+
+
+def test_each_block_is_read_front_to_back_and_batches_mix_blocks():
+    sampler = BlockShuffleSampler(range(1024), num_replicas=1, rank=0, block_size=32, window=4, seed=5)
+    order = list(sampler)
+    for block in range(32):
+        positions = [i for i in order if i // 32 == block]
+        assert positions == sorted(positions)
+    first_batch = order[:16]
+    assert len({i // 32 for i in first_batch}) > 1
