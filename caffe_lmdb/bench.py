@@ -96,10 +96,15 @@ def ensure_images(root: Path, n: int, classes: int, seed: int) -> list[Path]:
 
 # --------------------------------------------------------------------------- timing
 
-def median_rate(run: Callable[[], int], passes: int) -> float:
-    """Items per second: the median over `passes` runs of `run()`, which returns its item count."""
+def median_rate(run: Callable[[], int], setup: Callable[[], None] | None = None, *, passes: int) -> float:
+    """Items per second: the median over `passes` runs of `run()`, which returns its item count.
+
+    `setup`, when given, runs before each pass, untimed.
+    """
     rates = []
     for _ in range(passes):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         count = run()
         rates.append(count / (time.perf_counter() - start))
@@ -162,9 +167,9 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
         return len(keys)
 
     results: dict[str, Any] = {}
-    results["A_imagefolder"] = median_rate(a_imagefolder, passes)
-    results["B_floor"] = median_rate(b_floor, passes)
-    results["C_seed_recipe"] = median_rate(c_seed_recipe, passes)
+    results["A_imagefolder"] = median_rate(a_imagefolder, passes=passes)
+    results["B_floor"] = median_rate(b_floor, passes=passes)
+    results["C_seed_recipe"] = median_rate(c_seed_recipe, passes=passes)
     env.close()
 
     datasets = {
@@ -178,7 +183,7 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
             for i in indices:
                 dataset[i]
             return len(indices)
-        results[name] = median_rate(read, passes)
+        results[name] = median_rate(read, passes=passes)
 
     loaders = {
         "G_loader_pil": LmdbDataset_train(raw, pil_to_tensor, default_keys_path(raw)),
@@ -188,7 +193,7 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
         def load(dataset=dataset) -> int:
             loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=2, sampler=indices)
             return sum(len(labels) for _, labels in loader)
-        results[name] = median_rate(load, passes)
+        results[name] = median_rate(load, passes=passes)
 
     results["ratios"] = {
         "D/C": results["D_dataset_pil"] / results["C_seed_recipe"],
@@ -204,6 +209,7 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
 
 def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
     """Images/s of decode-only, raw conversion with 1 and 2 workers, and encoded conversion."""
+    from .writer import default_keys_path
 
     def decode_only() -> int:
         for path in files:
@@ -211,16 +217,24 @@ def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: in
                 image.convert("RGB")
         return len(files)
 
-    def converter(name: str, **kwargs) -> Callable[[], int]:
+    def converter(name: str, **kwargs) -> tuple[Callable[[], int], Callable[[], None]]:
+        out = workdir / f"{name}.lmdb"
+
+        def remove_previous() -> None:  # not timed: deleting a 1 GB LMDB is not converting
+            shutil.rmtree(out, ignore_errors=True)
+            default_keys_path(out).unlink(missing_ok=True)
+
         def run() -> int:
-            return convert(src, workdir / f"{name}.lmdb", overwrite=True, progress=False, **kwargs).written
-        return run
+            return convert(src, out, progress=False, **kwargs).written
+
+        return run, remove_previous
 
     results: dict[str, Any] = {
-        "decode_only": median_rate(decode_only, passes),
-        "raw_workers1": median_rate(converter("conv_w1", workers=1), passes),
-        "raw_workers2": median_rate(converter("conv_w2", workers=2), passes),
-        "encoded_workers1": median_rate(converter("conv_enc", workers=1, options=ConvertOptions(encoded=True)), passes),
+        "decode_only": median_rate(decode_only, passes=passes),
+        "raw_workers1": median_rate(*converter("conv_w1", workers=1), passes=passes),
+        "raw_workers2": median_rate(*converter("conv_w2", workers=2), passes=passes),
+        "encoded_workers1": median_rate(*converter("conv_enc", workers=1, options=ConvertOptions(encoded=True)),
+                                        passes=passes),
     }
     results["ratios"] = {
         "raw w2/w1": results["raw_workers2"] / results["raw_workers1"],

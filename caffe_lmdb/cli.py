@@ -51,7 +51,7 @@ def _shard_arguments(args: argparse.Namespace) -> dict:
             raise UsageError("--shard-index cannot be combined with --num-shards auto")
         index, count = shard_from_environment()
         if args.workers is None:  # the launcher starts one converter per shard: share the cores
-            args.workers = max(1, (os.cpu_count() or 1) // local_world_size())
+            args.workers = max(1, (os.cpu_count() or 1) // local_world_size() - 1)
         return {"num_shards": count, "shard_index": index}
     try:
         count = int(args.num_shards)
@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_flag(p, "--encoded", help="store the image files' bytes (encoded Datums) instead of raw pixels")
     p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",
                    help="format of encoded records (jpg, png, ...); empty keeps each file's bytes; implies --encoded")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: CPU count - 1, a core is left for the LMDB writer)")
     p.add_argument("--commit-every", "--commit_every", type=int, default=1000, metavar="N",
                    help="records per write transaction (default 1000, as Caffe)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
