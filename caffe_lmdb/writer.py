@@ -182,18 +182,21 @@ def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Da
     channels = 1 if options.gray else 3
     try:
         with Image.open(io.BytesIO(data)) as image:
-            fmt, size, mode = image.format, image.size, image.mode
+            fmt, (width, height), mode = image.format, image.size, image.mode
             wanted = pil_format(options.encode_type) if options.encode_type else fmt
             keep_bytes = (
                 options.resize is None
                 and is_passthrough_format(fmt)
                 and wanted == fmt
                 and (not options.gray or mode == "L")
-                and image.getexif().get(0x0112, 1) == 1  # OpenCV applies EXIF orientation; keep dims honest
             )
             if keep_bytes:
                 _check_structure(image, data)
-                return encoded_to_datum(data, label), (channels, size[1], size[0])
+                # OpenCV decodes with the EXIF orientation applied: rotated files have swapped dims.
+                # Only --check_size needs the dims, so only then is the EXIF block parsed.
+                if options.check_size and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                    width, height = height, width
+                return encoded_to_datum(data, label), (channels, height, width)
             image.load()
             decoded = normalize_image(image, gray=options.gray)
     except DatumError:
