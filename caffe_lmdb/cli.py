@@ -76,6 +76,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         encoded=args.encoded,
         encode_type=args.encode_type,
         check_size=args.check_size,
+        resize_backend=args.resize_backend,
     )
     common = dict(
         options=options, shuffle=args.shuffle, seed=args.seed, workers=args.workers,
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize to this height (needs --resize_width too; 0 = keep)")
     p.add_argument("--resize_width", "--resize-width", type=int, default=0, metavar="W",
                    help="resize to this width (needs --resize_height too; 0 = keep)")
+    p.add_argument("--resize-backend", "--resize_backend", choices=("pillow", "opencv"), default="pillow",
+                   help="pillow (default) or opencv: cv2.resize INTER_LINEAR, Caffe's own call, for pixel parity "
+                   "(needs opencv-python-headless)")
     add_bool_flag(p, "--check_size", "--check-size", help="fail unless every image has the same size")
     add_bool_flag(p, "--encoded", help="store the image files' bytes (encoded Datums) instead of raw pixels")
     p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",

@@ -363,3 +363,21 @@ def test_map_full_replays_the_whole_batch(tmp_path):
     assert env.info()["map_size"] > 256 << 10
     env.close()
     assert dict(read_all(tmp_path / "db")) == values
+
+
+def test_opencv_resize_backend_matches_cv2_or_says_what_to_install(image_tree, tmp_path, capsys):
+    try:
+        import cv2
+    except ImportError:
+        cv2 = None
+    args = ["convert", str(image_tree), str(tmp_path / "cv.lmdb"), "-q", "--resize_height=4", "--resize_width=6",
+            "--resize-backend", "opencv"]
+    if cv2 is None:
+        assert main(args) == 2
+        assert "pip install opencv-python-headless" in capsys.readouterr().err
+        return
+    assert main(args) == 0
+    for key, datum in read_datums(tmp_path / "cv.lmdb").items():
+        relpath = key.decode().split("_", 1)[1]
+        expected = cv2.resize(source_rgb(image_tree / relpath), (6, 4), interpolation=cv2.INTER_LINEAR)
+        assert np.array_equal(raw_rgb(datum), expected), relpath
