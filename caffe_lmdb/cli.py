@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 problems found (or the operation failed), 2 usage errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -406,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"caffe-lmdb {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `caffe-lmdb info ... | head`: the reader left, nothing is wrong
+        with contextlib.suppress(OSError, ValueError):  # as the Python docs advise: no flush error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (CaffeLmdbError, OSError) as exc:
         print(f"caffe-lmdb {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS

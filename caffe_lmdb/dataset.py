@@ -20,6 +20,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import operator
 import os
@@ -333,6 +334,10 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
             return "keys scanned at construction: has the LMDB changed since?"
         return f"listed in keys file {self.keys_path}"
 
+    def __add__(self, other: Dataset) -> LmdbConcatDataset:
+        """`ds1 + ds2`: torch's ConcatDataset semantics, with batch prefetch kept (`LmdbConcatDataset`)."""
+        return LmdbConcatDataset([self, other])
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickle everything but the environment, which the receiving process opens for itself."""
         state = self.__dict__.copy()
@@ -409,4 +414,33 @@ def open_shards(
     from .shards import find_shards, keys_path_for
 
     parts = [LmdbDataset_train(path, transform, keys_path_for(path), **kwargs) for path in find_shards(shards)]
-    return torch.utils.data.ConcatDataset(parts)
+    return LmdbConcatDataset(parts)
+
+
+class LmdbConcatDataset(torch.utils.data.ConcatDataset):
+    """torch's `ConcatDataset` (same `len` and indexing) that keeps batch prefetch across LMDBs.
+
+    `ds1 + ds2` builds one of these. The DataLoader hands a whole batch to `__getitems__`; the
+    batch is split by part, so each LMDB prefetches its own records, and reassembled in order.
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any]]:
+        by_part: dict[int, list[tuple[int, int]]] = {}
+        for position, index in enumerate(indices):
+            if index < 0:
+                index += len(self)
+            part = bisect.bisect_right(self.cumulative_sizes, index)
+            local = index - (self.cumulative_sizes[part - 1] if part else 0)
+            by_part.setdefault(part, []).append((position, local))
+        out: list[Any] = [None] * len(indices)
+        for part, items in by_part.items():
+            dataset = self.datasets[part]
+            locals_ = [local for _, local in items]
+            values = dataset.__getitems__(locals_) if hasattr(dataset, "__getitems__") else \
+                [dataset[local] for local in locals_]
+            for (position, _), value in zip(items, values, strict=True):
+                out[position] = value
+        return out
+
+    def __add__(self, other: torch.utils.data.Dataset) -> LmdbConcatDataset:
+        return LmdbConcatDataset([self, other])

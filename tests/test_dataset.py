@@ -215,6 +215,12 @@ def test_three_lmdbs_concatenate(legacy_rgb_lmdb, gray_lmdb, encoded_lmdb):
     assert torch.equal(ds[-1][0], encoded[1][0]) and ds[-5][1] == gray[1][1] == -1
     with pytest.raises(IndexError):
         ds[12]
+    batch = [11, 0, 7, -1, 6, 3]  # what a DataLoader hands __getitems__: parts interleaved
+    for (got, got_label), i in zip(ds.__getitems__(batch), batch, strict=True):
+        expected, label = ds[i]
+        assert torch.equal(got, expected) and got_label == label
+    loader = DataLoader(ds, batch_size=5, sampler=[11, 0, 7, 6, 3], collate_fn=list)
+    assert [label for batch in loader for _, label in batch] == [ds[i][1] for i in (11, 0, 7, 6, 3)]
 
 
 def test_datasets_over_one_lmdb_share_its_environment(legacy_rgb_lmdb):
