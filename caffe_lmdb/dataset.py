@@ -411,9 +411,10 @@ def open_shards(
     shards are concatenated in name order with `+` (torch's `ConcatDataset`), so index i is the
     i-th record of the unsharded conversion. `kwargs` go to every `LmdbDataset_train`.
     """
-    from .shards import find_shards, keys_path_for
+    from .records import keys_file_for
+    from .shards import find_shards
 
-    parts = [LmdbDataset_train(path, transform, keys_path_for(path), **kwargs) for path in find_shards(shards)]
+    parts = [LmdbDataset_train(path, transform, keys_file_for(path), **kwargs) for path in find_shards(shards)]
     return LmdbConcatDataset(parts)
 
 

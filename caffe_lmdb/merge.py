@@ -15,18 +15,13 @@ from pathlib import Path
 
 from .errors import LmdbFormatError
 from .keys import open_readonly
+from .records import class_names, sidecar_lines
 from .sources import InputError
 from .writer import AtomicLmdb, ConvertResult, progress_bar, sidecar_path
 
 
 class MergeError(LmdbFormatError):
     """The shards cannot be merged: the same key in two shards, or different class lists."""
-
-
-def read_sidecar_lines(lmdb_path: Path, name: str) -> list[str] | None:
-    """The lines of a converter side file (`<stem>_classes.txt`, ...) beside an LMDB, or None."""
-    path = sidecar_path(lmdb_path, name)
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
 
 
 def _records(shard_index: int, txn) -> Iterator[tuple[bytes, int, bytes]]:
@@ -52,7 +47,7 @@ def merge_lmdbs(
     shards = [Path(s) for s in shards]
     if not shards:
         raise InputError("merge needs at least one shard LMDB")
-    classes = [read_sidecar_lines(s, "classes.txt") for s in shards]
+    classes = [class_names(s) for s in shards]
     for shard, shard_classes in zip(shards[1:], classes[1:], strict=True):
         if shard_classes != classes[0]:
             raise MergeError(
@@ -60,7 +55,7 @@ def merge_lmdbs(
             )
     skipped = [
         tuple(line.split("\t", 1)) if "\t" in line else (line, "")
-        for shard in shards for line in (read_sidecar_lines(shard, "skipped.txt") or [])
+        for shard in shards for line in (sidecar_lines(shard, "skipped.txt") or [])
     ]
     start = time.perf_counter()
     envs = [open_readonly(s) for s in shards]

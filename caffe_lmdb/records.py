@@ -44,12 +44,15 @@ def keys_file_for(lmdb_path: str | os.PathLike, keys_path: str | os.PathLike | N
     return default if default.is_file() else None
 
 
+def sidecar_lines(lmdb_path: str | os.PathLike, name: str) -> list[str] | None:
+    """The lines of a converter side file beside an LMDB (`<stem>_classes.txt`, ...), or None if absent."""
+    path = sidecar_path(lmdb_path, name)
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+
+
 def class_names(lmdb_path: str | os.PathLike) -> list[str] | None:
     """The converter's class names for this LMDB (`<stem>_classes.txt`, line i = label i), if present."""
-    path = sidecar_path(lmdb_path, "classes.txt")
-    if not path.is_file():
-        return None
-    return path.read_text(encoding="utf-8").splitlines()
+    return sidecar_lines(lmdb_path, "classes.txt")
 
 
 def label_name(label: int, classes: list[str] | None) -> str | None:

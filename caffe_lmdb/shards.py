@@ -108,14 +108,6 @@ def find_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return found
 
 
-def keys_path_for(lmdb_path: str | os.PathLike) -> Path | None:
-    """The keys file the converter writes beside an LMDB (`x.lmdb` -> `x_keys.npy`), if it exists."""
-    from .writer import default_keys_path
-
-    candidate = default_keys_path(lmdb_path)
-    return candidate if candidate.is_file() else None
-
-
 def is_shard_name(path: str | os.PathLike) -> bool:
     """Whether the name carries the `-IIIII-of-NNNNN` shard suffix."""
     path = Path(path)

@@ -265,14 +265,14 @@ def default_workers() -> int:
 
 def default_keys_path(output: str | os.PathLike) -> Path:
     """`train.lmdb` -> `train_keys.npy` beside it."""
-    output = Path(output)
-    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
-    return output.with_name(f"{stem}_keys.npy")
+    return sidecar_path(output, "keys.npy")
 
 
 def sidecar_path(output: str | os.PathLike, name: str) -> Path:
-    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's class list)."""
-    return default_keys_path(output).with_name(default_keys_path(output).name.replace("keys.npy", name))
+    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's side files)."""
+    output = Path(output)
+    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
+    return output.with_name(f"{stem}_{name}")
 
 
 class BatchWriter:
