@@ -23,6 +23,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from .allocator import retained_heap
 from .proto import caffe_pb2
 from .writer import ConvertOptions, convert
 
@@ -208,7 +209,16 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
 # --------------------------------------------------------------------------- conversion
 
 def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
-    """Images/s of decode-only, raw conversion with 1 and 2 workers, and encoded conversion."""
+    """Images/s of decode-only, raw conversion with 1 and 2 workers, and encoded conversion.
+
+    All under the converter's allocator setting (`retained_heap`), so that the decode-only
+    baseline gets the same reuse of freed memory as the conversions (it is 1.1-1.8x faster with it).
+    """
+    with retained_heap():
+        return _bench_conversion(src, workdir, files, passes)
+
+
+def _bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
     from .writer import default_keys_path
 
     def decode_only() -> int:

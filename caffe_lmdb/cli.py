@@ -52,7 +52,7 @@ def _shard_arguments(args: argparse.Namespace) -> dict:
             raise UsageError("--shard-index cannot be combined with --num-shards auto")
         index, count = shard_from_environment()
         if args.workers is None:  # the launcher starts one converter per shard: share the cores
-            args.workers = max(1, (os.cpu_count() or 1) // local_world_size() - 1)
+            args.workers = max(1, (os.cpu_count() or 1) // local_world_size())
         return {"num_shards": count, "shard_index": index}
     try:
         count = int(args.num_shards)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",
                    help="format of encoded records (jpg, png, ...); empty keeps each file's bytes; implies --encoded")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (default: CPU count - 1, a core is left for the LMDB writer)")
+                   help="decoding processes (default: CPU count; 1 converts in this process)")
     p.add_argument("--commit-every", "--commit_every", type=int, default=1000, metavar="N",
                    help="records per write transaction (default 1000, as Caffe)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")

@@ -113,6 +113,40 @@ def test_workers_do_not_change_a_byte(shared_images, tmp_path):
     assert (tmp_path / "w1_keys.npy").read_bytes() == (tmp_path / "w2_keys.npy").read_bytes()
 
 
+def _mixed_tree(root, rng):
+    """40 images of several sizes and modes, plus two unreadable files (skipped, leaving key gaps)."""
+    for i in range(40):
+        h, w = (12 + i % 5, 9 + i % 7) if i % 4 else (60, 80)  # the 60x80 ones go through the pipe below
+        mode_shape = (h, w) if i % 5 == 0 else (h, w, 3)
+        save_image(root / f"c{i % 3}" / f"{i:02d}.png", Image.fromarray(rng.integers(0, 256, size=mode_shape,
+                                                                                    dtype=np.uint8)))
+    (root / "c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "c1" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, workers):
+    """Through the shared-memory rings, wrapping many times (tiny transactions) and with records too
+    big for the ring: the LMDB, keys and skipped list are those of the in-process conversion."""
+    root = _mixed_tree(tmp_path / "src", rng)
+    convert(root, tmp_path / "w1.lmdb", workers=1)
+    monkeypatch.setattr(writer_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
+    result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3)
+    assert result.written == 40 and result.skipped == 2
+    assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "wn.lmdb")
+    for name in ("keys.npy", "skipped.txt", "classes.txt"):
+        assert (tmp_path / f"w1_{name}").read_bytes() == (tmp_path / f"wn_{name}").read_bytes()
+
+
+def test_without_fork_a_process_pool_gives_the_same_bytes(tmp_path, rng, monkeypatch):
+    root = _mixed_tree(tmp_path / "src", rng)
+    convert(root, tmp_path / "w1.lmdb", workers=1)
+    monkeypatch.setattr(writer_module._workers, "AVAILABLE", False)
+    convert(root, tmp_path / "pool.lmdb", workers=2, commit_every=5)
+    assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "pool.lmdb")
+
+
 def test_map_grows_and_replays_the_whole_batch(image_tree, tmp_path, monkeypatch):
     monkeypatch.setattr(writer_module, "INITIAL_MAP_SIZE", 64 << 10)
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(120, 160, 3), dtype=np.uint8))
@@ -303,7 +337,7 @@ def test_exception_mid_run_leaves_nothing(image_tree, tmp_path):
 
 # ---------------------------------------------------------------- killed for real
 
-def _slow_conversion(tmp_path):
+def _slow_conversion(tmp_path, workers=1):
     """A list of 3000 lines pointing at one 740x500 PNG: seconds of work, so it can be killed mid-run."""
     root = tmp_path / "src"
     noise = np.random.default_rng(9).integers(0, 256, size=(500, 740, 3), dtype=np.uint8)
@@ -312,7 +346,7 @@ def _slow_conversion(tmp_path):
     lst.write_text("m.png 1\n" * 3000)
     out = tmp_path / "out.lmdb"
     cmd = [sys.executable, str(REPO / "tools" / "convert.py"), "--list", str(lst), "--root", str(root), str(out),
-           "--workers", "1", "--commit-every", "10", "-q"]
+           "--workers", str(workers), "--commit-every", "10", "-q"]
     return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -328,14 +362,31 @@ def _wait_for_partial_output(tmp_path, proc):
     pytest.fail("conversion never started writing")
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, sig):
-    out, proc = _slow_conversion(tmp_path)
+def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, sig, workers):
+    out, proc = _slow_conversion(tmp_path, workers)
     partial = _wait_for_partial_output(tmp_path, proc)
     os.kill(proc.pid, sig)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert not out.exists() and not (tmp_path / "out_keys.npy").exists()
+    deadline = time.monotonic() + 10  # worker processes notice their closed pipe and exit
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_mentioning(str(out)) == []
     if sig == signal.SIGINT:
         assert not partial.exists()  # cleaned up on Ctrl-C
     else:
