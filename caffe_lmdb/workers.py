@@ -59,6 +59,10 @@ class WorkerError(CaffeLmdbError, RuntimeError):
     """A worker process died or raised something other than a per-entry error."""
 
 
+#: A worker sends its (offset, length, ...) messages in groups: one wakeup of the writer per group.
+SEND_EVERY = 8
+
+
 def _worker_main(index: int, count: int, items: Sequence[Any], convert: Callable[[Any], Record],
                  conn, ring: mmap.mmap, inherited: Sequence) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle
@@ -67,31 +71,41 @@ def _worker_main(index: int, count: int, items: Sequence[Any], convert: Callable
     view, size = memoryview(ring), len(ring)
     largest = size // 8
     head = released = 0  # bytes handed out / given back so far (both only grow)
+    pending: list[tuple] = []
     try:
         for position in range(index, len(items), count):
-            while conn.poll():
-                released = conn.recv()
             result = convert(items[position])
             length = sum(len(part) for part in result.parts)
             if result.error is not None or length > largest:  # errors, and rare huge records, go by pipe
-                conn.send((None, 0, result.shape, result.error, head, b"".join(result.parts) or None))
-                continue
-            offset = head % size
-            if offset + length > size:  # no room before the end: start again at the beginning
-                head += size - offset
-                offset = 0
-            while head + length - released > size:
-                released = conn.recv()
-            for part in result.parts:
-                view[offset:offset + len(part)] = part
-                offset += len(part)
-            head += length
-            conn.send((offset - length, length, result.shape, None, head, None))
+                pending.append((None, 0, result.shape, result.error, head, b"".join(result.parts) or None))
+            else:
+                offset = head % size
+                if offset + length > size:  # no room before the end: start again at the beginning
+                    head += size - offset
+                    offset = 0
+                if head + length - released > size:
+                    if pending:  # the writer may be waiting for these before it can give space back
+                        conn.send(pending)
+                        pending = []
+                    while head + length - released > size:
+                        released = conn.recv()
+                for part in result.parts:
+                    view[offset:offset + len(part)] = part
+                    offset += len(part)
+                head += length
+                pending.append((offset - length, length, result.shape, None, head, None))
+            if len(pending) >= SEND_EVERY:
+                conn.send(pending)
+                pending = []
+        if pending:
+            conn.send(pending)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the writer is gone
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            conn.send(("crash", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            if pending:
+                conn.send(pending)
+            conn.send([("crash", f"{type(exc).__name__}: {exc}", traceback.format_exc())])
         raise SystemExit(1) from None
 
 
@@ -138,15 +152,18 @@ class RingPool:
 
     def __iter__(self) -> Iterator[Record]:
         workers = len(self.conns)
+        inbox: list[deque] = [deque() for _ in range(workers)]
         for position in range(len(self.items)):
             index = position % workers
             try:
-                message = self.conns[index].recv()
+                if not inbox[index]:
+                    inbox[index].extend(self.conns[index].recv())
+                message = inbox[index].popleft()
             except (EOFError, OSError):
                 self.procs[index].join(1)
                 raise WorkerError(
                     f"worker {index} died (exit code {self.procs[index].exitcode}) "
-                    f"converting {_describe(self.items[position])}"
+                    f"before returning {_describe(self.items[position])}"
                 ) from None
             if message[0] == "crash":
                 raise WorkerError(

@@ -60,8 +60,12 @@ log = logging.getLogger(__name__)
 INITIAL_MAP_SIZE = 64 << 20
 
 #: A transaction also ends when its records reach this many bytes: 1000 raw 256x256 records are
-#: 190 MiB, which would be held twice (values, then LMDB's dirty pages) until the commit.
-COMMIT_BYTES = 16 << 20
+#: 190 MiB, held twice (values, then LMDB's dirty pages) until the commit. Small transactions keep
+#: both in the CPU caches (2 workers, 5000 raw records: 4 MiB ~250 us/record, 16 MiB ~275 us).
+COMMIT_BYTES = 4 << 20
+
+#: Shared memory per worker process for records on their way to the writer (at least 2 transactions).
+RING_BYTES = 32 << 20
 
 _TMP_MARK = ".tmp-"
 
@@ -390,7 +394,7 @@ def _converted(
     if workers <= 1 or len(entries) < 4 * workers:  # processes cost more than they save on tiny inputs
         yield map(work, entries)
     elif _workers.AVAILABLE:
-        with RingPool(entries, work, workers, ring_bytes=2 * COMMIT_BYTES) as pool:
+        with RingPool(entries, work, workers, ring_bytes=max(2 * COMMIT_BYTES, RING_BYTES)) as pool:
             yield pool
     else:
         chunksize = max(1, min(16, len(entries) // (workers * 8)))
