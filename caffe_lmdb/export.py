@@ -225,7 +225,8 @@ def export_lmdb(
     kinds: set[str] = set()
     target_counts: set[int] = set()
     lines: list[str] = []
-    with read_txn(lmdb_path) as txn, progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
+    with read_txn(lmdb_path, readahead=True) as txn, \
+            progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
         for key, value in iter_values(txn):
             bar.update()
             try:

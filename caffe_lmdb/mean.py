@@ -114,7 +114,7 @@ def compute_mean(lmdb_path: str | os.PathLike, progress: bool | None = None) -> 
     squares: np.ndarray | None = None
     first_key = b""
     count = 0
-    with read_txn(path) as txn, progress_bar(txn.stat()["entries"], path.name, progress) as bar:
+    with read_txn(path, readahead=True) as txn, progress_bar(txn.stat()["entries"], path.name, progress) as bar:
         for key, value in iter_values(txn):
             try:
                 planes = datum_to_array(parse_datum_view(value))

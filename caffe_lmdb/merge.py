@@ -58,7 +58,7 @@ def merge_lmdbs(
         for shard in shards for line in (sidecar_lines(shard, "skipped.txt") or [])
     ]
     start = time.perf_counter()
-    envs = [open_readonly(s) for s in shards]
+    envs = [open_readonly(s, readahead=True) for s in shards]  # one pass in order: read ahead
     try:
         txns = [env.begin() for env in envs]
         total = sum(txn.stat()["entries"] for txn in txns)

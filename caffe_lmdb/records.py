@@ -74,16 +74,18 @@ def disk_bytes(lmdb_path: str | os.PathLike) -> int:
 
 
 @contextmanager
-def read_txn(lmdb_path: str | os.PathLike) -> Iterator[lmdb.Transaction]:
+def read_txn(lmdb_path: str | os.PathLike, *, readahead: bool = False) -> Iterator[lmdb.Transaction]:
     """A zero-copy read transaction (`buffers=True`) on the LMDB, closed with the environment on exit.
 
-    Values read in it are memoryviews on the memory map, valid until the block ends.
+    Values read in it are memoryviews on the memory map, valid until the block ends. Pass
+    `readahead=True` to read every value in order (mean, export): a freshly converted LMDB is
+    not in the page cache, and without readahead each 4 KiB page is its own disk read.
 
     Raises:
         LmdbFormatError: the path is missing or not an LMDB, or it holds pickled/msgpack records
             (then the message says to run `caffe-lmdb migrate`; nothing is unpickled).
     """
-    env = open_readonly(lmdb_path)
+    env = open_readonly(lmdb_path, readahead=readahead)
     try:
         with env.begin(buffers=True) as txn:
             refuse_foreign_lmdb(lmdb_path, txn)
