@@ -126,14 +126,24 @@ def _mixed_tree(root, rng):
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, workers):
+@pytest.mark.parametrize("map_full", [False, True])
+def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, workers, map_full):
     """Through the shared-memory rings, wrapping many times (tiny transactions) and with records too
-    big for the ring: the LMDB, keys and skipped list are those of the in-process conversion."""
+    big for the ring: the LMDB, keys and skipped list are those of the in-process conversion. With
+    `map_full`, transactions hit MDB_MAP_FULL and are replayed from the rings."""
     root = _mixed_tree(tmp_path / "src", rng)
     convert(root, tmp_path / "w1.lmdb", workers=1)
     monkeypatch.setattr(writer_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
+    monkeypatch.setattr(writer_module, "RING_BYTES", 16 << 10)
+    if map_full:
+        monkeypatch.setattr(writer_module, "INITIAL_MAP_SIZE", 64 << 10)
+        monkeypatch.setattr(writer_module.BatchWriter, "_reserve", lambda self, batch_bytes: None)
+    grown = []
+    monkeypatch.setattr(writer_module.BatchWriter, "_grow",
+                        lambda self, size: (grown.append(size), self.env.set_mapsize(size)))
     result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3)
     assert result.written == 40 and result.skipped == 2
+    assert bool(grown) == map_full
     assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "wn.lmdb")
     for name in ("keys.npy", "skipped.txt", "classes.txt"):
         assert (tmp_path / f"w1_{name}").read_bytes() == (tmp_path / f"wn_{name}").read_bytes()
