@@ -285,8 +285,8 @@ class BatchWriter:
     that lent their memory (a worker's ring) can reuse it.
 
     Transactions run in the caller's thread. A writer thread was measured too: it overlaps
-    LMDB's copies with decoding, so 1 worker gained 10-25%, but 2 workers on 2 cores lost 5-10%
-    (the thread competes with the decoders for the same cores).
+    LMDB's copies with decoding, so 1 worker gained 10-30%, but 2 workers on 2 cores gained
+    nothing or lost up to 7% (the thread competes with the decoders for the same cores).
     """
 
     def __init__(self, env: lmdb.Environment, commit_every: int = 1000,
@@ -447,6 +447,9 @@ class AtomicLmdb:
         with AtomicLmdb("out.lmdb", overwrite=False) as out:
             out.put(key, value)
             out.finish(classes=["cat", "dog"])
+
+    `after_commit(n)`, if set, is called after each commit with the number of records written so
+    far: a value handed to `put` must stay unchanged until then (a worker's ring is reused after).
     """
 
     def __init__(
@@ -478,7 +481,7 @@ class AtomicLmdb:
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
         self._heap = retained_heap()  # LMDB mallocs and frees a page run per record: keep them
         self._heap.__enter__()
-        self._after_commit = after_commit
+        self.after_commit = after_commit
         self.writer = BatchWriter(self.env, commit_every, after_commit=self._committed)
 
     def __enter__(self) -> AtomicLmdb:
@@ -516,8 +519,8 @@ class AtomicLmdb:
 
     def _committed(self, written: int) -> None:
         self._start_writeback()
-        if self._after_commit is not None:
-            self._after_commit(written)
+        if self.after_commit is not None:
+            self.after_commit(written)
 
     def _start_writeback(self) -> None:
         """After a commit, start writing the new pages to disk and let the page cache drop them.
@@ -577,11 +580,12 @@ def write_lmdb(
         raise InputError("no input images")
     start = time.perf_counter()
     first_shape: tuple[int, int, int] | None = None
-    # Workers are forked before the LMDB is opened; with one worker everything runs in this thread.
-    with retained_heap(), _converted(entries, options, workers) as records, \
-            AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every,
-                       after_commit=getattr(records, "release", None)) as out, \
+    # The output is checked (and its temporary created) before any worker starts; with one
+    # worker everything runs in this thread.
+    with retained_heap(), AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
+            _converted(entries, options, workers) as records, \
             progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
+        out.after_commit = getattr(records, "release", None)
         result = ConvertResult(output=out.output, keys_path=out.keys_path)
         for position, (entry, record) in enumerate(zip(entries, records, strict=True)):
             bar.update()
