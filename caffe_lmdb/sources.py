@@ -12,6 +12,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from .errors import CaffeLmdbError
 
@@ -41,6 +44,52 @@ class Entry:
     path: Path
     label: int
     targets: tuple[float, ...] = field(default=())
+
+
+class FileInput(NamedTuple):
+    """What a worker process needs to convert one entry (the key is made by the writer)."""
+
+    path: str
+    label: int
+    targets: tuple[float, ...]
+
+
+class PackedEntries(Sequence[FileInput]):
+    """Entries packed into a few numpy arrays, for worker processes to share after `fork`.
+
+    A list of `Entry` objects is a million Python objects for ImageNet. A worker that reads one
+    bumps reference counts (the entry's, its `Path`'s and the interned path parts'), which copies
+    the memory page each lives on, so every worker ends up with a private copy of most of the
+    list: measured at 300k entries, 97 MiB per worker (about 400 MiB each for ImageNet). Arrays
+    have no per-entry objects: `packed[i]` builds a small `FileInput` when it is needed (3 MiB
+    per worker at 300k entries).
+    """
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self._paths, self._path_ends = _pack([os.fsencode(entry.path) for entry in entries])
+        self._labels = np.array([entry.label for entry in entries], dtype=np.int64)
+        self._targets = np.array([t for entry in entries for t in entry.targets], dtype=np.float64)
+        self._target_ends = np.cumsum([len(entry.targets) for entry in entries], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> FileInput:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        start, stop = _bounds(self._path_ends, index)
+        path = os.fsdecode(self._paths[start:stop].tobytes())
+        start, stop = _bounds(self._target_ends, index)
+        return FileInput(path, int(self._labels[index]), tuple(self._targets[start:stop].tolist()))
+
+
+def _pack(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    return np.frombuffer(b"".join(items), dtype=np.uint8), np.cumsum([len(item) for item in items], dtype=np.int64)
+
+
+def _bounds(ends: np.ndarray, index: int) -> tuple[int, int]:
+    return (int(ends[index - 1]) if index else 0), int(ends[index])
 
 
 def has_image_extension(name: str) -> bool:

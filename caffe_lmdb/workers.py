@@ -25,6 +25,7 @@ Windows) the caller falls back to a `multiprocessing.Pool`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import multiprocessing
 import signal
@@ -129,6 +130,11 @@ class RingPool:
         self.procs: list = []
         self._taken: deque[tuple[int, int]] = deque()  # (worker, ring end) of each result not given back yet
         self._given = 0  # results given back so far
+        # The workers' garbage collector must not touch (and so copy) the parent's objects; a
+        # caller that froze objects itself keeps its own arrangement.
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             for index in range(workers):
                 ring = mmap.mmap(-1, ring_bytes)
@@ -145,6 +151,9 @@ class RingPool:
         except BaseException:
             self.close()
             raise
+        finally:
+            if freeze:
+                gc.unfreeze()
 
     def __enter__(self) -> RingPool:
         return self

@@ -51,7 +51,7 @@ from .datum import (
 )
 from .errors import CaffeLmdbError
 from .keys import make_key, save_keys
-from .sources import Entry, InputError, find_splits, load_entries, shuffle_entries
+from .sources import Entry, FileInput, InputError, PackedEntries, find_splits, load_entries, shuffle_entries
 from .workers import Record, RingPool
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Da
     return encoded_to_datum(payload, label), (channels, height, width)
 
 
-def encode_entry(entry: Entry, options: ConvertOptions) -> Record:
+def encode_entry(entry: Entry | FileInput, options: ConvertOptions) -> Record:
     """Read and convert one entry; unreadable images come back as a `Record` with `error` set."""
     try:
         with open(entry.path, "rb") as f:
@@ -426,7 +426,8 @@ def _converted(
     if workers <= 1 or len(entries) < 4 * workers:  # processes cost more than they save on tiny inputs
         yield map(work, entries)
     elif _workers.AVAILABLE:
-        with RingPool(entries, work, workers, ring_bytes=max(2 * COMMIT_BYTES, RING_BYTES)) as pool:
+        # Packed: reading a list of Entry objects would copy it into every worker (copy-on-write).
+        with RingPool(PackedEntries(entries), work, workers, ring_bytes=max(2 * COMMIT_BYTES, RING_BYTES)) as pool:
             yield pool
     else:
         chunksize = max(1, min(16, len(entries) // (workers * 8)))

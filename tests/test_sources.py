@@ -97,3 +97,19 @@ def test_find_splits(tmp_path, image_tree):
     (root / "notes").mkdir()
     (root / "old.lmdb").mkdir()
     assert find_splits(root) == [image_tree]
+
+
+def test_packed_entries_give_back_each_entry_s_file_label_and_targets(tmp_path):
+    from caffe_lmdb.sources import Entry, FileInput, PackedEntries
+
+    entries = [
+        Entry("a/x.jpg", tmp_path / "a" / "x.jpg", 3),
+        Entry("b/ünï cödé.png", tmp_path / "b" / "ünï cödé.png", -1, (0.5, 2.0, -3.25)),
+        Entry("c/z.png", tmp_path / "c" / "z.png", 7, (1.0,)),
+    ]
+    packed = PackedEntries(entries)
+    assert len(packed) == 3
+    assert list(packed) == [FileInput(str(e.path), e.label, e.targets) for e in entries]
+    assert packed[-1] == packed[2]
+    with pytest.raises(IndexError):
+        packed[3]

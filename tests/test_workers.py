@@ -106,3 +106,43 @@ def test_leaving_early_stops_the_workers():
 def test_workers_must_be_positive():
     with pytest.raises(ValueError, match="workers must be >= 1"):
         RingPool([1], make, 0, ring_bytes=1 << 16)
+
+
+def _private_dirty_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:"))
+
+
+_calls = [0]
+
+
+def report_memory(item) -> Record:
+    """Every 5000th result carries the worker's private (copied-on-write) memory so far, in KiB."""
+    _calls[0] += 1
+    kib = _private_dirty_kib(os.getpid()) if _calls[0] % 5000 == 1 else 0
+    return Record(parts=(os.fsencode(item.path),), shape=(kib, 0, 0))
+
+
+def test_packed_entries_are_not_copied_into_every_worker():
+    """Reading a list of Entry objects from a forked worker copies most of the list into it
+    (reference counts live in the objects' pages); packed entries stay shared."""
+    from pathlib import Path
+
+    from caffe_lmdb.sources import Entry, PackedEntries
+
+    n = 100_000
+    entries = [Entry(f"c{i % 100}/img_{i:08d}.jpg", Path(f"/data/train/c{i % 100}/img_{i:08d}.jpg"), i % 100)
+               for i in range(n)]
+    growth = {}
+    for name, items in (("list", entries), ("packed", PackedEntries(entries))):
+        with RingPool(items, report_memory, 2, ring_bytes=1 << 20) as pool:
+            first = last = None
+            for count, record in enumerate(pool, start=1):
+                if record.shape[0]:
+                    first = first or record.shape[0]
+                    last = record.shape[0]
+                if count % 1000 == 0:
+                    pool.release(count)
+        growth[name] = last - first
+    assert growth["list"] > 8 * 1024  # about 30 MiB per worker at 100k entries
+    assert growth["packed"] < growth["list"] / 4
