@@ -209,7 +209,8 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
 # --------------------------------------------------------------------------- conversion
 
 def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
-    """Images/s of decode-only, raw conversion with 1 and 2 workers, and encoded conversion.
+    """Images/s of decode-only, raw conversion in this process and with 1 and 2 worker
+    processes, and encoded conversion (1 worker).
 
     All under the converter's allocator setting (`retained_heap`), so that the decode-only
     baseline gets the same reuse of freed memory as the conversions (it is 1.1-1.8x faster with it).
@@ -241,6 +242,7 @@ def _bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: i
 
     results: dict[str, Any] = {
         "decode_only": median_rate(decode_only, passes=passes),
+        "raw_in_process": median_rate(*converter("conv_w0", workers=0), passes=passes),
         "raw_workers1": median_rate(*converter("conv_w1", workers=1), passes=passes),
         "raw_workers2": median_rate(*converter("conv_w2", workers=2), passes=passes),
         "encoded_workers1": median_rate(*converter("conv_enc", workers=1, options=ConvertOptions(encoded=True)),

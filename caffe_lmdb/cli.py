@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",
                    help="format of encoded records (jpg, png, ...); empty keeps each file's bytes; implies --encoded")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (default: CPU count; 1 converts in this process)")
+                   help="decoding processes (default: CPU count; 0 converts in this process)")
     p.add_argument("--commit-every", "--commit_every", type=int, default=1000, metavar="N",
                    help="records per write transaction (default 1000, as Caffe)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")

@@ -125,14 +125,14 @@ def _mixed_tree(root, rng):
     return root
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("map_full", [False, True])
 def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, workers, map_full):
     """Through the shared-memory rings, wrapping many times (tiny transactions) and with records too
     big for the ring: the LMDB, keys and skipped list are those of the in-process conversion. With
     `map_full`, transactions hit MDB_MAP_FULL and are replayed from the rings."""
     root = _mixed_tree(tmp_path / "src", rng)
-    convert(root, tmp_path / "w1.lmdb", workers=1)
+    convert(root, tmp_path / "w1.lmdb", workers=0)
     monkeypatch.setattr(writer_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
     monkeypatch.setattr(writer_module, "RING_BYTES", 16 << 10)
     if map_full:
@@ -151,7 +151,7 @@ def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, worke
 
 def test_without_fork_a_process_pool_gives_the_same_bytes(tmp_path, rng, monkeypatch):
     root = _mixed_tree(tmp_path / "src", rng)
-    convert(root, tmp_path / "w1.lmdb", workers=1)
+    convert(root, tmp_path / "w1.lmdb", workers=0)
     monkeypatch.setattr(writer_module._workers, "AVAILABLE", False)
     convert(root, tmp_path / "pool.lmdb", workers=2, commit_every=5)
     assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "pool.lmdb")
@@ -288,6 +288,7 @@ def test_seed_shortcut_converts_each_split(tmp_path, image_tree):
     ["--resize-width", "3"],
     ["--no-such-flag"],
     ["--encode_type", "xyz"],
+    ["--workers", "-1"],
 ])
 def test_bad_flags_exit_2(image_tree, tmp_path, args, capsys):
     assert main(["convert", str(image_tree), str(tmp_path / "o.lmdb"), *args]) == 2
@@ -384,7 +385,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, sig, workers):
     out, proc = _slow_conversion(tmp_path, workers)
