@@ -259,8 +259,8 @@ def encode_entry(entry: Entry | FileInput, options: ConvertOptions) -> Record:
 def default_workers() -> int:
     """One decoding process per CPU; the writer (this process) needs a share of a core too.
 
-    Measured on 2 cores (256x256 JPEGs, raw): 2 workers 4.4-4.6k images/s, 1 worker 3.5k,
-    everything in this process (0 workers) 2.7k.
+    Measured on 2 cores (256x256 JPEGs, raw; medians of 11 runs): 2 workers 4.5k images/s,
+    1 worker 3.4k, everything in this process (0 workers) 2.4k.
     """
     return max(1, os.cpu_count() or 1)
 
@@ -285,9 +285,9 @@ class BatchWriter:
     `MDB_MAP_FULL`; `after_commit(n)` then says that the first n records are written, so a caller
     that lent their memory (a worker's ring) can reuse it.
 
-    Transactions run in the caller's thread. A writer thread was measured too: it overlaps
-    LMDB's copies with decoding, so 1 worker gained 10-30%, but 2 workers on 2 cores gained
-    nothing or lost up to 7% (the thread competes with the decoders for the same cores).
+    Transactions run in the caller's thread. A writer thread was measured too: beside decoding in
+    the same process it gained 10-30%, but with 2 worker processes on 2 cores nothing or -7%
+    (the thread competes with the decoders for the same cores).
     """
 
     def __init__(self, env: lmdb.Environment, commit_every: int = 1000,
