@@ -585,9 +585,10 @@ def write_lmdb(
         raise InputError("no input images")
     start = time.perf_counter()
     first_shape: tuple[int, int, int] | None = None
-    # The output is checked (and its temporary created) before any worker starts; with 0
-    # workers everything runs in this thread.
-    with retained_heap(), AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
+    # The output is checked, its temporary created and the heap retention set (AtomicLmdb) before
+    # any worker is forked, so the workers inherit the retention; with 0 workers everything runs
+    # in this thread.
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
             _converted(entries, options, workers) as records, \
             progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
         out.after_commit = getattr(records, "release", None)
