@@ -21,7 +21,7 @@ from .datum import (
     parse_datum_view,
     serialize_datum,
 )
-from .errors import CaffeLmdbError, DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
+from .errors import CaffeLmdbError, CorruptLmdbError, DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import load_keys, make_key, save_keys, scan_keys
 from .proto import caffe_pb2
 
@@ -44,6 +44,7 @@ def __getattr__(name: str):
 __all__ = [
     "BlockShuffleSampler",
     "CaffeLmdbError",
+    "CorruptLmdbError",
     "Datum",
     "DatumError",
     "DatumView",

@@ -14,8 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import lmdb
+
 from . import __version__
-from .errors import CaffeLmdbError
+from .errors import CaffeLmdbError, describe_os_error
 from .sources import IMAGE_EXTENSIONS, InputError
 
 log = logging.getLogger("caffe_lmdb")
@@ -68,6 +70,7 @@ def _shard_arguments(args: argparse.Namespace) -> dict:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Resolve the positional forms, then convert with `writer.convert` (or `convert_splits`)."""
+    from .output import sidecar_path
     from .writer import ConvertOptions, convert, convert_splits
 
     options = ConvertOptions(
@@ -102,8 +105,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for result in results:
         print(result)
         if result.skipped:
-            print(f"  {result.skipped} unreadable images skipped, listed in {result.output.parent}/"
-                  f"{result.keys_path.name.replace('keys.npy', 'skipped.txt')}")
+            listed = sidecar_path(result.output, "skipped.txt")
+            print(f"  {result.skipped} unreadable inputs skipped, listed in {listed}")
     return EXIT_OK
 
 
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: CPU count; 0 converts in this process)")
     p.add_argument("--commit-every", "--commit_every", type=int, default=1000, metavar="N",
-                   help="records per write transaction (default 1000, as Caffe)")
+                   help="most records per write transaction (default 1000, as Caffe); a transaction also "
+                   "ends at 4 MiB of records, so large raw records commit more often")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
     p.add_argument("--num-shards", "--num_shards", metavar="N|auto",
@@ -411,8 +415,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # as the Python docs advise: no flush error at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (CaffeLmdbError, OSError) as exc:
+    except CaffeLmdbError as exc:
         print(f"caffe-lmdb {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except OSError as exc:  # a file operation no library call named itself: the error names the file
+        print(f"caffe-lmdb {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except lmdb.Error as exc:  # last resort: LMDB's own errors carry no path; the command's input is the LMDB
+        target = getattr(args, "lmdb", None) or getattr(args, "old", None) or ""
+        print(f"caffe-lmdb {args.command}: error: {target}{': ' if target else ''}LMDB error: {exc}",
+              file=sys.stderr)
         return EXIT_PROBLEMS
     except KeyboardInterrupt:
         print(f"caffe-lmdb {args.command}: interrupted", file=sys.stderr)

@@ -16,6 +16,9 @@ Why it is built this way:
 * py-lmdb refuses to open an LMDB twice in one process (LMDB's locks belong to the process and
   file), so datasets over the same LMDB (`ds + ds`, or a train and a val view of one LMDB) share
   the process's one read-only environment, kept in `_OPEN_ENVS`.
+* The dataset remembers which file its keys were read from (device, inode, size, mtime of
+  `data.mdb`) and every process checks it when it opens the LMDB: `convert --overwrite`
+  publishes a new LMDB under the same path, and the old keys would silently read other records.
 """
 
 from __future__ import annotations
@@ -39,8 +42,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .datum import DatumView, datum_to_image, datum_to_image_array, parse_datum_view
-from .errors import DatumError, KeysFileError, KeysFileWarning
-from .keys import load_keys, open_readonly, save_keys, txn_keys
+from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
+from .keys import (
+    begin_read,
+    data_file,
+    file_identity,
+    get_value,
+    load_keys,
+    open_readonly,
+    opened_identity,
+    save_keys,
+    txn_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +85,8 @@ class _ProcessEnvironments:
     not use (LMDB's rule) and which block reopening the files; the first call in the child closes
     them, which touches nothing the parent shares because they were opened with `lock=False`.
     The first dataset to open an LMDB in a process chooses `max_readers` and `readahead`.
+    An environment is shared only while the path still names the file it maps: once the LMDB
+    was replaced (a new inode under the same name), the next caller gets the new file's own.
     """
 
     def __init__(self) -> None:
@@ -94,10 +109,22 @@ class _ProcessEnvironments:
                 self._pid = os.getpid()
             key = os.path.realpath(lmdb_path)
             env = self._envs.get(key)
+            if env is not None and _same_file(env, lmdb_path) is False:
+                env = None  # replaced: the old environment stays with the datasets that hold it
             if env is None:
                 env = open_readonly(lmdb_path, **options)
                 self._envs[key] = env
             return env
+
+
+def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
+    """Whether `lmdb_path` still names the file `env` maps (device and inode); None when unknown."""
+    opened = opened_identity(env)
+    try:
+        current = file_identity(data_file(lmdb_path))
+    except OSError:
+        return None  # gone: opening it again reports that
+    return None if opened is None else opened[:2] == current[:2]
 
 
 _OPEN_ENVS = _ProcessEnvironments()
@@ -145,7 +172,10 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
             fault at a time.
 
     Raises:
-        LmdbFormatError: `lmdb_path` is missing or is not an LMDB.
+        LmdbFormatError: `lmdb_path` is missing or is not an LMDB; on a later read, the LMDB was
+            replaced since the dataset was created.
+        CorruptLmdbError: the LMDB is truncated or damaged (here or on a later read), naming the
+            LMDB and the key.
         KeysFileError: `keys_path` is missing, pickled or not a 1-D bytes/str array.
         ValueError: `target`, `output` or `mode` is not one of the values above.
     """
@@ -180,6 +210,8 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         self.prefetch = prefetch
         self._env_options = {"max_readers": max_readers, "readahead": bool(readahead)}
         env = _OPEN_ENVS.get(self.root, **self._env_options)  # a missing or non-LMDB path fails here
+        #: The data file the keys belong to; each process checks it on opening (`_open_env`).
+        self._identity = _identity(self.root)
         entries = env.stat()["entries"]
         self._keys = load_keys(self.keys_path) if self.keys_path is not None else self._scan_keys(env)
         #: Whether the first record is encoded (None: empty LMDB, or not a Datum), shown by repr.
@@ -202,7 +234,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
     def _scan_keys(self, env: lmdb.Environment) -> np.ndarray:
         # keys.scan_keys opens the LMDB itself, which py-lmdb refuses while this process has it open
         started = time.perf_counter()
-        with env.begin() as txn:
+        with begin_read(env) as txn:
             keys = txn_keys(txn)
         logger.info(
             "%s: no keys file, scanned %d keys in %.2fs; save them with save_keys() to skip this next time",
@@ -242,7 +274,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         if self._pid != os.getpid():
             self._open_env()
         with self._env.begin(buffers=True) as txn:
-            value = txn.get(key)
+            value = get_value(txn, key, self.root)
             if value is None:
                 raise KeysFileError(f"{self.root}: key {bytes(key)!r} is not in the LMDB ({self._keys_origin()})")
             try:
@@ -283,7 +315,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         ranges = []
         with self._env.begin(buffers=True) as txn:
             for index in indices:
-                value = txn.get(self._key_at(index))
+                value = get_value(txn, self._key_at(index), self.root)
                 if value is not None and len(value) >= 2 * _PAGE:
                     offset = np.frombuffer(value, dtype=np.uint8).ctypes.data - base
                     ranges.append((offset - offset % _PAGE, offset + len(value)))
@@ -311,6 +343,12 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
 
     def _open_env(self) -> None:
         # First read in this process, or the object crossed a fork(): never use an inherited handle.
+        recorded = getattr(self, "_identity", None)  # None: pickled by a version that kept none
+        if recorded is not None and _identity(self.root) != recorded:
+            raise LmdbFormatError(
+                f"{self.root}: the LMDB was replaced or rewritten since this dataset was created (its keys "
+                "would read other records); create the dataset again"
+            )
         self._env = _OPEN_ENVS.get(self.root, **self._env_options)
         self._pid = os.getpid()
         self._data_fd = None  # an inherited descriptor is shared with the parent: open our own
@@ -367,6 +405,14 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         return "\n".join([f"Dataset {type(self).__name__}"] + ["    " + line for line in body])
 
 
+def _identity(lmdb_path: str) -> tuple[int, int, int, int]:
+    """`keys.file_identity` of the LMDB's data file; a file gone since is an LmdbFormatError naming it."""
+    try:
+        return file_identity(data_file(lmdb_path))
+    except OSError:
+        raise LmdbFormatError(f"{lmdb_path}: LMDB not found (removed since this dataset was created?)") from None
+
+
 def _merge_ranges(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     """Sort `[start, stop)` ranges and merge those that overlap or lie within `gap` bytes."""
     merged: list[tuple[int, int]] = []
@@ -391,7 +437,7 @@ def _first_record(env: lmdb.Environment, keys: np.ndarray, root: str) -> tuple[b
         refuse_foreign_lmdb(root, txn)
         if not len(keys):
             return None, 0
-        value = txn.get(keys[0])
+        value = get_value(txn, keys[0], root)
         if value is None:
             return None, 0
         try:

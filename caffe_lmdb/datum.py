@@ -371,8 +371,49 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None =
             return normalize_image(image, gray=gray)
     except UnidentifiedImageError:
         raise DatumError(f"cannot decode {what}: not an image format Pillow recognises") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except _BOMBS as exc:
+        data = source.getvalue() if isinstance(source, io.BytesIO) else None
+        raise DatumError(f"cannot decode {what}: {_bomb_message(data, exc)}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DatumError(f"cannot decode {what}: {exc}") from None
+
+
+#: What Pillow raises for an image whose header claims more pixels than `Image.MAX_IMAGE_PIXELS`
+#: allows (the warning only where warnings are turned into errors). A 69-byte PNG can claim
+#: 30000 x 30000; decoding it would allocate 2.7 GB, so these are refused like undecodable data.
+_BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _bomb_message(data: bytes | memoryview | None, exc: Exception) -> str:
+    """Why a decompression-bomb image is refused, naming the size its header claims when it can be read."""
+    size = _claimed_size(data) if data is not None else None
+    if size is None:
+        return f"refused as a decompression bomb: {exc}"
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    over = "" if limit is None else f", over Pillow's limit of {limit} pixels"
+    return (f"its header claims a {width}x{height} (width x height) image, {width * height} pixels{over}; "
+            "refused as a decompression bomb")
+
+
+def _claimed_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """The (width, height) an image header claims, read by the format's Pillow plugin, or None.
+
+    `Image.open` refuses such a header before handing the image over, so the size it claims is
+    read here by the plugin directly (header only, nothing decoded), as `Image.open` finds it.
+    """
+    prefix = bytes(data[:16])
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        accepted = not accept or accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a str is Pillow's "recognised but refused"
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as image:
+                return image.size
+        except Exception:  # only the message depends on this: any failure means "size unknown"
+            continue
+    return None
 
 
 def image_to_datum(image: Image.Image, label: int = 0, gray: bool = False) -> Datum:
@@ -614,13 +655,20 @@ def read_encoded_header(data: bytes | memoryview) -> EncodedHeader:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            if image.format == "PNG" and "exif" not in image.info:
+                # No eXIf chunk before the pixels (where Pillow writes it): a PNG's getexif() would
+                # decode the whole image to look for one after them, which a header read must not.
+                orientation = 1
+            else:
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             if orientation in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
             channels = 1 if image.mode in _GRAY_MODES else 3
             return EncodedHeader(image.format or "unknown", channels, height, width, orientation)
     except UnidentifiedImageError:
         raise DatumError(f"encoded data ({len(data)} bytes) is not an image format Pillow recognises") from None
+    except _BOMBS as exc:
+        raise DatumError(f"encoded data ({len(data)} bytes): {_bomb_message(data, exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatumError(f"encoded data ({len(data)} bytes) has a bad image header: {exc}") from None
 

@@ -21,3 +21,29 @@ class KeysFileError(CaffeLmdbError, ValueError):
 
 class KeysFileWarning(UserWarning):
     """A keys file that loads but disagrees with its LMDB (e.g. a different number of entries)."""
+
+
+class CorruptLmdbError(LmdbFormatError):
+    """An LMDB's files are damaged: a bad B-tree page, or a `data.mdb` shorter than its meta page says."""
+
+
+def os_error_reason(exc: OSError) -> str:
+    """`permission denied`: an OSError's reason alone, for messages that name the file themselves."""
+    import os
+
+    reason = (exc.strerror or os.strerror(exc.errno)) if exc.errno else str(exc)
+    return reason[:1].lower() + reason[1:] if reason else type(exc).__name__
+
+
+def describe_os_error(exc: OSError, path: object = None) -> str:
+    """One line for a failed file operation: `PATH: no space left on device`, naming the file involved.
+
+    `path` is used when the error itself names no file (LMDB's errors and some writes carry none).
+    """
+    where = exc.filename if exc.filename is not None else path
+    reason = os_error_reason(exc)
+    if where is None:
+        return reason
+    if exc.filename2 is not None:
+        return f"{where} -> {exc.filename2}: {reason}"
+    return f"{where}: {reason}"

@@ -13,13 +13,23 @@ JPEGs, targets a list cannot express) are still exported, and reported with thei
 File names come from the keys, which are not to be trusted: a key such as `00000001_../../x.jpg`
 must not write outside the output folder, so names keep only the key's line id and last path
 component, with separators and control characters replaced.
+
+Nothing already in the output folder is written through or changed unasked: every file is a new
+file renamed into place (a symlink planted at its name is replaced, never followed), a class
+folder that is a symlink stops the export, and only `--overwrite` replaces a file that differs.
+The list file is written last, after the images are on disk, so its presence means the export
+is complete; a run that stopped before it (a full disk, Ctrl-C, `kill -9`) is continued by
+running the same command again: files that already hold what the export writes are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +44,11 @@ from .datum import (
     parse_datum_view,
     read_encoded_header,
 )
-from .errors import CaffeLmdbError, DatumError
+from .errors import CaffeLmdbError, DatumError, describe_os_error
+from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
 from .records import class_names, format_key, iter_values, label_name, read_txn
 from .sources import InputError
-from .writer import progress_bar, write_text_atomic
+from .writer import progress_bar
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"
@@ -57,9 +68,12 @@ _MAX_NAME_BYTES = 200
 #: zlib level of the PNGs: level 1 writes a 256x256 photo 4x faster than Pillow's default 6, ~8% larger.
 _PNG_LEVEL = 1
 
+#: The name of a temporary `files.write_bytes_atomic` left behind when killed: `.NAME.tmp-PID`.
+_STALE_TEMPORARY = re.compile(rf"^\.(.+){re.escape(TMP_MARK)}\d+$")
+
 
 class ExportError(CaffeLmdbError, RuntimeError):
-    """The export cannot continue: a target would land outside the output folder."""
+    """The export cannot continue: a symlinked class folder, or a file that cannot be written (full disk)."""
 
 
 @dataclass
@@ -71,6 +85,8 @@ class ExportResult:
         list_path: the Caffe list file written in it.
         written: files written, `raw` of them PNGs of raw records, `encoded` stored payloads.
         bytes_written: their total size.
+        kept: of the files written, those already there with the same bytes (an earlier export's,
+            e.g. one that was interrupted), left as they were.
         problems: (key, why) for records that could not be exported at all.
         inexact: (key or None, why) for exported records `convert` will not rebuild identically.
         convert_flags: the `convert` flags that rebuild the LMDB from the list (`--encoded`,
@@ -83,6 +99,7 @@ class ExportResult:
     raw: int = 0
     encoded: int = 0
     bytes_written: int = 0
+    kept: int = 0
     problems: list[tuple[bytes, str]] = field(default_factory=list)
     inexact: list[tuple[bytes | None, str]] = field(default_factory=list)
     convert_flags: list[str] | None = None
@@ -106,6 +123,8 @@ class ExportResult:
             f"as stored), {self.bytes_written / 2**20:.1f} MiB; list file {self.list_path}"
         ]
         command = self.convert_command()
+        if self.kept:
+            lines.append(f"  {self.kept} files were already there with the same bytes (an earlier export's) and kept")
         if command is not None:
             lines.append(f"  rebuild with: {command}")
         else:
@@ -196,12 +215,21 @@ def export_lmdb(
 
     Class folders are the converter's class names (`<stem>_classes.txt` beside the LMDB) or the
     label numbers. Records that are not valid Datums are skipped and reported in
-    `result.problems`; the list file is written last, so its presence means the export finished.
+    `result.problems`. The list file is written last, once the files are on disk, so its presence
+    means the export finished; with `overwrite` an existing one is removed before anything else
+    is replaced, so a run that fails leaves none.
+
+    Re-running an export that stopped before its list file continues it: a file that already
+    holds exactly what this export writes is kept (`result.kept`), so only a file with other
+    content needs `overwrite`. Files are written as a new file renamed into place, so a symlink
+    planted at a file's name is replaced, not written through (and is never read: without
+    `overwrite` it is refused). A class folder that is itself a symlink is refused, wherever it
+    points: the export writes only into folders that are what they seem.
 
     Args:
         lmdb_path: the LMDB.
         out_dir: the folder to write into (created if needed).
-        overwrite: replace existing files; without it an existing file stops the export.
+        overwrite: replace existing files; without it an existing file that differs stops the export.
         progress: show a progress bar (default: when stderr is a terminal).
 
     Returns:
@@ -209,24 +237,31 @@ def export_lmdb(
 
     Raises:
         LmdbFormatError: the path is not an LMDB.
-        InputError: a file to write exists already and `overwrite` is False.
-        ExportError: a target path would resolve outside `out_dir` (e.g. a symlinked class folder).
+        InputError: the list file, or a file to write with other content, exists and `overwrite`
+            is False.
+        ExportError: a class folder is a symlink, or a file cannot be written (the message names
+            it, e.g. on a full disk; re-running the command continues the export).
     """
     lmdb_path, out_dir = Path(lmdb_path), Path(out_dir)
     list_path = out_dir / LIST_NAME
-    if list_path.exists() and not overwrite:
+    if os.path.lexists(list_path) and not overwrite:
         raise InputError(f"{list_path}: already exists (pass --overwrite to replace it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir.resolve()
     classes = class_names(lmdb_path)
     result = ExportResult(out_dir=out_dir, list_path=list_path)
     names = _Names()
-    safe_folders: set[str] = set()
+    folders: dict[str, dict[str, list[Path]]] = {}  # checked class folders -> their stale temporaries
     kinds: set[str] = set()
     target_counts: set[int] = set()
     lines: list[str] = []
     with read_txn(lmdb_path, readahead=True) as txn, \
             progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(list_path):  # overwrite: no list of the old export may outlive its files
+                list_path.unlink()
+        except OSError as exc:
+            raise ExportError(describe_os_error(exc, out_dir)) from None
+        root = out_dir.resolve()
         for key, value in iter_values(txn):
             bar.update()
             try:
@@ -238,11 +273,13 @@ def export_lmdb(
             folder = safe_name(label_name(datum.label, classes) or str(datum.label), fallback=f"label_{datum.label}")
             name = names.claim(folder, name)
             target = out_dir / folder / name
-            if folder not in safe_folders:  # names cannot climb out; a symlinked folder still could
-                if not target.parent.resolve().is_relative_to(root):
-                    raise ExportError(f"{target}: resolves outside {out_dir}; refusing to write ({format_key(key)})")
-                safe_folders.add(folder)
-            _write(target, payload, overwrite)
+            if folder not in folders:
+                folders[folder] = _checked_folder(target.parent, root, out_dir, key)
+            try:
+                kept = _write(target, payload, overwrite)
+            except OSError as exc:
+                raise ExportError(_incomplete(exc, target, out_dir)) from None
+            _remove_stale(folders[folder].pop(name, ()))
             columns, target_loss = _target_columns(datum)
             inexact = inexact or target_loss
             if inexact is not None:
@@ -251,6 +288,7 @@ def export_lmdb(
             kinds.add(kind)
             lines.append(f"{folder}/{name} {' '.join(columns)}\n")
             result.written += 1
+            result.kept += kept
             result.bytes_written += len(payload)
             result.raw += kind != "encoded"
             result.encoded += kind == "encoded"
@@ -259,8 +297,64 @@ def export_lmdb(
                                      "the smallest count on every line"))
     result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
                             frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
-    write_text_atomic(list_path, "".join(lines))
+    try:
+        if hasattr(os, "sync"):  # the images reach the disk before the list that says they are complete
+            os.sync()
+        write_text_atomic(list_path, "".join(lines))
+    except OSError as exc:
+        raise ExportError(_incomplete(exc, list_path, out_dir)) from None
+    _remove_stale(_stale_temporaries(out_dir).get(LIST_NAME, ()))
     return result
+
+
+def _checked_folder(folder: Path, root: Path, out_dir: Path, key: bytes) -> dict[str, list[Path]]:
+    """Refuse a class folder that is a symlink; return the temporaries a killed export left in it.
+
+    Names cannot climb out of `out_dir`, but a symlink planted as a class folder could send every
+    file of the class elsewhere, or into another class; it is refused rather than replaced, as it
+    is not the export's to remove.
+
+    Raises:
+        ExportError: `folder` is a symlink (the message says where it points).
+    """
+    if folder.is_symlink():
+        where = "resolves outside" if not folder.resolve().is_relative_to(root) else "points within"
+        raise ExportError(
+            f"{folder}: is a symbolic link (to {os.readlink(folder)}) and {where} {out_dir}; refusing to write "
+            f"through it ({format_key(key)}): remove it or export to a new folder"
+        )
+    return _stale_temporaries(folder)
+
+
+def _stale_temporaries(folder: Path) -> dict[str, list[Path]]:
+    """The temporaries (`.NAME.tmp-PID`) an export killed mid-write left in `folder`, by the NAME they were for.
+
+    Each is removed once this export has written its NAME: it is a left-over of the same file.
+    """
+    stale: dict[str, list[Path]] = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                match = _STALE_TEMPORARY.match(entry.name)
+                if match and entry.is_file(follow_symlinks=False):
+                    stale.setdefault(match.group(1), []).append(Path(entry.path))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return stale
+
+
+def _remove_stale(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _incomplete(exc: OSError, target: Path, out_dir: Path) -> str:
+    """The error for a file that could not be written: it names the file, and says how to go on."""
+    if exc.filename is not None and TMP_MARK in os.fsdecode(exc.filename):  # name the file, not our temporary
+        exc = OSError(exc.errno, exc.strerror)
+    return (f"{describe_os_error(exc, target)} (the export in {out_dir} is incomplete, with no {LIST_NAME}; "
+            "run the same command again to continue it)")
 
 
 def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | None]:
@@ -289,10 +383,41 @@ def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | No
     return buffer.getvalue(), _with_suffix(stem, ".png"), kind, inexact
 
 
-def _write(target: Path, payload: bytes, overwrite: bool) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _write(target: Path, payload: bytes, overwrite: bool) -> bool:
+    """Put `payload` at `target` as a new file renamed into place; True if `target` already held it.
+
+    An existing path is never opened for writing: a file that already holds exactly `payload`
+    (an interrupted export's) is kept, anything else is refused without `overwrite` and replaced
+    by the rename with it, so a symlink at `target` is replaced, not written through.
+
+    Raises:
+        InputError: `target` exists with other content (or is a symlink) and `overwrite` is False.
+        OSError: the file cannot be written (e.g. no space left).
+    """
+    if os.path.lexists(target):
+        if _holds(target, payload):
+            return True
+        if not overwrite:
+            what = "is a symbolic link" if target.is_symlink() else "already exists with other content"
+            raise InputError(f"{target}: {what} (pass --overwrite to replace it)")
+    target.parent.mkdir(exist_ok=True)
+    # Not synced one by one (a sync per image would dominate the export): `export_lmdb` syncs once
+    # before writing the list file.
+    write_bytes_atomic(target, payload, sync=False)
+    return False
+
+
+def _holds(path: Path, payload: bytes) -> bool:
+    """Whether `path` is a regular file (not a symlink: it is not followed) whose bytes are `payload`."""
     try:
-        with open(target, "wb" if overwrite else "xb") as f:
-            f.write(payload)
-    except FileExistsError:
-        raise InputError(f"{target}: already exists (pass --overwrite to replace it)") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != len(payload):
+            return False
+        try:
+            return f.read(len(payload) + 1) == payload
+        except OSError:
+            return False

@@ -8,6 +8,7 @@ fitted into square tiles (small images are enlarged without smoothing, so their 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, replace
@@ -17,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .datum import datum_to_image, parse_datum_view
 from .errors import DatumError, KeysFileError
+from .files import write_bytes_atomic
+from .keys import get_value
 from .records import class_names, format_key, keys_file_for, known_keys, label_name, random_subset, read_txn
 from .sources import InputError
 
@@ -68,6 +71,7 @@ def make_grid(
     Raises:
         InputError: `n` or `tile` is too small.
         LmdbFormatError: the path is not an LMDB.
+        CorruptLmdbError: the LMDB is truncated or damaged (names the LMDB and the key).
         DatumError: a sampled record is not a valid Datum or does not decode (names the key).
     """
     if n < 1:
@@ -101,7 +105,7 @@ def make_grid(
 
 
 def _read(txn, path: Path, key: bytes, keys_file: Path | None) -> tuple[Image.Image, int]:
-    value = txn.get(key)
+    value = get_value(txn, key, path)
     if value is None:
         raise KeysFileError(f"{keys_file}: {format_key(key)} is not in the LMDB {path}")
     try:
@@ -136,13 +140,26 @@ def save_grid(
 ) -> Grid:
     """Draw the contact sheet (see `make_grid`) and save it; the format follows the file extension.
 
+    The image is encoded in memory and written by `files.write_bytes_atomic`, so a failed write
+    (a full disk) leaves no half image behind, and an existing file is replaced whole or kept.
+
     Raises:
         As `make_grid`; InputError if the extension is not an image format Pillow writes.
     """
     output = Path(output)
+    image_format = Image.registered_extensions().get(output.suffix.lower())
+    if image_format is None or image_format not in Image.SAVE:
+        raise InputError(f"{output}: cannot save the grid there (unknown image extension {output.suffix!r})")
     grid = make_grid(lmdb_path, n=n, seed=seed, keys_path=keys_path, tile=tile)
+    buffer = io.BytesIO()
     try:
-        grid.image.save(output)
-    except ValueError as exc:  # an extension Pillow has no writer for
-        raise InputError(f"{output}: cannot save the grid there ({exc})") from None
+        grid.image.save(buffer, format=image_format)
+    except (ValueError, OSError) as exc:  # a format that cannot hold an RGB image
+        raise InputError(f"{output}: cannot save the grid as {image_format} ({exc})") from None
+    try:
+        write_bytes_atomic(output, buffer.getbuffer())
+    except OSError as exc:
+        if exc.filename is None:  # a failed write (full disk) names no file: name the output
+            raise OSError(exc.errno, exc.strerror, os.fspath(output)) from None
+        raise
     return replace(grid, path=output)

@@ -21,8 +21,8 @@ import lmdb
 import numpy as np
 
 from .datum import check_datum, datum_to_image, parse_datum_view, read_encoded_header
-from .errors import DatumError, KeysFileError
-from .keys import load_keys, txn_keys
+from .errors import CorruptLmdbError, DatumError, KeysFileError
+from .keys import get_value, lmdb_errors_named, load_keys, txn_keys
 from .records import (
     class_names,
     disk_bytes,
@@ -191,6 +191,7 @@ def info(
 
     Raises:
         LmdbFormatError: the path is not an LMDB.
+        CorruptLmdbError: the LMDB is truncated or damaged (names the LMDB, and the last good key).
         KeysFileError: the keys file cannot be read, or a sampled key is not in the LMDB.
         InputError: `sample` is below 1.
     """
@@ -205,25 +206,26 @@ def info(
         if file_keys is not None:
             result.keys_count = len(file_keys)
         cursor = txn.cursor()
-        if cursor.first():
-            result.first_key = bytes(cursor.key())
-            cursor.last()
-            result.last_key = bytes(cursor.key())
+        with lmdb_errors_named(path, "reading its first and last keys"):
+            if cursor.first():
+                result.first_key = bytes(cursor.key())
+                cursor.last()
+                result.last_key = bytes(cursor.key())
         if sample is None or sample >= result.records:
             pairs = iter_values(txn)
         else:
             keys = file_keys if file_keys is not None else txn_keys(txn)
-            pairs = _sampled_values(txn, random_subset(keys, sample, seed), resolved_keys)
+            pairs = _sampled_values(txn, path, random_subset(keys, sample, seed), resolved_keys)
         for key, value in pairs:
             _count(result, key, value)
     return result
 
 
 def _sampled_values(
-    txn: lmdb.Transaction, keys: np.ndarray, keys_path: Path | None
+    txn: lmdb.Transaction, path: Path, keys: np.ndarray, keys_path: Path | None
 ) -> Iterator[tuple[bytes, memoryview]]:
     for key in keys:
-        value = txn.get(bytes(key))
+        value = get_value(txn, bytes(key), path)
         if value is None:
             raise KeysFileError(f"{keys_path}: {format_key(key)} is not in the LMDB")
         yield bytes(key), value
@@ -270,6 +272,8 @@ class VerifyReport:
         decoded: encoded records decoded (with `decode=True`).
         keys_path: the keys file compared with the LMDB, if any.
         problems: (key or None, what is wrong), in the order found.
+        damaged: the LMDB itself is damaged (truncated, or a bad B-tree page): the check stopped
+            there, after `records` records, and the keys file was not compared.
     """
 
     path: Path
@@ -277,6 +281,7 @@ class VerifyReport:
     decoded: int = 0
     keys_path: Path | None = None
     problems: list[tuple[bytes | None, str]] = field(default_factory=list)
+    damaged: bool = False
 
     @property
     def ok(self) -> bool:
@@ -289,9 +294,11 @@ class VerifyReport:
 
     def __str__(self) -> str:
         checked = f"{self.records} records checked"
+        if self.damaged:
+            checked += " before the damage"
         if self.decoded:
             checked += f", {self.decoded} encoded images decoded"
-        if self.keys_path is not None:
+        if self.keys_path is not None and not self.damaged:
             checked += f", keys file {self.keys_path} compared"
         verdict = "OK" if self.ok else f"{len(self.problems)} problems"
         return f"{self.path}: {checked}: {verdict}"
@@ -309,6 +316,8 @@ def verify(
     float_data values); encoded data is not empty and, with `decode`, decodes as an image; the
     keys file (given, or the converter's `<stem>_keys.npy` if present) lists each LMDB key once
     and nothing else. Problems are collected rather than raised so that one pass names them all.
+    A damaged LMDB (truncated file, bad B-tree page) is a problem too: the check stops there, since
+    nothing past a bad page can be reached, and says after which key.
 
     Args:
         lmdb_path: the LMDB.
@@ -327,21 +336,27 @@ def verify(
     report = VerifyReport(path=path, keys_path=keys_file_for(path, keys_path))
     file_keys = load_keys(report.keys_path) if report.keys_path is not None else None
     lmdb_keys: list[bytes] = []
-    with read_txn(path) as txn:
-        total = txn.stat()["entries"]
-        with progress_bar(total, path.name, progress) as bar:
-            for key, value in iter_values(txn):
-                lmdb_keys.append(key)
-                report.records += 1
-                try:
-                    datum = parse_datum_view(value)
-                    check_datum(datum)
-                    if decode and datum.encoded:
-                        datum_to_image(datum)
-                        report.decoded += 1
-                except DatumError as exc:
-                    report.problems.append((key, str(exc)))
-                bar.update()
+    try:
+        with read_txn(path) as txn:
+            total = txn.stat()["entries"]
+            with progress_bar(total, path.name, progress) as bar:
+                for key, value in iter_values(txn):
+                    lmdb_keys.append(key)
+                    report.records += 1
+                    try:
+                        datum = parse_datum_view(value)
+                        check_datum(datum)
+                        if decode and datum.encoded:
+                            datum_to_image(datum)
+                            report.decoded += 1
+                    except DatumError as exc:
+                        report.problems.append((key, str(exc)))
+                    bar.update()
+    except CorruptLmdbError as exc:
+        report.damaged = True
+        message = str(exc)
+        report.problems.append((None, message.removeprefix(f"{path}: ")))
+        return report
     if not lmdb_keys:
         report.problems.append((None, "the LMDB has no records"))
     if file_keys is not None:

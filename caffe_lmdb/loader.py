@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .dataset import LmdbDataset_train
+from .errors import CaffeLmdbError
 from .records import keys_file_for
 from .sources import InputError
 
@@ -67,15 +68,35 @@ def loader_check(
 
     Raises:
         InputError: `num_workers` is negative.
-        LmdbFormatError, KeysFileError, DatumError: as `LmdbDataset_train` reading the LMDB.
+        LmdbFormatError, CorruptLmdbError, KeysFileError, DatumError: as `LmdbDataset_train` reading
+            the LMDB, with one-line messages also when a worker process raised them.
     """
     if num_workers < 0:
         raise InputError(f"num_workers must be >= 0, got {num_workers}")
     dataset = LmdbDataset_train(lmdb_path, transform=ResizeToHWC(size), keys_path=keys_file_for(lmdb_path, keys_path))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     index = 0
-    for images, _labels in loader:
-        for _ in range(len(images)):
-            yield f"key {index}"
-            index += 1
-        yield str(images.shape)
+    try:
+        for images, _labels in loader:
+            for _ in range(len(images)):
+                yield f"key {index}"
+                index += 1
+            yield str(images.shape)
+    except CaffeLmdbError as exc:
+        raise _worker_error(exc) from None
+
+
+def _worker_error(exc: CaffeLmdbError) -> CaffeLmdbError:
+    """The error a DataLoader worker raised, as its own one line again.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as
+    its message ("Caught DatumError in DataLoader worker process 0. Original Traceback ..."); the
+    last line of that traceback is the original `Type: message`.
+    """
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return exc
+    name, sep, message = text.rstrip().splitlines()[-1].partition(": ")
+    if not sep or name.rpartition(".")[2] != type(exc).__name__:
+        return exc
+    return type(exc)(message)

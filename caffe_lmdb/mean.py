@@ -7,12 +7,18 @@ C x H x W in Datum order (BGR for colour, because raw Datums are BGR). Encoded r
 to the same BGR planes first, as Caffe's `DecodeDatumNative` does. Sums are kept in float64, so
 the mean does not drift on big LMDBs (Caffe sums in float32).
 
+Memory stays a small multiple of one record, whatever its size: uint8 pixels are added into the
+float64 sum in place, straight from the memory map, and their squares summed in blocks (integer
+sums, so exact in any order: the result is bit for bit what a float64 copy of the record gives);
+the mean file is serialized from the array, never from a Python list of its values.
+
 The same pass also gives per-channel statistics in RGB order scaled to [0, 1], the form
 `torchvision.transforms.Normalize(mean, std)` expects for the tensors `LmdbDataset_train` returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,13 +29,17 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .datum import datum_to_array, image_plane_order, parse_datum_view
-from .errors import CaffeLmdbError, DatumError
+from .errors import CaffeLmdbError, DatumError, describe_os_error
+from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
 from .proto import caffe_pb2
 from .records import format_key, format_shape, iter_values, read_txn
 from .writer import progress_bar
 
 #: The channel order `MeanResult.normalize_stats` reports, by channel count.
 _IMAGE_ORDER_NAMES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+#: Pixels per plane squared at once for uint8 records: a 3-plane block is 1.5 MiB of float64.
+_SQUARE_BLOCK = 1 << 16
 
 
 class MeanError(CaffeLmdbError, ValueError):
@@ -130,43 +140,103 @@ def compute_mean(lmdb_path: str | os.PathLike, progress: bool | None = None) -> 
                     f"{format_shape(total.shape)} ({format_key(first_key)}); a mean image needs every record the same "
                     f"size (convert with --resize_height and --resize_width)"
                 )
-            values = planes.astype(np.float64)
-            total += values
-            flat = values.reshape(values.shape[0], -1)
-            squares += np.einsum("ij,ij->i", flat, flat)
+            _accumulate(total, squares, planes)
             count += 1
             bar.update()
     if total is None or squares is None:
         raise MeanError(f"{path}: the LMDB has no records to average")
-    mean = total / count
+    total /= count  # in place: the sum becomes the mean, with no second array of its size
+    mean = total
     pixels = count * mean.shape[1] * mean.shape[2]
     channel_mean = mean.mean(axis=(1, 2))
     variance = np.maximum(squares / pixels - channel_mean**2, 0.0)  # rounding can dip just below 0
     return MeanResult(path=path, mean=mean, channel_std=np.sqrt(variance), count=count)
 
 
+def _accumulate(total: np.ndarray, squares: np.ndarray, planes: np.ndarray) -> None:
+    """Add one record's pixels to the per-pixel sums and their squares to the per-plane sums, in place.
+
+    Both come out bit for bit as adding a float64 copy of the record and the einsum of that copy's
+    squares did, without that copy (8 bytes a pixel, 8 times the record) for uint8
+    pixels: the in-place add converts each value exactly, and a plane's sum of squares is an
+    integer below 2**53 (for planes up to 1.4e11 pixels), which float64 sums exactly in any blocks.
+    Float pixels keep the copy: their squares round, so the order of summing is part of the result.
+    """
+    np.add(total, planes, out=total)
+    flat = planes.reshape(planes.shape[0], -1)
+    if planes.dtype == np.uint8:
+        record = np.zeros(flat.shape[0], np.float64)
+        for start in range(0, flat.shape[1], _SQUARE_BLOCK):
+            block = flat[:, start:start + _SQUARE_BLOCK].astype(np.float64)
+            record += np.einsum("ij,ij->i", block, block)
+        squares += record
+    else:
+        values = flat.astype(np.float64)
+        squares += np.einsum("ij,ij->i", values, values)
+
+
 # --------------------------------------------------------------------------- mean.binaryproto
 
 def mean_to_blob(mean: np.ndarray) -> caffe_pb2.BlobProto:
     """A C x H x W mean as the `BlobProto` Caffe writes: legacy num=1/channels/height/width, float data."""
+    blob = caffe_pb2.BlobProto()
+    blob.ParseFromString(mean_blob_bytes(mean))  # parsing packed floats is C; extending from a list is not
+    return blob
+
+
+def mean_blob_bytes(mean: np.ndarray) -> bytearray:
+    """The serialized `BlobProto` of a C x H x W mean: byte for byte what protobuf writes for `mean_to_blob`.
+
+    Built straight from the array (fields 1-4, then `data` packed as little-endian float32), so a
+    50-megapixel mean costs its float32 bytes once, not a Python float object per value.
+    """
     mean = np.asarray(mean)
     if mean.ndim != 3:
         raise MeanError(f"a mean image must be C x H x W, got shape {mean.shape}")
     channels, height, width = mean.shape
-    blob = caffe_pb2.BlobProto(num=1, channels=channels, height=height, width=width)
-    blob.data.extend(mean.astype(np.float32).ravel().tolist())
-    return blob
+    head = b"".join((b"\x08\x01\x10", _varint(channels), b"\x18", _varint(height), b"\x20", _varint(width),
+                     b"\x2a", _varint(4 * mean.size)))
+    out = bytearray(len(head) + 4 * mean.size)
+    out[:len(head)] = head
+    np.frombuffer(out, dtype="<f4", offset=len(head)).reshape(mean.shape)[...] = mean  # the float32 cast astype does
+    return out
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def save_mean(path: str | os.PathLike, mean: np.ndarray) -> Path:
-    """Write a C x H x W mean to `path` as Caffe's `mean.binaryproto`.
+    """Write a C x H x W mean to `path` as Caffe's `mean.binaryproto`, whole or not at all.
+
+    The file is built under a temporary name beside `path` and renamed into place, so a full disk
+    or a crash leaves the old file (or none), never a truncated blob Caffe would fail to load.
 
     Returns:
         The path written.
+
+    Raises:
+        MeanError: the file cannot be written (the message names it and says why).
     """
     path = Path(path)
-    path.write_bytes(mean_to_blob(mean).SerializeToString())
+    data = mean_blob_bytes(mean)
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise MeanError(_write_failure(exc, path)) from None
     return path
+
+
+def _write_failure(exc: OSError, path: Path) -> str:
+    """`PATH: no space left on device`, naming the output even when the error names our temporary."""
+    if exc.filename is not None and TMP_MARK in os.fsdecode(exc.filename):
+        exc = OSError(exc.errno, exc.strerror)
+    return describe_os_error(exc, path)
 
 
 def load_mean(path: str | os.PathLike) -> np.ndarray:
@@ -210,7 +280,9 @@ def image_mean(
 ) -> MeanResult:
     """Compute an LMDB's mean and write `mean.binaryproto` (and, if asked, the Normalize stats as JSON).
 
-    What `caffe-lmdb mean` runs. Nothing is written unless the whole LMDB was averaged.
+    What `caffe-lmdb mean` runs. Nothing is written unless the whole LMDB was averaged, and each
+    file is written whole or not at all; if the JSON cannot be written, a mean file this run
+    created is removed again (one it replaced holds the new, correct mean).
 
     Args:
         lmdb_path: the LMDB.
@@ -219,10 +291,19 @@ def image_mean(
         progress: show a progress bar (default: when stderr is a terminal).
 
     Raises:
-        As `compute_mean`.
+        As `compute_mean`; MeanError: an output cannot be written (names the file, e.g. a full disk).
     """
     result = compute_mean(lmdb_path, progress=progress)
+    output = Path(output)
+    existed = os.path.lexists(output)
     save_mean(output, result.mean)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result.normalize_stats(), indent=2) + "\n", encoding="utf-8")
+        json_path = Path(json_path)
+        try:
+            write_text_atomic(json_path, json.dumps(result.normalize_stats(), indent=2) + "\n")
+        except OSError as exc:
+            if not existed:  # the run failed: take back the mean file it created, so nothing looks done
+                with contextlib.suppress(OSError):
+                    output.unlink()
+            raise MeanError(_write_failure(exc, json_path)) from None
     return result

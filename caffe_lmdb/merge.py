@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import LmdbFormatError
-from .keys import open_readonly
-from .records import class_names, sidecar_lines
+from .keys import begin_read, open_readonly
+from .records import class_names, iter_values, sidecar_lines
 from .sources import InputError
 from .writer import AtomicLmdb, ConvertResult, progress_bar, sidecar_path
 
@@ -25,7 +25,9 @@ class MergeError(LmdbFormatError):
 
 
 def _records(shard_index: int, txn) -> Iterator[tuple[bytes, int, bytes]]:
-    for key, value in txn.cursor():
+    # iter_values checks each page before LMDB reads it: a damaged shard stops the merge with one
+    # line naming the shard and its last good key (and AtomicLmdb leaves no output behind).
+    for key, value in iter_values(txn):
         yield key, shard_index, value
 
 
@@ -43,6 +45,8 @@ def merge_lmdbs(
     Raises:
         InputError: fewer than one shard, or a shard that does not exist.
         MergeError: two shards hold the same key, or their class lists differ (both named).
+        LmdbFormatError, CorruptLmdbError: a shard is not an LMDB, or is truncated or damaged
+            (the shard named, and the last good key).
     """
     shards = [Path(s) for s in shards]
     if not shards:
@@ -58,11 +62,13 @@ def merge_lmdbs(
         for shard in shards for line in (sidecar_lines(shard, "skipped.txt") or [])
     ]
     start = time.perf_counter()
-    envs = [open_readonly(s, readahead=True) for s in shards]  # one pass in order: read ahead
+    envs = []
     try:
-        txns = [env.begin() for env in envs]
+        for shard in shards:
+            envs.append(open_readonly(shard, readahead=True))  # one pass in order: read ahead
+        txns = [begin_read(env) for env in envs]
         total = sum(txn.stat()["entries"] for txn in txns)
-        with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
+        with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, inputs=shards) as out, \
                 progress_bar(total, Path(output).name, progress) as bar:
             previous: tuple[bytes, int] | None = None
             for key, index, value in heapq.merge(*(_records(i, txn) for i, txn in enumerate(txns))):

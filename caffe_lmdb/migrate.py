@@ -49,7 +49,7 @@ from .datum import (
     serialize_datum,
 )
 from .errors import CaffeLmdbError
-from .keys import make_key, open_readonly
+from .keys import begin_read, checked_items, get_value, make_key, open_readonly
 from .sources import InputError
 from .writer import AtomicLmdb, ConvertOptions, build_record, default_keys_path, progress_bar
 
@@ -348,13 +348,108 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def safe_unpickle(data: bytes) -> Any:
     """Unpickle `data` allowing only `ALLOWED_GLOBALS` and `LMDB_Image`; never `pickle.loads`.
 
-    Python 2 `str` values come back as bytes (image bytes written by Python 2 stay bytes).
+    Python 2 `str` values come back as bytes (image bytes written by Python 2 stay bytes). The
+    opcodes are walked first (parsed, never run, `_screen_pickle`) to refuse what would crash or
+    exhaust the interpreter before any object is built.
 
     Raises:
         UnsafePickleError: the pickle names any other global (nothing of it has been called).
-        pickle.UnpicklingError, ValueError, TypeError, ...: the data is not a valid pickle.
+        PickleTooComplexError: the pickle builds more tuples or objects than `MAX_PICKLE_TUPLES`.
+        MemoryError: the pickle claims an object too large to build.
+        pickle.UnpicklingError, ValueError, TypeError, ...: the data is not a valid pickle (e.g. a
+            length that runs past its end).
     """
+    _screen_pickle(data)
     return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+#: Most tuples (and objects made by calls) a pickle may build; no recipe's record comes near it.
+#: Hashing a tuple recurses in C once per level of nesting, with no recursion check, so a tuple
+#: nested ~150,000 deep (two bytes a level in a pickle) used as a dict key or set member kills
+#: the interpreter with a segmentation fault. A pickle cannot nest tuples deeper than it builds them.
+MAX_PICKLE_TUPLES = 10_000
+
+#: Opcodes that build a tuple, or an object by a call (which may return a tuple, `tuple(x)`).
+_TUPLE_OR_CALL = frozenset(b"t\x85\x86\x87)R\x81\x92io")
+
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
+                  pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
+
+#: Every binary opcode, from pickletools' own table: byte -> (size of its argument, or of the length
+#: prefix its argument follows; that prefix's struct format, or None). Text opcodes (protocol 0/1,
+#: ended by a newline) are left out: pickles using them are walked by `pickletools.genops`.
+_BINARY_OPCODES = {
+    ord(op.code): (0, None) if op.arg is None else (op.arg.n, None) if op.arg.n >= 0
+    else (struct.calcsize(_LENGTH_PREFIX[op.arg.n]), _LENGTH_PREFIX[op.arg.n])
+    for op in pickletools.opcodes if op.arg is None or op.arg.n != pickletools.UP_TO_NEWLINE
+}
+
+
+class PickleTooComplexError(pickle.UnpicklingError):
+    """A pickle builds more tuples than `MAX_PICKLE_TUPLES`: refused unread, as they could nest too deeply."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the pickle builds more than {MAX_PICKLE_TUPLES} tuples or objects (no recipe's record "
+                         "holds that many), which could nest deeper than Python survives unpickling")
+
+
+def _screen_pickle(data: bytes) -> None:
+    """Walk the opcodes (parsed, never run) and refuse what CPython's unpickler would not survive.
+
+    Tuples that could nest deep enough to crash hashing (`MAX_PICKLE_TUPLES`), and lengths that
+    claim more bytes than the pickle holds: for BYTEARRAY8 CPython allocates the claim first and,
+    when that fails, prints a stray "SystemError: deallocated bytearray object has exported
+    buffers" to stderr besides raising MemoryError. Binary pickles (the recipes' protocols 2-5)
+    are walked by their opcodes' argument lengths alone, at a few times the speed of
+    `pickletools.genops`, which walks the rest.
+
+    Raises:
+        PickleTooComplexError, pickle.UnpicklingError: as above, or a malformed opcode.
+    """
+    if _binary_walk(data):
+        return
+    built = 0
+    try:
+        for opcode, _arg, _pos in pickletools.genops(data):
+            code = ord(opcode.code)
+            if code in _TUPLE_OR_CALL:
+                built += 1
+                if built > MAX_PICKLE_TUPLES:
+                    raise PickleTooComplexError()
+            elif code == 0x2E:  # STOP
+                return
+    except ValueError as exc:  # pickletools' word for a length past the end, or any malformed opcode
+        raise pickle.UnpicklingError(str(exc)) from None
+
+
+def _binary_walk(data: bytes) -> bool:
+    """`_screen_pickle` for binary opcodes: True if the pickle reached STOP, False at a text opcode."""
+    pos, end, built = 0, len(data), 0
+    layout, unpack = _BINARY_OPCODES, struct.unpack_from
+    while pos < end:
+        start, code = pos, data[pos]
+        pos += 1
+        if code in _TUPLE_OR_CALL:
+            built += 1
+            if built > MAX_PICKLE_TUPLES:
+                raise PickleTooComplexError()
+        elif code == 0x2E:  # STOP
+            return True
+        entry = layout.get(code)
+        if entry is None:
+            return False
+        size, prefix = entry
+        if prefix is not None:
+            if pos + size > end:
+                break
+            (length,) = unpack(prefix, data, pos)
+            if length < 0:
+                raise pickle.UnpicklingError(f"negative length {length} at byte {start}")
+            size += length
+        pos += size
+        if pos > end:
+            raise pickle.UnpicklingError(f"opcode at byte {start} claims {pos - end} bytes more than the pickle holds")
+    raise pickle.UnpicklingError("pickle data was truncated (no STOP)")
 
 
 # --------------------------------------------------------------------------- old records -> Datums
@@ -443,7 +538,10 @@ def label_fields(label: Any) -> tuple[int, tuple[float, ...]]:
 
 
 def _short_repr(obj: Any) -> str:
-    text = repr(obj)
+    try:
+        text = repr(obj)
+    except RecursionError:  # a pickle can nest lists 200,000 deep at a few bytes a level
+        return f"<a {type(obj).__name__} nested too deeply to show>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -563,6 +661,13 @@ def _decode(value: bytes, where: str) -> tuple[str, Any]:
                 f"{where}: refused to unpickle global {exc.global_name} (only builtin containers and scalars, "
                 "numpy arrays and LMDB_Image records are allowed); nothing was written"
             ) from None
+        except MemoryError:
+            raise MigrationError(f"{where}: the pickle claims an object too large to build (MemoryError); "
+                                 "nothing was written") from None
+        except PickleTooComplexError as exc:
+            raise MigrationError(f"{where}: {exc}; nothing was written") from None
+        except RecursionError:
+            raise MigrationError(f"{where}: {_TOO_DEEP}") from None
         except Exception as exc:  # a corrupt pickle raises many kinds; none of them ran code
             raise MigrationError(f"{where}: cannot unpickle the value safely ({type(exc).__name__}: {exc})") from None
     if value[:1] and value[0] in _MSGPACK_CONTAINERS:
@@ -578,6 +683,11 @@ def _decode(value: bytes, where: str) -> tuple[str, Any]:
         f"{where}: {len(value)} bytes that are neither a pickle, msgpack nor a Caffe Datum "
         f"(starting {value[:8]!r})"
     )
+
+
+#: Why a value whose objects nest too deeply for Python to walk (`RecursionError`) is refused.
+_TOO_DEEP = ("the value nests objects too deeply to read (RecursionError; no recipe stores more than a few levels); "
+             "nothing was written")
 
 
 def _decode_keys(value: bytes, where: str) -> list[bytes]:
@@ -714,14 +824,14 @@ def migrate_lmdb(
     if new.exists() and new.resolve() == old.resolve():
         raise InputError(f"{new}: the output must not be the LMDB being migrated")
     keys_path = Path(keys_path) if keys_path is not None else default_keys_path(new)
-    with open_readonly(old) as env, env.begin(buffers=False) as txn:
+    with open_readonly(old) as env, begin_read(env) as txn:
         present: list[bytes] = []
         meta: list[bytes] = []
-        for key in txn.cursor().iternext(keys=True, values=False):
+        for key in checked_items(txn, values=False):
             (meta if key in META_KEYS else present).append(key)
         order, origin = present, "cursor order"
         if b"__keys__" in meta:
-            order, origin = _decode_keys(txn.get(b"__keys__"), f"{old}: key b'__keys__'"), "__keys__"
+            order, origin = _decode_keys(get_value(txn, b"__keys__", old), f"{old}: key b'__keys__'"), "__keys__"
             in_lmdb = set(present)
             missing = next((k for k in order if k not in in_lmdb), None)
             if missing is not None:
@@ -733,11 +843,11 @@ def migrate_lmdb(
             log.warning("%s: %d records are not listed in __keys__ and are left out, as the old reader did",
                         old, unlisted)
         if b"__len__" in meta:
-            _check_len(txn.get(b"__len__"), len(order), old)
+            _check_len(get_value(txn, b"__len__", old), len(order), old)
 
         first = order[0]
         where = f"{old}: key {first!r}"
-        serializer, obj = _decode(txn.get(first), where)
+        serializer, obj = _decode(get_value(txn, first, old), where)
         record = _legacy(obj, where)
         value, reencoded = _datum(record, where)
         result = MigrateResult(
@@ -751,12 +861,12 @@ def migrate_lmdb(
         start = time.perf_counter()
         created = _missing_parents(new)
         try:
-            with AtomicLmdb(new, keys_path, overwrite=overwrite) as out, \
+            with AtomicLmdb(new, keys_path, overwrite=overwrite, inputs=[old]) as out, \
                     progress_bar(len(order), new.name, progress) as bar:
                 for line_id, old_key in enumerate(order):
                     where = f"{old}: key {old_key!r}"
                     if line_id:  # the first record was converted above
-                        _, obj = _decode(txn.get(old_key), where)
+                        _, obj = _decode(get_value(txn, old_key, old), where)
                         value, reencoded = _datum(_legacy(obj, where), where)
                     out.put(make_key(line_id, "") + old_key, value)
                     result.reencoded += reencoded
@@ -775,6 +885,8 @@ def _legacy(obj: Any, where: str) -> LegacyRecord:
         return to_legacy_record(obj)
     except ValueError as exc:
         raise MigrationError(f"{where}: {exc}") from None
+    except RecursionError:  # walking a hostile object (numpy, str(), repr()) deeper than Python can
+        raise MigrationError(f"{where}: {_TOO_DEEP}") from None
 
 
 def _datum(record: LegacyRecord, where: str) -> tuple[bytes | bytearray, bool]:
@@ -782,13 +894,18 @@ def _datum(record: LegacyRecord, where: str) -> tuple[bytes | bytearray, bool]:
         return record_to_datum(record)
     except (ValueError, DatumError) as exc:  # DatumError is a ValueError too; both say what is wrong
         raise MigrationError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise MigrationError(f"{where}: {_TOO_DEEP}") from None
+    except MemoryError:
+        raise MigrationError(f"{where}: the record's label or image is too large to convert (MemoryError); "
+                             "nothing was written") from None
 
 
 def _check_len(value: bytes, count: int, old: Path) -> None:
     _, length = _decode(value, f"{old}: key b'__len__'")
     if not isinstance(length, int) or length != count:
-        log.warning("%s: __len__ says %r but __keys__ lists %d records; migrating the %d listed",
-                    old, length, count, count)
+        log.warning("%s: __len__ says %s but __keys__ lists %d records; migrating the %d listed",
+                    old, _short_repr(length), count, count)
 
 
 def _missing_parents(path: Path) -> list[Path]:

@@ -19,7 +19,7 @@ import lmdb
 import numpy as np
 
 from .errors import LmdbFormatError
-from .keys import load_keys, open_readonly, txn_keys
+from .keys import begin_read, checked_items, lmdb_errors_named, load_keys, open_readonly, txn_keys
 from .writer import default_keys_path, sidecar_path
 
 
@@ -47,7 +47,12 @@ def keys_file_for(lmdb_path: str | os.PathLike, keys_path: str | os.PathLike | N
 def sidecar_lines(lmdb_path: str | os.PathLike, name: str) -> list[str] | None:
     """The lines of a converter side file beside an LMDB (`<stem>_classes.txt`, ...), or None if absent."""
     path = sidecar_path(lmdb_path, name)
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LmdbFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def class_names(lmdb_path: str | os.PathLike) -> list[str] | None:
@@ -84,10 +89,11 @@ def read_txn(lmdb_path: str | os.PathLike, *, readahead: bool = False) -> Iterat
     Raises:
         LmdbFormatError: the path is missing or not an LMDB, or it holds pickled/msgpack records
             (then the message says to run `caffe-lmdb migrate`; nothing is unpickled).
+        CorruptLmdbError: the LMDB is truncated or its B-tree damaged (see `keys.open_readonly`).
     """
     env = open_readonly(lmdb_path, readahead=readahead)
     try:
-        with env.begin(buffers=True) as txn:
+        with begin_read(env, buffers=True) as txn:
             refuse_foreign_lmdb(lmdb_path, txn)
             yield txn
     finally:
@@ -103,15 +109,24 @@ def refuse_foreign_lmdb(lmdb_path: str | os.PathLike, txn: lmdb.Transaction) -> 
     from .migrate import foreign_value_hint
 
     cursor = txn.cursor()
-    if cursor.first():
+    with lmdb_errors_named(lmdb_path, "reading its first record"):
+        found = cursor.first()
+    if found:
         hint = foreign_value_hint(cursor.value(), lmdb_path)
         if hint is not None:
             raise LmdbFormatError(f"{lmdb_path}: key {bytes(cursor.key())!r}: {hint}")
 
 
 def iter_values(txn: lmdb.Transaction) -> Iterator[tuple[bytes, memoryview]]:
-    """Every (key, value) of the LMDB in key order; keys as bytes, values as views valid in `txn`."""
-    for key, value in txn.cursor().iternext(keys=True, values=True):
+    """Every (key, value) of the LMDB in key order; keys as bytes, values as views valid in `txn`.
+
+    The walk is `keys.checked_items`: on a transaction from `read_txn` each page is checked before
+    LMDB reads it, so a damaged LMDB stops the walk with one line instead of crashing the process.
+
+    Raises:
+        CorruptLmdbError: a damaged page, naming the LMDB and the last good key.
+    """
+    for key, value in checked_items(txn):
         yield bytes(key), value
 
 

@@ -9,11 +9,10 @@ Why it is shaped this way:
   path avoids fresh memory: freed heap is kept for reuse (`allocator.py`), LMDB writes with
   pwritev (not writemap), and each commit starts the disk write and lets the page cache recycle
   its pages (`AtomicLmdb._start_writeback`).
-* LMDB's map is started small and doubled on `MDB_MAP_FULL`, replaying the *whole* uncommitted
-  batch (re-putting only the failing record silently loses the rest of the batch).
-* The LMDB is built under a temporary name beside the target and renamed at the end, and the keys
-  file is written last, so an interrupted run (Ctrl-C, an exception, `kill -9`) never leaves an
-  output that looks complete.
+* The output goes through `output.AtomicLmdb`: locked against a second writer, built under a
+  temporary name and published with its side files only when complete, so an interrupted or
+  failed run (Ctrl-C, a full disk, `kill -9`) never leaves an output that looks complete, and
+  `--overwrite` replaces only an LMDB and its side files.
 """
 
 from __future__ import annotations
@@ -22,21 +21,19 @@ import io
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import lmdb
 import numpy as np
 from PIL import Image
 
+from . import output as _output
 from . import workers as _workers
-from .allocator import retained_heap
 from .datum import (
     Datum,
     DatumError,
@@ -49,25 +46,26 @@ from .datum import (
     raw_datum_parts,
     serialize_datum,
 )
-from .errors import CaffeLmdbError
-from .keys import make_key, save_keys
-from .sources import Entry, FileInput, InputError, PackedEntries, find_splits, load_entries, shuffle_entries
+from .errors import CaffeLmdbError, os_error_reason
+from .files import write_text_atomic  # noqa: F401  (still imported from here by export)
+from .keys import make_key
+from .output import AtomicLmdb, default_keys_path, sidecar_path  # noqa: F401  (and by records, merge, migrate)
+from .sources import (
+    Entry,
+    FileInput,
+    InputError,
+    PackedEntries,
+    find_splits,
+    load_entries,
+    read_image_file,
+    shuffle_entries,
+)
 from .workers import Record, RingPool
 
 log = logging.getLogger(__name__)
 
-#: LMDB's map starts here and doubles whenever it fills up.
-INITIAL_MAP_SIZE = 64 << 20
-
-#: A transaction also ends when its records reach this many bytes: 1000 raw 256x256 records are
-#: 190 MiB, held twice (values, then LMDB's dirty pages) until the commit. Small transactions keep
-#: both in the CPU caches (2 workers, 5000 raw records: 4 MiB ~250 us/record, 16 MiB ~275 us).
-COMMIT_BYTES = 4 << 20
-
 #: Shared memory per worker process for records on their way to the writer (at least 2 transactions).
 RING_BYTES = 32 << 20
-
-_TMP_MARK = ".tmp-"
 
 
 class ConversionError(CaffeLmdbError, RuntimeError):
@@ -243,15 +241,19 @@ def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Da
 
 
 def encode_entry(entry: Entry | FileInput, options: ConvertOptions) -> Record:
-    """Read and convert one entry; unreadable images come back as a `Record` with `error` set."""
+    """Read and convert one entry; unreadable images come back as a `Record` with `error` set.
+
+    Only regular files of bounded size are read (`sources.read_image_file`): a FIFO, a device
+    such as a link to /dev/zero, or a folder (the scan lists unreadable folders as entries, so
+    they are reported like unreadable files) is skipped with the reason, never converted.
+    """
     try:
-        with open(entry.path, "rb") as f:
-            data = f.read()
+        data = read_image_file(entry.path)
         return build_record(data, entry.label, entry.targets, options)
     except DatumError as exc:
         return Record(error=str(exc))
     except OSError as exc:
-        return Record(error=exc.strerror or str(exc))
+        return Record(error=os_error_reason(exc))
 
 
 # --------------------------------------------------------------------------- the LMDB
@@ -265,154 +267,12 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def default_keys_path(output: str | os.PathLike) -> Path:
-    """`train.lmdb` -> `train_keys.npy` beside it."""
-    return sidecar_path(output, "keys.npy")
-
-
-def sidecar_path(output: str | os.PathLike, name: str) -> Path:
-    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's side files)."""
-    output = Path(output)
-    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
-    return output.with_name(f"{stem}_{name}")
-
-
-class BatchWriter:
-    """Puts records into an LMDB in transactions of `commit_every`, growing the map as needed.
-
-    A transaction also ends at `COMMIT_BYTES`. Each record is put as it arrives, while its bytes
-    are still in the CPU cache, and also kept until its transaction commits, for a replay on
-    `MDB_MAP_FULL`; `after_commit(n)` then says that the first n records are written, so a caller
-    that lent their memory (a worker's ring) can reuse it.
-
-    Transactions run in the caller's thread. A writer thread was measured too: beside decoding in
-    the same process it gained 10-30%, but with 2 worker processes on 2 cores nothing or -7%
-    (the thread competes with the decoders for the same cores).
-    """
-
-    def __init__(self, env: lmdb.Environment, commit_every: int = 1000,
-                 after_commit: Callable[[int], None] | None = None) -> None:
-        if commit_every < 1:
-            raise ValueError(f"commit_every must be >= 1, got {commit_every}")
-        self.env = env
-        self.commit_every = commit_every
-        self.after_commit = after_commit
-        self.batch: list[tuple[bytes, bytes | memoryview]] = []
-        self._batch_bytes = 0
-        self._written = 0
-        self._last_key = b""
-        self._sorted = True  # Caffe's zero-padded keys arrive sorted: LMDB's append mode skips the B-tree search
-        self._txn: lmdb.Transaction | None = None
-        self._cursor: lmdb.Cursor | None = None
-
-    def put(self, key: bytes, value: bytes | memoryview) -> None:
-        self._sorted = self._sorted and key > self._last_key
-        self._last_key = key
-        self.batch.append((key, value))
-        self._batch_bytes += len(key) + len(value)
-        if self._txn is None:
-            self._reserve(2 * COMMIT_BYTES)
-            self._txn = self.env.begin(write=True)
-            self._cursor = self._txn.cursor()
-        try:
-            self._cursor.put(key, value, append=self._sorted)
-        except lmdb.MapFullError:
-            self._replay()
-            return
-        if len(self.batch) >= self.commit_every or self._batch_bytes >= COMMIT_BYTES:
-            self.commit()
-
-    def commit(self) -> None:
-        """Commit everything put so far."""
-        if self._txn is None:
-            return
-        try:
-            self._txn.commit()
-        except lmdb.MapFullError:  # the commit itself needs pages too (the free list)
-            self._txn = self._cursor = None
-            self._replay()
-            return
-        self._txn = self._cursor = None
-        self._committed()
-
-    def _replay(self) -> None:
-        self.abort()
-        self._write(self.batch, self._batch_bytes, self._sorted)  # grows the map and replays
-        self._committed()
-
-    def abort(self) -> None:
-        """Drop the open transaction (its records are still in `batch`)."""
-        if self._txn is not None:
-            self._txn.abort()
-            self._txn = self._cursor = None
-
-    def _committed(self) -> None:
-        self._written += len(self.batch)
-        self.batch, self._batch_bytes = [], 0
-        if self.after_commit is not None:
-            self.after_commit(self._written)
-
-    def _write(self, batch: list[tuple[bytes, bytes | memoryview]], batch_bytes: int, append: bool) -> None:
-        """One transaction; on MDB_MAP_FULL double the map and replay the *whole* batch.
-
-        The map is also grown ahead of time when the batch clearly will not fit, so that large
-        records (a raw 256x256 image is 192 KiB) do not cost a replay per doubling.
-        """
-        self._reserve(batch_bytes)
-        while True:
-            try:
-                with self.env.begin(write=True) as txn, txn.cursor() as cursor:
-                    cursor.putmulti(batch, overwrite=True, append=append)
-                return
-            except lmdb.MapFullError:
-                self._grow(self.env.info()["map_size"] * 2)
-
-    def _reserve(self, batch_bytes: int) -> None:
-        info, stat = self.env.info(), self.env.stat()
-        used = (info["last_pgno"] + 1) * stat["psize"]
-        needed = used + batch_bytes + batch_bytes // 8 + (1 << 20)  # page headers, B-tree branches
-        size = info["map_size"]
-        while size < needed:
-            size *= 2
-        if size != info["map_size"]:
-            self._grow(size)
-
-    def _grow(self, new_size: int) -> None:
-        log.debug("LMDB map: growing to %d MiB", new_size >> 20)
-        self.env.set_mapsize(new_size)
-
-
-def _remove_stale_temporaries(output: Path) -> None:
-    """Remove temporaries of earlier runs that were killed (`kill -9`), if their process is gone."""
-    for candidate in output.parent.glob(f".{output.name}{_TMP_MARK}*"):
-        pid = candidate.name.rsplit(_TMP_MARK, 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "rec"):
     """A tqdm bar on stderr, shown only on a terminal unless `progress` says otherwise."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, file=sys.stderr, desc=desc,
                 disable=not (sys.stderr.isatty() if progress is None else progress))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a side file (class list, skipped list, list file) by temp file and rename: never half-written."""
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -428,113 +288,13 @@ def _converted(
         yield map(work, entries)
     elif _workers.AVAILABLE:
         # Packed: reading a list of Entry objects would copy it into every worker (copy-on-write).
-        with RingPool(PackedEntries(entries), work, workers, ring_bytes=max(2 * COMMIT_BYTES, RING_BYTES)) as pool:
+        ring_bytes = max(2 * _output.COMMIT_BYTES, RING_BYTES)
+        with RingPool(PackedEntries(entries), work, workers, ring_bytes=ring_bytes) as pool:
             yield pool
     else:
         chunksize = max(1, min(16, len(entries) // (workers * 8)))
         with multiprocessing.get_context().Pool(workers) as pool:
             yield pool.imap(work, entries, chunksize=chunksize)
-
-
-class AtomicLmdb:
-    """An LMDB built under a temporary name and published only when complete.
-
-    Anything that writes an LMDB for users (conversion, merge, migration) goes through this, so
-    they all share the guarantees: the output and its keys file appear only at the end, the keys
-    file last; an existing output is refused without `overwrite`; an exception (or Ctrl-C)
-    removes the temporary, and a temporary left by `kill -9` is removed by the next run.
-
-    Use as a context manager; `finish()` publishes, leaving the block without it discards::
-
-        with AtomicLmdb("out.lmdb", overwrite=False) as out:
-            out.put(key, value)
-            out.finish(classes=["cat", "dog"])
-
-    `after_commit(n)`, if set, is called after each commit with the number of records written so
-    far: a value handed to `put` must stay unchanged until then (a worker's ring is reused after).
-    """
-
-    def __init__(
-        self,
-        output: str | os.PathLike,
-        keys_path: str | os.PathLike | None = None,
-        *,
-        overwrite: bool = False,
-        commit_every: int = 1000,
-        after_commit: Callable[[int], None] | None = None,
-    ) -> None:
-        self.output = Path(output)
-        self.keys_path = Path(keys_path) if keys_path is not None else default_keys_path(self.output)
-        for existing in (self.output, self.keys_path):
-            if existing.exists() and not overwrite:
-                raise InputError(f"{existing}: already exists (pass --overwrite to replace it)")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(self.output)
-        self.tmp = self.output.with_name(f".{self.output.name}{_TMP_MARK}{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.keys: list[bytes] = []
-        self.bytes_written = 0
-        self._finished = False
-        # Not writemap: LMDB then copies records into malloc'd pages (reused, see allocator.py) and
-        # writes them with pwritev; with writemap every fresh 4 KiB page of the file costs a page
-        # fault (measured: 3.1k vs 9-10k records/s for 192 KiB records, final sync included).
-        self.env = lmdb.open(str(self.tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                             max_dbs=0, readahead=False)
-        self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
-        self._heap = retained_heap()  # LMDB mallocs and frees a page run per record: keep them
-        self._heap.__enter__()
-        self.after_commit = after_commit
-        self.writer = BatchWriter(self.env, commit_every, after_commit=self._committed)
-
-    def __enter__(self) -> AtomicLmdb:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._finished:
-            self.discard()
-
-    def put(self, key: bytes, value: bytes | memoryview) -> None:
-        """Add a record (`value` must stay unchanged until `after_commit` has counted it)."""
-        self.keys.append(key)
-        self.bytes_written += len(value)
-        self.writer.put(key, value)
-
-    def finish(self, classes: Sequence[str] | None = None, skipped: Iterable[tuple[str, str]] = ()) -> None:
-        """Commit, flush to disk, and move the LMDB (then its keys file) into place."""
-        self.writer.commit()
-        self.env.sync(True)
-        self._close()
-        _publish(self.tmp, self.output, self.keys_path, self.keys, classes, skipped)
-        self._finished = True
-
-    def discard(self) -> None:
-        self._close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _close(self) -> None:
-        self.writer.abort()
-        self.env.close()
-        if self._data_fd >= 0:
-            os.close(self._data_fd)
-            self._data_fd = -1
-            self._heap.__exit__(None, None, None)
-
-    def _committed(self, written: int) -> None:
-        self._start_writeback()
-        if self.after_commit is not None:
-            self.after_commit(written)
-
-    def _start_writeback(self) -> None:
-        """After a commit, start writing the new pages to disk and let the page cache drop them.
-
-        The disk then works while the next records are decoded, instead of all at the end
-        (`sync` before publishing), and the page cache recycles the same memory instead of
-        growing into pages the machine has never touched (each costs a fault in a VM). Measured
-        writing 5000 prebuilt 192 KiB records, final sync included: 10.4-11.6k records/s with it
-        from the first run on; without it 4.7k/s in a fresh process, 9.3-10.2k/s once warm.
-        """
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._data_fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def write_lmdb(
@@ -551,6 +311,8 @@ def write_lmdb(
     progress: bool | None = None,
     line_offset: int = 0,
     on_record: Callable[[int], None] | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+    scanned_inputs: bool = True,
 ) -> ConvertResult:
     """Convert `entries` (in this order; line ids are their positions) into a Datum LMDB.
 
@@ -569,6 +331,8 @@ def write_lmdb(
         line_offset: line id of the first entry (a shard's start in the whole list), so that
             shards get the same global keys as an unsharded conversion.
         on_record: called with the running count after each record (tests use it to interrupt).
+        inputs: the folders and files the entries come from: an output equal to one, containing
+            one or (with `scanned_inputs`, for folders whose files are listed) inside one is refused.
 
     Returns:
         The summary of what was written.
@@ -588,7 +352,8 @@ def write_lmdb(
     # The output is checked, its temporary created and the heap retention set (AtomicLmdb) before
     # any worker is forked, so the workers inherit the retention; with 0 workers everything runs
     # in this thread.
-    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every) as out, \
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, inputs=inputs,
+                    scanned_inputs=scanned_inputs) as out, \
             _converted(entries, options, workers) as records, \
             progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
         out.after_commit = getattr(records, "release", None)
@@ -612,7 +377,9 @@ def write_lmdb(
                     )
             out.put(_key(line_offset + position, entry), record.value)
         if not out.keys:
-            raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} skipped)")
+            first_path, first_reason = result.skipped_files[0]
+            raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} skipped; "
+                                  f"the first, {first_path}: {first_reason})")
         out.finish(classes, result.skipped_files)
     result.written, result.skipped, result.bytes_written = len(out.keys), len(result.skipped_files), out.bytes_written
     result.seconds = time.perf_counter() - start
@@ -628,35 +395,6 @@ def _key(line_id: int, entry: Entry) -> bytes:
 
 def _dims(shape: tuple[int, int, int] | None) -> str:
     return "x".join(map(str, shape)) if shape else "?"
-
-
-def _publish(
-    tmp: Path,
-    output: Path,
-    keys_path: Path,
-    keys: Sequence[bytes],
-    classes: Sequence[str] | None,
-    skipped: Iterable[tuple[str, str]],
-) -> None:
-    """Move the finished LMDB into place; the keys file goes last, so its presence means complete."""
-    if keys_path.exists():
-        keys_path.unlink()  # never let an old keys file sit beside a new LMDB
-    if classes is not None:
-        write_text_atomic(sidecar_path(output, "classes.txt"), "".join(f"{name}\n" for name in classes))
-    skipped = list(skipped)
-    skipped_path = sidecar_path(output, "skipped.txt")
-    if skipped:
-        write_text_atomic(skipped_path, "".join(f"{path}\t{reason}\n" for path, reason in skipped))
-    elif skipped_path.exists():
-        skipped_path.unlink()
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old{_TMP_MARK}{os.getpid()}")
-        os.replace(output, trash)
-        os.replace(tmp, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
-    save_keys(keys_path, keys)
 
 
 def convert(
@@ -687,6 +425,12 @@ def convert(
     from .shards import shard_name, shard_range
 
     entries, classes = load_entries(source, list_file=list_file, root=root)
+    if list_file is None and source is not None and Path(source).is_file():
+        list_file, source = source, None
+    if list_file is not None:  # the list's paths are read, not the root's listing: an output inside it is fine
+        inputs, scanned = [list_file, root if root is not None else Path(list_file).parent], False
+    else:
+        inputs, scanned = [source], True
     if shuffle:
         entries = shuffle_entries(entries, seed)
     line_offset = 0
@@ -697,7 +441,8 @@ def convert(
         entries = entries[line_offset:stop]
         keys_path = shard_name(keys_path, shard_index, num_shards) if keys_path is not None else None
         output = shard_name(output, shard_index, num_shards)
-    return write_lmdb(entries, output, classes=classes, keys_path=keys_path, line_offset=line_offset, **kwargs)
+    return write_lmdb(entries, output, classes=classes, keys_path=keys_path, line_offset=line_offset,
+                      inputs=inputs, scanned_inputs=scanned, **kwargs)
 
 
 def convert_splits(root: str | os.PathLike, **kwargs) -> list[ConvertResult]:

@@ -119,3 +119,89 @@ def legacy_rgb_lmdb(tmp_path, rng):
         for key, pixels, label in zip(keys, images, labels, strict=True)
     }
     return write_lmdb(tmp_path / "legacy_rgb_lmdb", records), keys, images, labels
+
+
+# ---------------------------------------------------------------- the CLI as a user runs it (reliability tests)
+
+#: Drops root's power to ignore file permissions, so a mode-000 folder is unreadable even to root.
+_DROP_FILE_CAPS = "-dac_override,-dac_read_search,-fowner"
+
+
+def file_caps_droppable() -> bool:
+    """True where `setpriv` can run a command without root's file powers (or we are not root at all)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return True
+    if shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["setpriv", f"--inh-caps={_DROP_FILE_CAPS}", f"--bounding-set={_DROP_FILE_CAPS}",
+                            "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def without_file_caps() -> None:
+    """Skip cleanly unless permission tests can see a permission error (see `run_cli(drop_file_caps=True)`)."""
+    if not file_caps_droppable():
+        pytest.skip("cannot drop root's file capabilities here (no setpriv)")
+
+
+def run_cli(*args, drop_file_caps: bool = False, timeout: float = 120, cwd=None):
+    """Run `caffe-lmdb ARGS...` in a fresh process, as a user would; returns the CompletedProcess (text)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "caffe_lmdb.cli", *map(str, args)]
+    if drop_file_caps and os.geteuid() == 0:
+        command = ["setpriv", f"--inh-caps={_DROP_FILE_CAPS}", f"--bounding-set={_DROP_FILE_CAPS}", *command]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def assert_one_line_error(result, exit_code: int, *names) -> str:
+    """The run failed with `exit_code`, printed no traceback, and its error line names each of `names`."""
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.returncode == exit_code, output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors, output
+    for name in names:
+        assert str(name) in result.stderr, (name, result.stderr)
+    return result.stderr
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry below `root` (itself included) -> its bytes, link target or 'dir': to assert nothing changed."""
+    import os
+
+    root = Path(root)
+    snapshot: dict[str, bytes | str] = {}
+    for path in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+        name = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            snapshot[name] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            snapshot[name] = "dir"
+        else:
+            snapshot[name] = path.read_bytes()
+    return snapshot
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 4 MiB tmpfs mounted for the test (root only; skipped cleanly elsewhere): a disk that fills up."""
+    import subprocess
+
+    mount_point = tmp_path / "small_fs"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import shutil
 import warnings
 
 import numpy as np
@@ -462,3 +463,56 @@ def test_readahead_is_chosen_by_record_size_and_batches_prefetch(tmp_path):
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=0)
         assert [int(x) for _, labels in loader for x in labels] == [0, 1, 2, 3, 4]
     assert LmdbDataset_train(tmp_path / "small.lmdb", readahead=True).readahead is True
+
+
+# ---------------------------------------------------------------- the LMDB replaced under a dataset
+
+
+def _class_tree(root, rng, count: int, shade: int):
+    """`count` 5x7 PNGs in two class folders; `shade` makes the trees tell apart."""
+    for i in range(count):
+        pixels = np.full((5, 7, 3), shade, np.uint8)
+        pixels[0, 0] = rng.integers(0, 256, 3)
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_dataset_reused_after_convert_overwrite_fails_naming_the_lmdb(tmp_path, rng):
+    """`convert --overwrite` publishes a new LMDB under the same name: old keys must not read it."""
+    from caffe_lmdb.writer import convert
+
+    out = tmp_path / "train.lmdb"
+    convert(_class_tree(tmp_path / "old", rng, 8, 10), out, workers=1, progress=False)
+    dataset = LmdbDataset_train(out, None, tmp_path / "train_keys.npy", output="numpy")
+    worker_copy = pickle.dumps(dataset)  # what a spawned DataLoader worker receives
+    dataset[0]  # this process has opened the old LMDB
+    convert(_class_tree(tmp_path / "new", rng, 6, 200), out, workers=1, progress=False, overwrite=True)
+
+    with pytest.raises(LmdbFormatError) as excinfo:
+        pickle.loads(worker_copy)[0]
+    assert one_line(excinfo) == (f"{out}: the LMDB was replaced or rewritten since this dataset was created (its "
+                                 "keys would read other records); create the dataset again")
+    fresh = LmdbDataset_train(out, None, tmp_path / "train_keys.npy", output="numpy")
+    assert len(fresh) == 6 and fresh[0][0][0, 1, 1] == 200  # the new LMDB, not this process's old environment
+
+
+def test_forked_worker_checks_the_lmdb_it_opens(legacy_rgb_lmdb, tmp_path):
+    path = tmp_path / "copy_lmdb"
+    shutil.copytree(legacy_rgb_lmdb[0], path)
+    dataset = LmdbDataset_train(path)
+    replacement = tmp_path / "replacement"
+    shutil.copytree(legacy_rgb_lmdb[0], replacement)
+    shutil.rmtree(path)
+    replacement.rename(path)  # same records, but a new file: the dataset cannot know that the keys still fit
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(LmdbFormatError, match="was replaced or rewritten since this dataset was created"):
+        next(iter(loader))
+
+
+def test_key_ending_in_nul_names_the_lmdb_and_the_key(tmp_path):
+    path = write_lmdb(tmp_path / "nul_lmdb", {b"00000000_a.png": b"x", b"00000001_b\x00": b"y"})
+    with pytest.raises(KeysFileError) as excinfo:
+        LmdbDataset_train(path)
+    assert one_line(excinfo).startswith(f"{path}: key b'00000001_b\\x00' ends with a NUL byte")

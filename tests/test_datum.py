@@ -27,6 +27,7 @@ from caffe_lmdb import (
     parse_datum_view,
     serialize_datum,
 )
+from caffe_lmdb.datum import read_encoded_header
 
 
 def roundtrip(datum: Datum) -> Datum:
@@ -388,3 +389,88 @@ def test_image_to_datum_bytes_equals_protobuf_serialization(rgb_image, gray, lab
         expected = image_to_datum(image, label, gray=gray)
         expected.float_data.extend(floats)
         assert bytes(image_to_datum_bytes(image, label, gray=gray, float_data=floats)) == serialize_datum(expected)
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real PNG, assembled chunk by chunk, whose IHDR claims width x height RGB over a 100-byte IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 (RGB)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+            + chunk(b"IEND", b""))
+
+
+def bomb_jpeg(width: int, height: int) -> bytes:
+    """A real 8x8 JPEG whose SOF0 frame header is rewritten to claim width x height."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)  # marker, length (2), precision (1), then H, W
+    return bytes(data)
+
+
+@pytest.mark.parametrize("make", [bomb_png, bomb_jpeg])
+def test_decompression_bomb_header_is_a_datum_error_naming_the_size(make):
+    payload = make(30000, 30000)
+    assert len(payload) < 1000
+    with Image.open(io.BytesIO(bomb_png(3, 2))) as small:  # the builder makes a header Pillow reads
+        assert small.size == (3, 2)
+    datum = encoded_to_datum(payload)
+    calls = [lambda: read_encoded_header(payload), lambda: open_image(payload), lambda: datum_to_image(datum),
+             lambda: datum_to_image_array(datum), lambda: datum_to_array(datum)]
+    for call in calls:
+        with pytest.raises(DatumError, match="claims a 30000x30000 .*decompression bomb"):
+            call()
+
+
+def test_decompression_bomb_warning_raised_as_error_is_a_datum_error():
+    payload = bomb_png(10000, 10000)  # over MAX_IMAGE_PIXELS, under twice it: Pillow only warns
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert read_encoded_header(payload)[1:4] == (3, 10000, 10000)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(DatumError, match="claims a 10000x10000"):
+            read_encoded_header(payload)
+        with pytest.raises(DatumError, match="claims a 10000x10000"):
+            open_image(payload)
+
+
+def test_info_and_verify_report_a_bomb_record_as_a_finding(tmp_path, capsys):
+    from conftest import caffe_key, write_lmdb
+
+    from caffe_lmdb import caffe_pb2
+    from caffe_lmdb.cli import main
+
+    good = caffe_pb2.Datum(data=png_bytes(Image.new("RGB", (3, 2))), label=0, encoded=True)
+    bomb = caffe_pb2.Datum(data=bomb_png(30000, 30000), label=1, encoded=True)
+    path = write_lmdb(tmp_path / "bomb.lmdb", {caffe_key(0, "a.png"): good.SerializeToString(),
+                                               caffe_key(1, "bomb.png"): bomb.SerializeToString()})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "encoded formats: PNG 1, unknown 1" in out
+    assert main(["verify", "--decode", str(path), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "key b'00000001_bomb.png'" in out and "claims a 30000x30000" in out
+
+
+def test_png_header_read_decodes_nothing_and_keeps_exif_orientation(rgb_image):
+    """A PNG's header is read without its pixels: a 10000x10000 claim over 100 bytes of IDAT gives its dims."""
+    with pytest.warns(Image.DecompressionBombWarning):
+        header = read_encoded_header(bomb_png(10000, 10000))  # decoding would fail: the IDAT is 100 bytes
+    assert (header.format, header.channels, header.height, header.width) == ("PNG", 3, 10000, 10000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: 7 wide x 5 high decodes 5 wide x 7 high
+    buf = io.BytesIO()
+    rgb_image.save(buf, format="PNG", exif=exif)  # Pillow writes eXIf before IDAT
+    assert read_encoded_header(buf.getvalue())[1:] == (3, 7, 5, 6)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
-from conftest import caffe_key, png_bytes, save_image
+from conftest import assert_one_line_error, caffe_key, png_bytes, run_cli, save_image, tree_snapshot
 from lmdbread import read_datums
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, raw_value
 
 from caffe_lmdb import caffe_pb2
 from caffe_lmdb.cli import main
-from caffe_lmdb.export import ExportError, export_lmdb, key_file_stem
+from caffe_lmdb.export import LIST_NAME, ExportError, export_lmdb, key_file_stem
+from caffe_lmdb.files import TMP_MARK
 from caffe_lmdb.sources import InputError
 
 
@@ -181,4 +183,163 @@ def test_bad_records_are_named_and_the_rest_exported(tmp_path, rng, capsys):
     out = capsys.readouterr().out
     assert "key b'00000001_b.jpg': not exported: not a Datum" in out
     assert "key b'00000002_c.png': not exported: encoded data (12 bytes) is not an image" in out
+    assert (tmp_path / "out" / "list.txt").read_text() == "0/00000000_a.png 0\n"
+
+
+# ---------------------------------------------------------------- planted symlinks
+
+def test_planted_symlinks_are_replaced_never_written_through(legacy_rgb_lmdb, tmp_path):
+    path = legacy_rgb_lmdb[0]
+    export_lmdb(path, tmp_path / "clean")
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    victim, victim_list = outside / "victim", outside / "victim_list"
+    victim.write_bytes(b"precious")
+    victim_list.write_bytes(b"also precious")
+    (out / "0").mkdir(parents=True)
+    (out / "0" / "00000000_img0.png").symlink_to(victim)  # the name export writes for the first record
+    (out / LIST_NAME).symlink_to(victim_list)
+    with pytest.raises(InputError, match=r"list.txt: already exists"):
+        export_lmdb(path, out)
+    (out / LIST_NAME).unlink()
+    with pytest.raises(InputError, match=r"00000000_img0.png: is a symbolic link \(pass --overwrite"):
+        export_lmdb(path, out)
+    (out / LIST_NAME).symlink_to(victim_list)
+    export_lmdb(path, out, overwrite=True)
+    assert victim.read_bytes() == b"precious" and victim_list.read_bytes() == b"also precious"
+    for name in ("0/00000000_img0.png", LIST_NAME):
+        assert not (out / name).is_symlink()
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_symlinked_class_folder_within_the_export_is_refused_too(legacy_rgb_lmdb, tmp_path):
+    path = legacy_rgb_lmdb[0]
+    out = tmp_path / "out"
+    (out / "mine").mkdir(parents=True)
+    (out / "mine" / "notes.txt").write_text("the user's")
+    (out / "1").symlink_to(out / "mine")  # label 1's folder, pointing at a folder of the user's
+    before = tree_snapshot(out / "mine")
+    result = run_cli("export", path, out, "--overwrite", "-q")
+    assert_one_line_error(result, 1, f"{out / '1'}: is a symbolic link", "points within", "refusing to write")
+    assert tree_snapshot(out / "mine") == before
+    assert not (out / LIST_NAME).exists()
+
+
+# ---------------------------------------------------------------- full disk, interrupted runs, resuming
+
+def noisy_lmdb(path, rng, count: int = 12, side: int = 128):
+    """Raw records of noise, whose PNGs do not compress: each about side*side*3 bytes."""
+    records = {caffe_key(i, f"c{i % 2}/{i}.jpg"): raw_value(rng.integers(0, 256, (side, side, 3), dtype=np.uint8),
+                                                           i % 2)
+               for i in range(count)}
+    return hand_written(path, records)
+
+
+def fill(fs, leave: int) -> None:
+    """Fill the file system at `fs` with one file, `filler`, until at most `leave` bytes are free."""
+    def free() -> int:
+        info = os.statvfs(fs)
+        return info.f_bavail * info.f_frsize
+
+    with open(fs / "filler", "wb") as f:
+        while free() > leave:
+            f.write(b"\0" * min(64 << 10, max(free() - leave, 4096)))
+            f.flush()
+
+
+def leftovers(root) -> list[str]:
+    """Temporaries and empty files under `root`: what a failed write must never leave."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and (TMP_MARK in p.name or p.stat().st_size == 0)]
+
+
+def test_full_disk_names_the_file_leaves_no_list_and_a_rerun_continues(tmp_path, small_fs, rng):
+    path = noisy_lmdb(tmp_path / "noise.lmdb", rng)  # 12 PNGs of ~48 KiB
+    out = small_fs / "out"
+    fill(small_fs, leave=200 << 10)
+    result = run_cli("export", path, out, "-q")
+    err = assert_one_line_error(result, 1, "no space left on device", "is incomplete", "run the same command again")
+    assert re.search(rf"error: {re.escape(str(out))}/[01]/\d{{8}}_\d+\.png: no space left on device", err), err
+    assert not (out / LIST_NAME).exists() and leftovers(out) == []
+    written = files_under(out)
+    assert 0 < len(written) < 12
+
+    (small_fs / "filler").unlink()
+    result = export_lmdb(path, out)  # no --overwrite needed: the files there are this export's own
+    assert (result.written, result.kept) == (12, len(written))
+    assert f"{len(written)} files were already there with the same bytes" in str(result)
+    assert leftovers(out) == []
+    assert_rebuilds(path, out)
+
+
+def test_failed_overwrite_never_leaves_the_old_list(tmp_path, small_fs, rng):
+    out = small_fs / "out"
+    export_lmdb(noisy_lmdb(tmp_path / "a.lmdb", rng, count=4), out)
+    assert (out / LIST_NAME).exists()
+    fill(small_fs, leave=100 << 10)
+    other = noisy_lmdb(tmp_path / "b.lmdb", rng, count=6)  # other pixels: every file must be replaced
+    with pytest.raises(ExportError, match="no space left on device"):
+        export_lmdb(other, out, overwrite=True)
+    assert not (out / LIST_NAME).exists() and leftovers(out) == []
+
+
+#: Exports, but dies by SIGKILL at the 4th rename: three files in place, the fourth's temporary written.
+_KILLED_EXPORT = """
+import os, signal, sys
+from caffe_lmdb.export import export_lmdb
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+export_lmdb(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_export_killed_mid_write_is_continued_by_a_rerun(tmp_path, rng):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = noisy_lmdb(tmp_path / "noise.lmdb", rng, count=8, side=16)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(path), str(out)], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / LIST_NAME).exists()
+    assert len(files_under(out)) == 4 and len([p for p in out.rglob("*") if TMP_MARK in p.name]) == 1
+    result = run_cli("export", path, out, "-q")
+    assert result.returncode == 0, result.stderr
+    assert "3 files were already there with the same bytes (an earlier export's) and kept" in result.stdout
+    assert [p for p in out.rglob("*") if TMP_MARK in p.name] == []  # the killed run's temporary is gone
+    assert_rebuilds(path, out)
+
+
+def test_a_rerun_still_refuses_files_that_are_not_the_exports(tmp_path, rng):
+    path = noisy_lmdb(tmp_path / "noise.lmdb", rng, count=4, side=16)
+    out = tmp_path / "out"
+    export_lmdb(path, out)
+    (out / LIST_NAME).unlink()  # as if interrupted before the list
+    (out / "1" / "00000001_1.png").write_bytes(b"the user's own file")
+    with pytest.raises(InputError, match=r"00000001_1.png: already exists with other content \(pass --overwrite"):
+        export_lmdb(path, out)
+    assert (out / "1" / "00000001_1.png").read_bytes() == b"the user's own file"
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+def test_bomb_record_is_a_problem_named_by_key(tmp_path, rng, capsys):
+    from test_datum import bomb_png
+
+    records = {
+        caffe_key(0, "a.png"): raw_value(rng.integers(0, 256, size=(2, 3, 3), dtype=np.uint8), 0),
+        caffe_key(1, "bomb.png"): encoded_datum(bomb_png(30000, 30000), 0),
+    }
+    path = hand_written(tmp_path / "bomb", records)
+    assert main(["export", str(path), str(tmp_path / "out"), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "key b'00000001_bomb.png': not exported: encoded data (69 bytes): its header claims a 30000x30000" in out
     assert (tmp_path / "out" / "list.txt").read_text() == "0/00000000_a.png 0\n"

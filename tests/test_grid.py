@@ -54,3 +54,27 @@ def test_grid_errors(tmp_path, legacy_rgb_lmdb, capsys):
     assert main(["grid", str(legacy_rgb_lmdb[0]), "-o", str(tmp_path / "g.unknown-ext")]) == 2
     assert "cannot save the grid" in capsys.readouterr().err
     assert main(["grid", str(tmp_path / "nothing"), "-o", str(tmp_path / "g.png")]) == 1
+
+
+def test_grid_on_a_full_disk_leaves_no_file_and_names_it(legacy_rgb_lmdb, small_fs):
+    import os
+
+    from caffe_lmdb.errors import describe_os_error
+
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # fill the 4 MiB file system
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as excinfo:
+        save_grid(legacy_rgb_lmdb[0], small_fs / "grid.png", n=6, tile=64)
+    assert describe_os_error(excinfo.value) == f"{small_fs / 'grid.png'}: no space left on device"
+    assert [p.name for p in small_fs.iterdir()] == ["filler"]
+
+
+def test_grid_checks_the_extension_before_reading_the_lmdb(tmp_path, capsys):
+    assert main(["grid", str(tmp_path / "missing.lmdb"), "-o", str(tmp_path / "g.txt")]) == 2
+    assert "unknown image extension '.txt'" in capsys.readouterr().err

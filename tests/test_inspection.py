@@ -11,7 +11,7 @@ from conftest import caffe_key, png_bytes
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, raw_value
 
-from caffe_lmdb import LmdbFormatError, caffe_pb2, save_keys
+from caffe_lmdb import KeysFileError, LmdbFormatError, caffe_pb2, save_keys
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import read_encoded_header
 from caffe_lmdb.inspection import info, verify
@@ -153,3 +153,45 @@ def test_verify_empty_and_missing(tmp_path):
     assert verify(hand_written(tmp_path / "empty", {})).problems == [(None, "the LMDB has no records")]
     with pytest.raises(LmdbFormatError, match="LMDB not found"):
         verify(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- files that are not (readable) LMDBs: one line
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "is empty (0 bytes"), (b"\x00" * 20000, "not a readable LMDB"), (b"junk" * 5000, "not a readable LMDB")],
+    ids=["empty", "zeros", "junk"],
+)
+def test_info_and_verify_on_a_data_mdb_that_is_no_lmdb(tmp_path, capsys, content, message):
+    (tmp_path / "x.lmdb").mkdir()
+    (tmp_path / "x.lmdb" / "data.mdb").write_bytes(content)
+    for command in ("info", "verify"):
+        assert main([command, str(tmp_path / "x.lmdb")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"caffe-lmdb {command}: error: {tmp_path / 'x.lmdb'}: ") and message in err
+        assert "\n" not in err
+
+
+def test_info_on_an_unreadable_data_mdb(train_lmdb, without_file_caps):
+    from conftest import assert_one_line_error, run_cli
+
+    (train_lmdb / "data.mdb").chmod(0)
+    try:
+        result = run_cli("info", train_lmdb, drop_file_caps=True)
+    finally:
+        (train_lmdb / "data.mdb").chmod(0o644)
+    assert_one_line_error(result, 1, train_lmdb / "data.mdb", "permission denied")
+
+
+def test_info_sample_on_a_key_ending_in_nul_names_the_lmdb(tmp_path):
+    path = hand_written(tmp_path / "nul", {caffe_key(0, "a.jpg"): raw_value(np.zeros((5, 7, 3), np.uint8), 0),
+                                           b"00000001_b\x00": raw_value(np.zeros((5, 7, 3), np.uint8), 1)})
+    with pytest.raises(KeysFileError, match=rf"^{path}: key b'00000001_b\\x00' ends with a NUL byte"):
+        info(path, sample=1)
+
+
+def test_info_on_a_class_file_that_is_not_utf8(train_lmdb, tmp_path, capsys):
+    (tmp_path / "train_classes.txt").write_bytes(b"cat\n\xff\xfedog\n")
+    assert main(["info", str(train_lmdb)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"caffe-lmdb info: error: {tmp_path / 'train_classes.txt'}: not UTF-8 text (invalid start byte at byte 4)"

@@ -63,3 +63,48 @@ def test_scan_keys_of_non_lmdb(tmp_path):
     (tmp_path / "file.lmdb").write_bytes(b"not an lmdb at all" * 100)
     with pytest.raises(LmdbFormatError, match="file.lmdb: not a readable LMDB"):
         scan_keys(tmp_path / "file.lmdb")
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "data.mdb").write_bytes(b"")
+    with pytest.raises(LmdbFormatError, match=r"zero: not an LMDB: .*zero/data.mdb is empty \(0 bytes"):
+        scan_keys(tmp_path / "zero")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "data.mdb").mkdir()
+    with pytest.raises(LmdbFormatError, match="dir: not an LMDB"):
+        scan_keys(tmp_path / "dir")
+
+
+def test_a_garbage_lock_file_is_never_read(tmp_path):
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"00000000_a", b"v")
+    env.close()
+    (tmp_path / "db" / "lock.mdb").write_bytes(b"\xff" * 100)
+    assert scan_keys(tmp_path / "db").tolist() == [b"00000000_a"]
+
+
+def test_a_key_ending_in_nul_is_named_with_its_lmdb(tmp_path):
+    with pytest.raises(KeysFileError, match=r"^key b'ab\\x00' ends with a NUL byte"):
+        save_keys(tmp_path / "k.npy", [b"a", b"ab\x00"])
+    assert not (tmp_path / "k.npy").exists()
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"00000000_a", b"v")
+        txn.put(b"00000001_b\x00", b"v")
+    env.close()
+    with pytest.raises(KeysFileError) as excinfo:
+        scan_keys(tmp_path / "db")
+    assert str(excinfo.value).startswith(f"{tmp_path / 'db'}: key b'00000001_b\\x00' ends with a NUL byte")
+
+
+def test_save_keys_never_writes_through_a_planted_link(tmp_path):
+    """The temporary is created new (O_EXCL|O_NOFOLLOW): a symlink at its name is not followed."""
+    import os
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / f".k.npy.tmp-{os.getpid()}").symlink_to(victim)
+    (tmp_path / "k.npy").symlink_to(victim)
+    save_keys(tmp_path / "k.npy", [b"00000000_a"])
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "k.npy").is_symlink() and load_keys(tmp_path / "k.npy").tolist() == [b"00000000_a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.npy", "victim.txt"]

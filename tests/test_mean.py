@@ -11,7 +11,7 @@ from toollmdbs import bgr_planes, converted, hand_written, legacy_encoded, raw_v
 
 from caffe_lmdb import DatumError, caffe_pb2
 from caffe_lmdb.cli import main
-from caffe_lmdb.mean import MeanError, compute_mean, load_mean, save_mean
+from caffe_lmdb.mean import MeanError, compute_mean, load_mean, mean_to_blob, save_mean
 
 
 @pytest.fixture
@@ -138,3 +138,144 @@ def test_load_mean_refuses_what_is_not_a_mean_file(tmp_path):
     (tmp_path / "junk.binaryproto").write_bytes(b"\xff\xff\xff")
     with pytest.raises(MeanError, match="junk.binaryproto"):
         load_mean(tmp_path / "junk.binaryproto")
+
+
+# ---------------------------------------------------------------- bit-identical sums, bounded memory
+
+def old_sums(planes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The per-pixel mean and per-plane std as compute_mean computed them before its memory bound:
+    a float64 copy of each record added in, and an einsum of that copy's squares."""
+    total = np.zeros(planes[0].shape, np.float64)
+    squares = np.zeros(planes[0].shape[0], np.float64)
+    for p in planes:
+        values = p.astype(np.float64)
+        total += values
+        flat = values.reshape(values.shape[0], -1)
+        squares += np.einsum("ij,ij->i", flat, flat)
+    mean = total / len(planes)
+    channel_mean = mean.mean(axis=(1, 2))
+    pixels = len(planes) * mean.shape[1] * mean.shape[2]
+    return mean, np.sqrt(np.maximum(squares / pixels - channel_mean**2, 0.0))
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray", "float"])
+def test_mean_is_bit_identical_to_the_float64_copy_sums(tmp_path, rng, kind):
+    shape = {"rgb": (3, 300, 301), "gray": (1, 260, 270), "float": (3, 40, 50)}[kind]  # planes over one block
+    planes = []
+    records = {}
+    for i in range(4):
+        if kind == "float":
+            arr = (rng.random(shape) * 300 - 20).astype(np.float32)
+            datum = caffe_pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], label=0)
+            datum.float_data.extend(arr.ravel().tolist())
+        else:
+            arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            datum = caffe_pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], data=arr.tobytes(), label=0,
+                                    encoded=False)
+        planes.append(arr)
+        records[caffe_key(i, f"{i}.png")] = datum.SerializeToString()
+    result = compute_mean(hand_written(tmp_path / kind, records))
+    mean, std = old_sums(planes)
+    np.testing.assert_array_equal(result.mean, mean)
+    np.testing.assert_array_equal(result.channel_std, std)
+
+
+def test_mean_file_bytes_are_what_protobuf_serializes(rng, tmp_path):
+    mean = rng.random((3, 5, 7)) * 255
+    blob = caffe_pb2.BlobProto(num=1, channels=3, height=5, width=7)
+    blob.data.extend(mean.astype(np.float32).ravel().tolist())
+    path = save_mean(tmp_path / "m.binaryproto", mean)
+    assert path.read_bytes() == blob.SerializeToString()
+    assert mean_to_blob(mean) == blob
+    assert [p.name for p in tmp_path.iterdir()] == ["m.binaryproto"]  # no temporary left beside it
+
+
+#: Runs the command given as its arguments as a child and prints the child's peak RSS (KiB on Linux).
+_PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def peak_rss_kib(*cli_args) -> int:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "caffe_lmdb.cli", *map(str, cli_args)],
+                          capture_output=True, text=True, env=env, check=True)
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_mean_of_a_50_megapixel_record_stays_within_a_few_copies_of_it(tmp_path):
+    import lmdb
+
+    shape = (3, 4096, 4096)  # 50 MB of pixels in one raw record
+    record = caffe_pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], label=0, encoded=False,
+                             data=np.arange(np.prod(shape), dtype=np.uint8).tobytes()).SerializeToString()
+    big = tmp_path / "big.lmdb"
+    env = lmdb.open(str(big), map_size=len(record) + (8 << 20))
+    with env.begin(write=True) as txn:
+        txn.put(caffe_key(0, "big.png"), record)
+    env.close()
+    small = hand_written(tmp_path / "small.lmdb", {caffe_key(0, "s.png"): raw_value(np.zeros((5, 7, 3), np.uint8), 0)})
+    baseline = peak_rss_kib("mean", small, "-o", tmp_path / "small.binaryproto", "-q")
+    peak = peak_rss_kib("mean", big, "-o", tmp_path / "big.binaryproto", "--json", tmp_path / "big.json", "-q")
+    # The float64 mean (8 bytes a pixel, returned in MeanResult) and the float32 file bytes (4) are the
+    # floor; before the bound, float64 copies and a Python list of the mean took over 50 times the record.
+    assert (peak - baseline) * 1024 < 16 * len(record), (peak, baseline)
+    assert (tmp_path / "big.binaryproto").stat().st_size == 4 * int(np.prod(shape)) + 15  # + fields 1-5's tags
+    assert json.loads((tmp_path / "big.json").read_text())["records"] == 1
+
+
+# ---------------------------------------------------------------- full disk, decompression bombs
+
+def fill(fs, leave: int = 0) -> None:
+    """Fill the file system at `fs` with one file, `filler`, until at most `leave` bytes are free (0: full)."""
+    import os
+
+    def free() -> int:
+        info = os.statvfs(fs)
+        return info.f_bavail * info.f_frsize
+
+    with open(fs / "filler", "wb") as f:
+        try:
+            while free() > leave:
+                f.write(b"\0" * min(64 << 10, max(free() - leave, 4096)))
+                f.flush()
+        except OSError:  # full
+            pass
+    assert free() <= leave
+
+
+def test_mean_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path, small_fs, rng):
+    from conftest import assert_one_line_error, run_cli
+
+    records = {caffe_key(i, f"{i}.png"): raw_value(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), 0)
+               for i in range(2)}
+    path = hand_written(tmp_path / "train.lmdb", records)  # the mean file is 768 KiB
+    fill(small_fs, leave=256 << 10)
+    out = small_fs / "mean.binaryproto"
+    result = run_cli("mean", path, "-o", out, "-q")
+    assert_one_line_error(result, 1, f"{out}: no space left on device")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]  # no 0-byte mean file, no temporary
+
+
+def test_json_on_a_full_disk_takes_back_the_new_mean_file(tmp_path, small_fs, tree):
+    lmdb_path = converted(tree, tmp_path / "train.lmdb")
+    fill(small_fs)
+    out, stats = tmp_path / "mean.binaryproto", small_fs / "stats.json"
+    assert main(["mean", str(lmdb_path), "-o", str(out), "--json", str(stats), "-q"]) == 1
+    assert not out.exists() and sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+
+
+def test_encoded_bomb_record_names_the_key_and_the_claimed_size(tmp_path, rng):
+    from test_datum import bomb_png
+    from toollmdbs import encoded_datum
+
+    records = {caffe_key(0, "a.png"): raw_value(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), 0),
+               caffe_key(1, "bomb.png"): encoded_datum(bomb_png(30000, 30000), 0)}
+    with pytest.raises(DatumError, match=r"key b'00000001_bomb.png': .*claims a 30000x30000"):
+        compute_mean(hand_written(tmp_path / "bomb", records))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 from lmdbread import read_all
 from test_shards import _make_tree
@@ -47,6 +50,28 @@ def test_merge_output_exists(tmp_path, capsys):
     src = _make_tree(tmp_path / "src", 4)
     convert(src, tmp_path / "a.lmdb", workers=1)
     assert main(["merge", str(tmp_path / "a.lmdb"), "-o", str(tmp_path / "a.lmdb"), "-q"]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "the output is the input" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "a.lmdb"), "-o", str(tmp_path / "b.lmdb"), "-q"]) == 0
     assert load_keys(tmp_path / "b_keys.npy").tolist() == load_keys(tmp_path / "a_keys.npy").tolist()
+
+
+@pytest.mark.parametrize("damage", ["zeroed-leaf", "truncated"])
+def test_damaged_shard_names_the_shard_and_writes_nothing(tmp_path, damage):
+    from conftest import caffe_key, caffe_raw_datum, write_lmdb
+    from test_corruption import damage_middle_leaf, many_record_lmdb, truncate
+
+    from caffe_lmdb.errors import CorruptLmdbError
+
+    good = write_lmdb(tmp_path / "a-00000-of-00002.lmdb", {
+        caffe_key(1000, "x.png"): caffe_raw_datum(np.zeros((5, 7, 3), np.uint8), 0).SerializeToString()})
+    bad = tmp_path / "a-00001-of-00002.lmdb"
+    keys = many_record_lmdb(bad)
+    if damage == "truncated":
+        truncate(bad)
+        expected = re.escape(f"{bad}: truncated LMDB")
+    else:
+        _, first = damage_middle_leaf(bad, keys)
+        expected = re.escape(f"{bad}: corrupt LMDB: ") + ".*" + re.escape(f"before it is key {keys[first - 1]!r}")
+    with pytest.raises(CorruptLmdbError, match=expected):
+        merge_lmdbs([good, bad], tmp_path / "m.lmdb")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name, bad.name]

@@ -21,6 +21,7 @@ import lmdb
 import msgpack
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 from lmdbread import raw_rgb, read_all, read_datums
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -416,6 +417,78 @@ def test_info_and_verify_on_an_unmigrated_lmdb_say_one_line(tmp_path, image_file
     assert main([command, str(old)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not Caffe Datums" in err and "caffe-lmdb migrate" in err
+
+
+# ---------------------------------------------------------------- hostile nesting and size claims (hand-made pickles)
+
+DEPTH = 200_000
+
+
+def deep_list(depth: int = DEPTH) -> bytes:
+    """Opcodes (no PROTO/STOP) of a list nested `depth` deep: EMPTY_LIST `depth` times, then APPEND."""
+    return b"]" * depth + b"a" * (depth - 1)
+
+
+def deep_tuple(depth: int = DEPTH) -> bytes:
+    """Opcodes of a tuple nested `depth` deep: EMPTY_TUPLE, then TUPLE1 around it, two bytes a level at most."""
+    return b")" + b"\x85" * (depth - 1)
+
+
+def image_record_pickle(image: bytes, label_opcodes: bytes) -> bytes:
+    """`pickle.dumps((image, <label>))` at protocol 2, the label given as raw opcodes."""
+    return b"\x80\x02" + b"B" + struct.pack("<I", len(image)) + image + label_opcodes + b"\x86."
+
+
+def put_record(old, key: bytes, value: bytes) -> None:
+    env = lmdb.open(str(old))
+    with env.begin(write=True) as txn:
+        txn.put(key, value)
+    env.close()
+
+
+@pytest.mark.parametrize("which", ["deep label", "deep tuple as dict key", "deep LMDB_Image state key",
+                                   "bytes8 claim", "bytearray8 claim"])
+def test_hostile_pickles_get_one_line_and_nothing_is_written(tmp_path, image_files, which):
+    hostile = {
+        "deep label": image_record_pickle(image_files[0], deep_list()),
+        # hashing a 200,000-deep tuple overflows the C stack: a segmentation fault, if it were ever unpickled
+        "deep tuple as dict key": b"\x80\x02}" + deep_tuple() + b"K\x01s.",
+        "deep LMDB_Image state key": b"\x80\x02c__main__\nLMDB_Image\n)\x81}" + deep_tuple() + b"K\x01sb.",
+        "bytes8 claim": b"\x80\x04\x8e" + struct.pack("<Q", 2**62) + b"abc.",
+        "bytearray8 claim": b"\x80\x05\x96" + struct.pack("<Q", 2**62) + b"abc.",  # CPython 3.11 prints a stray line
+    }[which]
+    old = folder2lmdb_pickle(tmp_path / "old.lmdb", image_files, list(range(COUNT)))
+    put_record(old, b"0", hostile)
+    before = lmdb_listing(tmp_path)
+    result = run_cli("migrate", old, tmp_path / "out" / "new.lmdb")
+    err = assert_one_line_error(result, 1, old, "key b'0'")
+    assert len(err.strip().splitlines()) == 1, err
+    assert lmdb_listing(tmp_path) == before  # no output, keys file, temporary or parent folder
+
+
+def test_deep_record_after_migrated_ones_leaves_nothing(tmp_path, image_files):
+    old = folder2lmdb_pickle(tmp_path / "old.lmdb", image_files, list(range(COUNT)))
+    put_record(old, b"7", image_record_pickle(image_files[7], deep_list()))  # the first 7 are written before it
+    before = lmdb_listing(tmp_path)
+    with pytest.raises(MigrationError, match=r"old.lmdb: key b'7': label <a list nested too deeply to show>"):
+        migrate_lmdb(old, tmp_path / "new.lmdb")
+    put_record(old, b"7", image_record_pickle(image_files[7], b"}" + deep_tuple() + b"K\x01s"))
+    with pytest.raises(MigrationError, match=r"key b'7': the pickle builds more than 10000 tuples"):
+        migrate_lmdb(old, tmp_path / "new.lmdb")
+    assert lmdb_listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
+def test_pickle_screen_counts_tuples_at_every_protocol(protocol):
+    from caffe_lmdb.migrate import MAX_PICKLE_TUPLES, PickleTooComplexError
+
+    pairs = [(i, i + 1) for i in range(MAX_PICKLE_TUPLES // 2)]  # a label of 5000 pairs is still read
+    assert safe_unpickle(pickle.dumps(pairs, protocol=protocol)) == pairs
+    many = [(i,) for i in range(MAX_PICKLE_TUPLES + 1)]  # refused by count: the bound on how deep they could nest
+    with pytest.raises(PickleTooComplexError):
+        safe_unpickle(pickle.dumps(many, protocol=protocol))
+    with pytest.raises(pickle.UnpicklingError, match="more than the pickle holds|truncated|expected"):
+        safe_unpickle(pickle.dumps(b"x" * 300, protocol=4)[:-20] + b".")  # BINBYTES claims 300
 
 
 # ---------------------------------------------------------------- dry run, overwrite, refusals

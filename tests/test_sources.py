@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from conftest import save_image
 
 from caffe_lmdb.sources import (
     InputError,
@@ -113,3 +116,118 @@ def test_packed_entries_give_back_each_entry_s_file_label_and_targets(tmp_path):
     assert packed[-1] == packed[2]
     with pytest.raises(IndexError):
         packed[3]
+
+
+# ---------------------------------------------------------------- links, special files, unreadable folders
+
+def test_symlink_loop_is_visited_once(image_tree):
+    before, _ = scan_folder(image_tree)
+    (image_tree / "cat" / "self").symlink_to(".")
+    (image_tree / "cat" / "deep" / "up").symlink_to("..")
+    entries, _ = scan_folder(image_tree)
+    assert [(e.relpath, e.label) for e in entries] == [(e.relpath, e.label) for e in before]
+
+
+def test_symlinked_folders_are_followed_each_real_folder_once(image_tree, tmp_path, rgb_image):
+    save_image(tmp_path / "outside" / "o.png", rgb_image)
+    (image_tree / "cat" / "ext").symlink_to(tmp_path / "outside")
+    (image_tree / "cat" / "ext2").symlink_to(tmp_path / "outside")
+    (image_tree / "cat" / "alias").symlink_to("deep")  # the real path wins over a link at the same depth
+    (image_tree / "dog" / "ext").symlink_to(tmp_path / "outside")  # per class: dog lists it too
+    entries, _ = scan_folder(image_tree)
+    assert [(e.relpath, e.label) for e in entries] == [
+        ("cat/a.png", 0), ("cat/deep/b c.png", 0), ("cat/ext/o.png", 0),
+        ("dog/ext/o.png", 1), ("dog/g.png", 1), ("dog/x.JPG", 1),
+    ]
+
+
+def test_scan_leaves_out_fifos_and_devices_but_lists_dangling_links(image_tree):
+    os.mkfifo(image_tree / "cat" / "fifo.jpg")
+    (image_tree / "cat" / "zero.jpg").symlink_to("/dev/zero")
+    (image_tree / "cat" / "gone.png").symlink_to("nowhere.png")
+    (image_tree / "cat" / "loop.png").symlink_to("loop.png")
+    (image_tree / "cat" / "knot").symlink_to("knot")  # file or folder? Cannot tell: listed, so it is reported
+    entries, _ = scan_folder(image_tree)
+    assert [e.relpath for e in entries if e.label == 0] == ["cat/a.png", "cat/deep/b c.png", "cat/gone.png",
+                                                            "cat/knot", "cat/loop.png"]
+    from caffe_lmdb.writer import ConvertOptions, encode_entry
+
+    assert [encode_entry(e, ConvertOptions()).error for e in entries if e.label == 0] == [
+        None, None, "no such file or directory", "too many levels of symbolic links",
+        "too many levels of symbolic links",
+    ]
+
+
+def test_a_class_with_only_a_fifo_has_no_images(image_tree):
+    (image_tree / "bird").mkdir()
+    os.mkfifo(image_tree / "bird" / "x.jpg")
+    with pytest.raises(InputError, match="bird: class folder has no images"):
+        scan_folder(image_tree)
+
+
+def test_read_image_file_reads_regular_files_only(tmp_path, image_tree):
+    from caffe_lmdb.errors import DatumError
+    from caffe_lmdb.sources import MAX_IMAGE_BYTES, read_image_file
+
+    assert read_image_file(image_tree / "cat" / "a.png") == (image_tree / "cat" / "a.png").read_bytes()
+    assert read_image_file(image_tree / "dog" / "readme.txt") == b"not an image"
+    os.mkfifo(tmp_path / "fifo.jpg")  # blocked forever before the fix: nothing writes to it
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # MemoryError before the fix
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:  # sparse: no disk space used
+        f.truncate(MAX_IMAGE_BYTES + 1)
+    for path, message in [
+        (tmp_path / "fifo.jpg", r"^not a regular file \(a FIFO\)$"),
+        (tmp_path / "zero.jpg", r"^not a regular file \(a character device\)$"),
+        (image_tree / "cat", r"^is a folder, not an image file$"),
+        (huge, rf"^file is larger than {MAX_IMAGE_BYTES} bytes \({MAX_IMAGE_BYTES + 1} bytes\)$"),
+    ]:
+        with pytest.raises(DatumError, match=message):
+            read_image_file(path)
+    with pytest.raises(FileNotFoundError):
+        read_image_file(tmp_path / "missing.png")
+
+
+def test_find_splits_ignores_hidden_class_folders(tmp_path, rgb_image):
+    save_image(tmp_path / "data" / "train" / "cat" / "a.png", rgb_image)
+    save_image(tmp_path / "data" / "cache" / ".thumbs" / "a.png", rgb_image)  # scan_folder finds no class here
+    assert find_splits(tmp_path / "data") == [tmp_path / "data" / "train"]
+
+
+def test_find_splits_survives_a_symlink_loop(tmp_path, rgb_image):
+    save_image(tmp_path / "data" / "train" / "cat" / "sub" / "a.png", rgb_image)
+    (tmp_path / "data" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "val" / "cat" / "self").symlink_to(".")
+    (tmp_path / "data" / "val" / "cat" / "self2").symlink_to(".")
+    assert find_splits(tmp_path / "data") == [tmp_path / "data" / "train"]
+
+
+# ---------------------------------------------------------------- list file edge cases
+
+def test_list_file_byte_order_mark_is_ignored(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("a.jpg 1\r\nb c.jpg 2\r\n".encode("utf-8-sig"))
+    assert [(e.relpath, e.label) for e in parse_list_file(lst, tmp_path)] == [("a.jpg", 1), ("b c.jpg", 2)]
+
+
+@pytest.mark.parametrize("value", ["3e40", "-3.5e38", "1e999", "-1e400"])
+def test_list_column_beyond_float32_names_file_line_and_value(tmp_path, value):
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"a.jpg 0 1\nb.jpg 1 {value}\n")
+    with pytest.raises(InputError, match=rf"list.txt:2: value '{value}' does not fit a 32-bit float$"):
+        parse_list_file(lst, tmp_path)
+
+
+def test_list_columns_within_float32_are_kept(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.jpg 0 3.4028234e38 -1e-50 2147483647\n")
+    assert parse_list_file(lst, tmp_path)[0].targets == (0.0, 3.4028234e38, -1e-50, 2147483647.0)
+
+
+def test_list_file_that_is_a_folder_or_fifo(tmp_path):
+    (tmp_path / "list.txt").mkdir()
+    with pytest.raises(InputError, match="list.txt: is a folder, not a list file"):
+        parse_list_file(tmp_path / "list.txt", tmp_path)
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(InputError, match="fifo.txt: list file is not a regular file"):
+        parse_list_file(tmp_path / "fifo.txt", tmp_path)

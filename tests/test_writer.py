@@ -16,6 +16,7 @@ from lmdbread import raw_rgb, read_all, read_datums
 from PIL import Image
 
 from caffe_lmdb import load_keys
+from caffe_lmdb import output as output_module
 from caffe_lmdb import writer as writer_module
 from caffe_lmdb.cli import main
 from caffe_lmdb.sources import InputError, scan_folder
@@ -133,13 +134,13 @@ def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, worke
     `map_full`, transactions hit MDB_MAP_FULL and are replayed from the rings."""
     root = _mixed_tree(tmp_path / "src", rng)
     convert(root, tmp_path / "w1.lmdb", workers=0)
-    monkeypatch.setattr(writer_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
+    monkeypatch.setattr(output_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
     monkeypatch.setattr(writer_module, "RING_BYTES", 16 << 10)
     if map_full:
-        monkeypatch.setattr(writer_module, "INITIAL_MAP_SIZE", 64 << 10)
-        monkeypatch.setattr(writer_module.BatchWriter, "_reserve", lambda self, batch_bytes: None)
+        monkeypatch.setattr(output_module, "INITIAL_MAP_SIZE", 64 << 10)
+        monkeypatch.setattr(output_module.BatchWriter, "_reserve", lambda self, batch_bytes: None)
     grown = []
-    monkeypatch.setattr(writer_module.BatchWriter, "_grow",
+    monkeypatch.setattr(output_module.BatchWriter, "_grow",
                         lambda self, size: (grown.append(size), self.env.set_mapsize(size)))
     result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3)
     assert result.written == 40 and result.skipped == 2
@@ -158,7 +159,7 @@ def test_without_fork_a_process_pool_gives_the_same_bytes(tmp_path, rng, monkeyp
 
 
 def test_map_grows_and_replays_the_whole_batch(image_tree, tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "INITIAL_MAP_SIZE", 64 << 10)
+    monkeypatch.setattr(output_module, "INITIAL_MAP_SIZE", 64 << 10)
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(120, 160, 3), dtype=np.uint8))
     for i in range(30):
         save_image(image_tree / "dog" / f"big{i:02d}.png", big)
@@ -412,7 +413,7 @@ def test_map_full_replays_the_whole_batch(tmp_path):
     """Without the up-front reservation, MDB_MAP_FULL must double the map and replay every record."""
     import lmdb
 
-    class NoReserve(writer_module.BatchWriter):
+    class NoReserve(output_module.BatchWriter):
         def _reserve(self, batch_bytes):
             pass
 

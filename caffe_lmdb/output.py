@@ -1,0 +1,545 @@
+"""The LMDB a tool writes for users: built aside, locked, and published whole or not at all.
+
+Conversion, merge and migration all write through `AtomicLmdb`, so they share its guarantees:
+
+* **One writer per target.** An exclusive `flock` on `.NAME.lock` beside the target is held for
+  the whole run; the kernel drops it when the process dies, so `kill -9` leaves no stale lock.
+  A second run on the same target fails at once.
+* **`overwrite` replaces only what this tool makes**: an LMDB (a folder holding `data.mdb` and at
+  most `lock.mdb`, or a single-file LMDB) and its side files (`_keys.npy`, `_classes.txt`,
+  `_skipped.txt`). Any other file or folder at the target is refused, never deleted; so is an
+  output inside, equal to or containing an input.
+* **Nothing half-done is visible.** The LMDB is written under `.NAME.tmp-PID`, the side files under
+  temporaries beside their targets; every location is created before the first record, so an
+  unwritable `--keys` folder fails before any work. At the end the side files are renamed into
+  place, then the LMDB, and the keys file last: its presence means complete. A failure (full
+  disk, Ctrl-C, an exception) removes the temporaries and leaves any earlier output as it was;
+  a temporary left by `kill -9` is removed by the next run on that target.
+* LMDB's map starts small and doubles on `MDB_MAP_FULL`, replaying the *whole* uncommitted batch
+  (re-putting only the failing record silently loses the rest of the batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from .allocator import retained_heap
+from .errors import CaffeLmdbError, describe_os_error
+from .files import TMP_MARK, temporary_name
+from .keys import keys_to_array
+from .sources import InputError
+
+log = logging.getLogger(__name__)
+
+#: LMDB's map starts here and doubles whenever it fills up.
+INITIAL_MAP_SIZE = 64 << 20
+
+#: A transaction also ends when its records reach this many bytes: 1000 raw 256x256 records are
+#: 190 MiB, held twice (values, then LMDB's dirty pages) until the commit, where small
+#: transactions stay in the CPU caches (measurements: README, "How conversion gets its speed").
+COMMIT_BYTES = 4 << 20
+
+#: The files LMDB itself keeps in an LMDB folder: a folder holding anything else is not only an LMDB.
+LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
+
+#: The side files a conversion writes beside `NAME.lmdb`, as `NAME_<suffix>`.
+SIDE_FILES = ("keys.npy", "classes.txt", "skipped.txt")
+
+_LMDB_MAGIC = 0xBEEFC0DE  # at byte 16 of an LMDB's first meta page, after the page header
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class OutputError(CaffeLmdbError, RuntimeError):
+    """Writing the output failed (full disk, I/O error, permission): the message names the file and the cause."""
+
+
+def default_keys_path(output: str | os.PathLike) -> Path:
+    """`train.lmdb` -> `train_keys.npy` beside it."""
+    return sidecar_path(output, "keys.npy")
+
+
+def sidecar_path(output: str | os.PathLike, name: str) -> Path:
+    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's side files)."""
+    output = Path(output)
+    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
+    return output.with_name(f"{stem}_{name}")
+
+
+# --------------------------------------------------------------------------- what may be replaced
+
+def _has_lmdb_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and int.from_bytes(head[16:20], "little") == _LMDB_MAGIC
+
+
+def is_lmdb(path: str | os.PathLike) -> bool:
+    """True for an LMDB as LMDB makes it: a folder of `data.mdb` (+ `lock.mdb`) only, or an LMDB file."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        names = set(os.listdir(path))
+        return "data.mdb" in names and names <= LMDB_FILES and _has_lmdb_magic(path / "data.mdb")
+    return path.is_file() and _has_lmdb_magic(path)
+
+
+def _what_is_there(path: Path) -> str:
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        names = sorted(os.listdir(path))
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"a folder holding {shown}" if names else "an empty folder"
+    return "a file that is not an LMDB" if path.is_file() else "something that is not a regular file"
+
+
+def check_replaceable(output: Path, side_files: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an existing output (without `overwrite`), or one that `overwrite` must not replace.
+
+    Raises:
+        InputError: the target exists without `overwrite`, or holds something that is not this
+            tool's output (a folder of other files, a file that is not an LMDB or keys file).
+    """
+    for path in (output, *side_files):
+        if not os.path.lexists(path):
+            continue
+        if not overwrite:
+            raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
+        if path == output:
+            if not (is_lmdb(path) or (path.is_dir() and not path.is_symlink() and not os.listdir(path))):
+                raise InputError(f"{path}: is {_what_is_there(path)}, not an LMDB; --overwrite replaces only "
+                                 "an LMDB (data.mdb and lock.mdb), refusing to delete it")
+        elif path.is_symlink() or not path.is_file():
+            raise InputError(f"{path}: is {_what_is_there(path)}; --overwrite replaces only the side files "
+                             "this tool wrote, refusing to delete it")
+        elif path.name.endswith(".npy") and not _starts_with(path, _NPY_MAGIC):
+            raise InputError(f"{path}: is not a .npy keys file; refusing to overwrite it")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def check_not_inside_inputs(output: Path, inputs: Iterable[str | os.PathLike], *, scanned: bool = True) -> None:
+    """Refuse an output that is an input, contains one, or (for scanned folders) lies inside one.
+
+    Raises:
+        InputError: naming both paths.
+    """
+    out = Path(os.path.realpath(output))
+    for given in inputs:
+        source = Path(os.path.realpath(given))
+        if out == source:
+            raise InputError(f"{output}: the output is the input {given}; choose another output path")
+        if out in source.parents:
+            raise InputError(f"{output}: the output contains the input {given}; choose another output path")
+        if scanned and source.is_dir() and source in out.parents:
+            raise InputError(f"{output}: the output is inside the input folder {given}, whose files are read; "
+                             "choose a path outside it")
+
+
+# --------------------------------------------------------------------------- one writer per target
+
+class TargetLock:
+    """An exclusive `flock` on `.NAME.lock` beside a target, held until `release()`.
+
+    The lock file is removed on release; a run that opened it just before then finds, once it
+    holds the lock, that the path no longer names its file, and starts over with a fresh one.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.with_name(f".{target.name}.lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise InputError(f"{target}: another caffe-lmdb run is writing it"
+                                 + (f" (pid {holder})" if holder.isdigit() else "")
+                                 + "; wait for it to finish") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self._fd)  # closing drops the lock
+            self._fd = -1
+
+
+# --------------------------------------------------------------------------- transactions
+
+class BatchWriter:
+    """Puts records into an LMDB in transactions of `commit_every` records or `COMMIT_BYTES`, growing the map.
+
+    Each record is put as it arrives, while its bytes are still in the CPU cache, and also kept
+    until its transaction commits, for a replay on `MDB_MAP_FULL`; `after_commit(n)` then says
+    that the first n records are written, so a caller that lent their memory (a worker's ring)
+    can reuse it. Transactions run in the caller's thread: a writer thread competes with the
+    decoding processes for the same cores.
+    """
+
+    def __init__(self, env: lmdb.Environment, commit_every: int = 1000,
+                 after_commit: Callable[[int], None] | None = None) -> None:
+        if commit_every < 1:
+            raise ValueError(f"commit_every must be >= 1, got {commit_every}")
+        self.env = env
+        self.commit_every = commit_every
+        self.after_commit = after_commit
+        self.batch: list[tuple[bytes, bytes | memoryview]] = []
+        self._batch_bytes = 0
+        self._written = 0
+        self._last_key = b""
+        self._sorted = True  # Caffe's zero-padded keys arrive sorted: LMDB's append mode skips the B-tree search
+        self._txn: lmdb.Transaction | None = None
+        self._cursor: lmdb.Cursor | None = None
+
+    def put(self, key: bytes, value: bytes | memoryview) -> None:
+        self._sorted = self._sorted and key > self._last_key
+        self._last_key = key
+        self.batch.append((key, value))
+        self._batch_bytes += len(key) + len(value)
+        if self._txn is None:
+            self._reserve(2 * COMMIT_BYTES)
+            self._txn = self.env.begin(write=True)
+            self._cursor = self._txn.cursor()
+        try:
+            self._cursor.put(key, value, append=self._sorted)
+        except lmdb.MapFullError:
+            self._replay()
+            return
+        if len(self.batch) >= self.commit_every or self._batch_bytes >= COMMIT_BYTES:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit everything put so far."""
+        if self._txn is None:
+            return
+        try:
+            self._txn.commit()
+        except lmdb.MapFullError:  # the commit itself needs pages too (the free list)
+            self._txn = self._cursor = None
+            self._replay()
+            return
+        finally:
+            self._txn = self._cursor = None  # a failed commit has ended the transaction too
+        self._committed()
+
+    def _replay(self) -> None:
+        self.abort()
+        self._write(self.batch, self._batch_bytes, self._sorted)  # grows the map and replays
+        self._committed()
+
+    def abort(self) -> None:
+        """Drop the open transaction (its records are still in `batch`)."""
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = self._cursor = None
+
+    def _committed(self) -> None:
+        self._written += len(self.batch)
+        self.batch, self._batch_bytes = [], 0
+        if self.after_commit is not None:
+            self.after_commit(self._written)
+
+    def _write(self, batch: list[tuple[bytes, bytes | memoryview]], batch_bytes: int, append: bool) -> None:
+        """One transaction; on MDB_MAP_FULL double the map and replay the *whole* batch.
+
+        The map is also grown ahead of time when the batch clearly will not fit, so that large
+        records (a raw 256x256 image is 192 KiB) do not cost a replay per doubling.
+        """
+        self._reserve(batch_bytes)
+        while True:
+            try:
+                with self.env.begin(write=True) as txn, txn.cursor() as cursor:
+                    cursor.putmulti(batch, overwrite=True, append=append)
+                return
+            except lmdb.MapFullError:
+                self._grow(self.env.info()["map_size"] * 2)
+
+    def _reserve(self, batch_bytes: int) -> None:
+        info, stat = self.env.info(), self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        needed = used + batch_bytes + batch_bytes // 8 + (1 << 20)  # page headers, B-tree branches
+        size = info["map_size"]
+        while size < needed:
+            size *= 2
+        if size != info["map_size"]:
+            self._grow(size)
+
+    def _grow(self, new_size: int) -> None:
+        log.debug("LMDB map: growing to %d MiB", new_size >> 20)
+        self.env.set_mapsize(new_size)
+
+
+# --------------------------------------------------------------------------- the atomic output
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder tree we made (never follows a link into a folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _remove_temporaries_of(target: Path) -> None:
+    """Remove temporaries earlier runs on `target` left (`kill -9`): under the target's lock, none is live."""
+    for candidate in target.parent.glob(f".{target.name}{TMP_MARK}*"):
+        if candidate.name.rsplit(TMP_MARK, 1)[-1].isdigit():
+            with contextlib.suppress(OSError):
+                _remove(candidate)
+    for candidate in target.parent.glob(f".{target.name}.old{TMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            _remove(candidate)
+
+
+def _no_space_hint(exc: BaseException, where: Path) -> str:
+    """LMDB reports a full disk as EIO (a short pwrite); say which it is when the file system is full."""
+    text = str(exc)
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(where)
+        if fs.f_bavail * fs.f_frsize < (16 << 20):
+            return f"{text} (no space left on device)"
+    return text
+
+
+class AtomicLmdb:
+    """An LMDB built under a temporary name and published, with its side files, only when complete.
+
+    Use as a context manager; `finish()` publishes, leaving the block without it discards::
+
+        with AtomicLmdb("out.lmdb", overwrite=False, inputs=[src]) as out:
+            out.put(key, value)
+            out.finish(classes=["cat", "dog"])
+
+    `after_commit(n)`, if set, is called after each commit with the number of records written so
+    far: a value handed to `put` must stay unchanged until then (a worker's ring is reused after).
+    Write failures (full disk, I/O errors) raise `OutputError` naming the file and the cause.
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        keys_path: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
+        commit_every: int = 1000,
+        after_commit: Callable[[int], None] | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
+        scanned_inputs: bool = True,
+    ) -> None:
+        self.output = Path(output)
+        self.keys_path = Path(keys_path) if keys_path is not None else default_keys_path(self.output)
+        self.side_paths = {name: sidecar_path(self.output, name) for name in SIDE_FILES[1:]}
+        self.keys: list[bytes] = []
+        self.bytes_written = 0
+        self.after_commit = after_commit
+        self._finished = False
+        self._lock: TargetLock | None = None
+        self._temporaries: list[Path] = []
+        self._data_fd = -1
+        self._heap = None
+        self.env: lmdb.Environment | None = None
+        check_not_inside_inputs(self.output, inputs, scanned=scanned_inputs)
+        check_not_inside_inputs(self.keys_path, inputs, scanned=scanned_inputs)
+        try:
+            self._open(overwrite, commit_every)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _open(self, overwrite: bool, commit_every: int) -> None:
+        parents = {self.output.parent, self.keys_path.parent}
+        for folder in sorted(parents):
+            self._os(folder.mkdir, folder, parents=True, exist_ok=True)
+        self._lock = self._os(TargetLock, self.output.parent, self.output)
+        check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
+        for target in (self.output, self.keys_path, *self.side_paths.values()):
+            _remove_temporaries_of(target)
+        self.tmp = temporary_name(self.output)
+        # Every side file's temporary is made now: an unwritable location fails before any work.
+        self._keys_tmp = self._reserve_temporary(self.keys_path)
+        self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
+        self._temporaries.append(self.tmp)
+        # Not writemap: LMDB then copies records into malloc'd pages (reused, see allocator.py) and
+        # writes them with pwritev; with writemap every fresh 4 KiB page of the file costs a page fault.
+        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False,
+                              metasync=False, max_dbs=0, readahead=False)
+        self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
+        self._heap = retained_heap()  # LMDB mallocs and frees a page run per record: keep them
+        self._heap.__enter__()
+        self.writer = BatchWriter(self.env, commit_every, after_commit=self._committed)
+
+    def _reserve_temporary(self, target: Path) -> Path:
+        tmp = temporary_name(target)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        self._os(lambda: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)), target)
+        self._temporaries.append(tmp)
+        return tmp
+
+    def _os(self, call: Callable, where: Path, *args, **kwargs):
+        """Run a file operation for `where`; an OSError becomes one line naming `where` and the cause."""
+        try:
+            return call(*args, **kwargs)
+        except OSError as exc:
+            if exc.filename is not None and Path(exc.filename).name.startswith(f".{where.name}{TMP_MARK}"):
+                exc.filename = None  # our temporary beside `where`: name what the user asked for
+            raise OutputError(describe_os_error(exc, where)) from None
+
+    def _lmdb(self, call: Callable, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except lmdb.Error as exc:
+            raise OutputError(f"{self.output}: cannot write the LMDB: {_no_space_hint(exc, self.output.parent)}") \
+                from None
+        except OSError as exc:
+            raise OutputError(describe_os_error(exc, self.output)) from None
+
+    def __enter__(self) -> AtomicLmdb:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finished:
+            self.discard()
+
+    def put(self, key: bytes, value: bytes | memoryview) -> None:
+        """Add a record (`value` must stay unchanged until `after_commit` has counted it)."""
+        self.keys.append(key)
+        self.bytes_written += len(value)
+        self._lmdb(self.writer.put, key, value)
+
+    def finish(self, classes: Sequence[str] | None = None, skipped: Iterable[tuple[str, str]] = ()) -> None:
+        """Commit, flush everything to disk, and move the side files, the LMDB, then its keys file into place."""
+        self._lmdb(self.writer.commit)
+        self._lmdb(self.env.sync, True)
+        self._close()
+        skipped = list(skipped)
+        contents = {
+            "classes.txt": None if classes is None else "".join(f"{name}\n" for name in classes).encode(),
+            "skipped.txt": "".join(f"{path}\t{reason}\n" for path, reason in skipped).encode() if skipped else None,
+        }
+        keys = keys_to_array(self.keys)
+        self._write_temporary(self._keys_tmp, self.keys_path, lambda f: np.save(f, keys, allow_pickle=False))
+        for name, data in contents.items():
+            if data is not None:
+                self._write_temporary(self._side_tmps[name], self.side_paths[name], lambda f, data=data: f.write(data))
+        self._os(self._publish, self.output, self.output, contents)
+        self._finished = True
+        self._release()
+
+    def _write_temporary(self, tmp: Path, target: Path, write: Callable) -> None:
+        def run() -> None:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        self._os(run, target)
+
+    def _publish(self, output: Path, contents: dict[str, bytes | None]) -> None:
+        """Renames only, nothing left to fail for lack of space: old keys out, sides, the LMDB, new keys last."""
+        if os.path.lexists(self.keys_path):
+            os.unlink(self.keys_path)  # never let an old keys file sit beside a new LMDB
+        for name, data in contents.items():
+            if data is not None:
+                os.replace(self._side_tmps[name], self.side_paths[name])
+            elif name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
+                os.unlink(self.side_paths[name])  # an old run's list does not describe this one
+        trash = None
+        if os.path.lexists(output):
+            trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
+            os.replace(output, trash)
+        os.replace(self.tmp, output)
+        os.replace(self._keys_tmp, self.keys_path)
+        _fsync_folder(output.parent)
+        if trash is not None:
+            _remove(trash)
+        for name, data in contents.items():
+            if data is None:
+                os.unlink(self._side_tmps[name])  # reserved, not needed: this run has no such list
+
+    def discard(self) -> None:
+        """Drop everything this run made (temporaries), keep everything it did not."""
+        self._close()
+        for tmp in self._temporaries:
+            with contextlib.suppress(OSError):
+                _remove(tmp)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _close(self) -> None:
+        if self.env is not None:
+            with contextlib.suppress(lmdb.Error):
+                self.writer.abort()
+            self.env.close()
+            self.env = None
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+        if self._heap is not None:
+            self._heap.__exit__(None, None, None)
+            self._heap = None
+
+    def _committed(self, written: int) -> None:
+        self._start_writeback()
+        if self.after_commit is not None:
+            self.after_commit(written)
+
+    def _start_writeback(self) -> None:
+        """After a commit, start writing the new pages to disk and let the page cache drop them.
+
+        The disk then works while the next records are decoded, instead of all at the end
+        (`sync` before publishing), and the page cache recycles the same memory instead of
+        growing into pages the machine has never touched (each costs a fault in a VM).
+        """
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._data_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable (a crash right after publishing must not bring the old names back)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
