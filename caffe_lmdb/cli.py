@@ -205,8 +205,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_loader(args: argparse.Namespace) -> int:
-    """Run the DataLoader check (`loader.loader_check`), printing its lines as batches arrive."""
-    from .loader import loader_check
+    """Run the DataLoader check (`loader_check.loader_check`), printing its lines as batches arrive."""
+    from .loader_check import loader_check
 
     for line in loader_check(args.lmdb, keys_path=args.keys, batch_size=args.batch_size, size=args.size,
                              num_workers=args.workers):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from caffe_lmdb.bench import TARGETS, main, make_images
+from benchmarks.bench import TARGETS, main, make_images
 
 
 def test_make_images_is_deterministic(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from caffe_lmdb.bench import main
+from benchmarks.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

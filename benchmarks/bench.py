@@ -23,11 +23,11 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from .allocator import retained_heap
-from .proto import caffe_pb2
-from .writer import ConvertOptions, convert
+from caffe_lmdb.allocator import retained_heap
+from caffe_lmdb.proto import caffe_pb2
+from caffe_lmdb.writer import ConvertOptions, convert
 
-BUNDLED_IMAGES = Path(__file__).resolve().parents[1] / "img"
+BUNDLED_IMAGES = Path(__file__).resolve().parents[1] / "img"  # the checkout's sample images
 
 
 @dataclass
@@ -132,8 +132,8 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
     """Samples/s of A..G (see the README's benchmark table) over one fixed random order."""
     import torch
 
-    from .dataset import LmdbDataset_train
-    from .writer import default_keys_path
+    from caffe_lmdb.dataset import LmdbDataset_train
+    from caffe_lmdb.output import default_keys_path
 
     order = np.random.default_rng(seed).permutation(len(files))
     files = [files[i] for i in order]
@@ -220,7 +220,7 @@ def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: in
 
 
 def _bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
-    from .writer import default_keys_path
+    from caffe_lmdb.output import default_keys_path
 
     def decode_only() -> int:
         for path in files:
@@ -286,8 +286,8 @@ def bench_scale(files: Sequence[Path], workdir: Path, sizes: Sequence[int], seed
     """Conversion time and size by N; dataset construction with/without keys; DataLoader memory by epoch."""
     import torch
 
-    from .dataset import LmdbDataset_train
-    from .writer import default_keys_path
+    from caffe_lmdb.dataset import LmdbDataset_train
+    from caffe_lmdb.output import default_keys_path
 
     results: dict[str, Any] = {"conversion": []}
     biggest = None
@@ -370,8 +370,8 @@ def cold_pass(spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         return {"samples_per_s": read / record / seconds, "mib_per_s": read / 2**20 / seconds}
 
-    from .dataset import LmdbDataset_train
-    from .samplers import BlockShuffleSampler
+    from caffe_lmdb.dataset import LmdbDataset_train
+    from caffe_lmdb.samplers import BlockShuffleSampler
 
     dataset = LmdbDataset_train(spec["lmdb"], None, spec["keys"], output="tensor",
                                 readahead=spec["readahead"], prefetch=spec["prefetch"])
@@ -406,7 +406,7 @@ def bench_cold(files: Sequence[Path], workdir: Path, n: int, count: int, seed: i
     import subprocess
     import sys
 
-    from .writer import default_keys_path
+    from caffe_lmdb.output import default_keys_path
 
     src = workdir / f"cold_src_{n}"
     if not src.is_dir() or len(list(src.glob("class*/*.jpg"))) != n:
@@ -434,7 +434,7 @@ def bench_cold(files: Sequence[Path], workdir: Path, n: int, count: int, seed: i
     if any(p.wait() for p in procs):
         raise RuntimeError("a shard conversion failed")
     results["convert_2_shards_parallel_s"] = time.perf_counter() - start
-    from .merge import merge_lmdbs
+    from caffe_lmdb.merge import merge_lmdbs
 
     start = time.perf_counter()
     merge_lmdbs(sorted(workdir.glob("cold_shard-*.lmdb")), workdir / "cold_merged.lmdb", overwrite=True,

@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: run from a checkout, not part of the installed package."""
