@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image
 
 from caffe_lmdb.allocator import retained_heap
+from caffe_lmdb.conversion import convert
+from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.proto import caffe_pb2
-from caffe_lmdb.writer import ConvertOptions, convert
 
 BUNDLED_IMAGES = Path(__file__).resolve().parents[1] / "img"  # the checkout's sample images
 

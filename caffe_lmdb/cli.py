@@ -17,14 +17,13 @@ from pathlib import Path
 import lmdb
 
 from . import __version__
-from .errors import CaffeLmdbError, describe_os_error
-from .sources import IMAGE_EXTENSIONS, InputError
+from .errors import CaffeLmdbError, InputError, describe_os_error
+from .sources import IMAGE_EXTENSIONS
 
 log = logging.getLogger("caffe_lmdb")
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
-UsageError = InputError  # bad arguments or input the user must fix: exit status 2
 
 
 def flag(value: str) -> bool:
@@ -47,11 +46,11 @@ def _shard_arguments(args: argparse.Namespace) -> dict:
 
     if args.num_shards is None:
         if args.shard_index is not None:
-            raise UsageError("--shard-index needs --num-shards")
+            raise InputError("--shard-index needs --num-shards")
         return {}
     if args.num_shards == "auto":
         if args.shard_index is not None:
-            raise UsageError("--shard-index cannot be combined with --num-shards auto")
+            raise InputError("--shard-index cannot be combined with --num-shards auto")
         index, count = shard_from_environment()
         if args.workers is None:  # the launcher starts one converter per shard: share the cores
             args.workers = max(1, (os.cpu_count() or 1) // local_world_size())
@@ -59,9 +58,9 @@ def _shard_arguments(args: argparse.Namespace) -> dict:
     try:
         count = int(args.num_shards)
     except ValueError:
-        raise UsageError(f"--num-shards must be an integer or 'auto', got {args.num_shards!r}") from None
+        raise InputError(f"--num-shards must be an integer or 'auto', got {args.num_shards!r}") from None
     if args.shard_index is None:
-        raise UsageError("--num-shards N needs --shard-index I (or use --num-shards auto under a launcher)")
+        raise InputError("--num-shards N needs --shard-index I (or use --num-shards auto under a launcher)")
     from .shards import shard_range
 
     shard_range(0, count, args.shard_index)  # validates the pair
@@ -69,9 +68,10 @@ def _shard_arguments(args: argparse.Namespace) -> dict:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Resolve the positional forms, then convert with `writer.convert` (or `convert_splits`)."""
+    """Resolve the positional forms, then convert with `conversion.convert` (or `convert_splits`)."""
+    from .conversion import convert, convert_splits
+    from .encode import ConvertOptions
     from .output import sidecar_path
-    from .writer import ConvertOptions, convert, convert_splits
 
     options = ConvertOptions(
         gray=args.gray,
@@ -90,7 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     paths = args.paths
     if args.list is not None:
         if len(paths) != 1:
-            raise UsageError("with --list, give exactly one positional argument: the output LMDB")
+            raise InputError("with --list, give exactly one positional argument: the output LMDB")
         results = [convert(None, paths[0], list_file=args.list, root=args.root, keys_path=args.keys, **common)]
     elif len(paths) == 3:  # Caffe's own form: ROOTFOLDER/ LISTFILE DB_NAME
         results = [convert(None, paths[2], list_file=paths[1], root=paths[0], keys_path=args.keys, **common)]
@@ -98,10 +98,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         results = [convert(paths[0], paths[1], root=args.root, keys_path=args.keys, **common)]
     elif len(paths) == 1:
         if args.keys is not None:
-            raise UsageError("--keys needs an explicit output LMDB (the one-argument form writes one per split)")
+            raise InputError("--keys needs an explicit output LMDB (the one-argument form writes one per split)")
         results = convert_splits(paths[0], **common)
     else:
-        raise UsageError("give SRC OUT.lmdb, ROOTFOLDER/ LISTFILE OUT.lmdb, --list FILE OUT.lmdb, or a dataset root")
+        raise InputError("give SRC OUT.lmdb, ROOTFOLDER/ LISTFILE OUT.lmdb, --list FILE OUT.lmdb, or a dataset root")
     for result in results:
         print(result)
         if result.skipped:
@@ -136,10 +136,10 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     if not folder.is_dir():
-        raise UsageError(f"{folder}: not a directory")
+        raise InputError(f"{folder}: not a directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise UsageError(f"{folder}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"{folder}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     mismatches = 0
     for path in files:
         report = codec_roundtrip(path)
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UsageError as exc:
+    except InputError as exc:
         print(f"caffe-lmdb {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `caffe-lmdb info ... | head`: the reader left, nothing is wrong

@@ -1,4 +1,8 @@
-"""The exception types of caffe-lmdb: one base, each subclass also the matching built-in."""
+"""The exception types of caffe-lmdb, all in one place: one base, each subclass also the matching built-in.
+
+Every error caffe-lmdb raises on purpose is a `CaffeLmdbError`; the CLI prints its message as one
+line (exit 1), `InputError` as a usage error (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,39 @@ class KeysFileWarning(UserWarning):
 
 class CorruptLmdbError(LmdbFormatError):
     """An LMDB's files are damaged: a bad B-tree page, or a `data.mdb` shorter than its meta page says."""
+
+
+class InputError(CaffeLmdbError, ValueError):
+    """The conversion input (folder, list file, flags) is unusable; the message says how."""
+
+
+class ConversionError(CaffeLmdbError, RuntimeError):
+    """The conversion stopped (`--strict` on a bad image, `--check_size` mismatch, nothing convertible)."""
+
+
+class OutputError(CaffeLmdbError, RuntimeError):
+    """Writing the output failed (full disk, I/O error, permission): the message names the file and the cause."""
+
+
+class WorkerError(CaffeLmdbError, RuntimeError):
+    """A worker process died or raised something other than a per-entry error."""
+
+
+class MergeError(LmdbFormatError):
+    """The shards cannot be merged: the same key in two shards, or different class lists."""
+
+
+class MigrationError(CaffeLmdbError, RuntimeError):
+    """An old LMDB cannot be migrated: an unsafe or unreadable record, an unsupported format."""
+
+
+class MeanError(CaffeLmdbError, ValueError):
+    """The mean cannot be computed (records of differing sizes, an empty LMDB) or a mean file is unreadable."""
+
+
+class ExportError(CaffeLmdbError, RuntimeError):
+    """The export cannot continue: a symlinked class folder, or a file that cannot be written (full disk)."""
+
 
 
 def os_error_reason(exc: OSError) -> str:

@@ -44,11 +44,10 @@ from .datum import (
     parse_datum_view,
     read_encoded_header,
 )
-from .errors import CaffeLmdbError, DatumError, describe_os_error
+from .errors import DatumError, ExportError, InputError, describe_os_error
 from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
+from .progress import progress_bar
 from .records import class_names, format_key, iter_values, label_name, read_txn
-from .sources import InputError
-from .writer import progress_bar
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"
@@ -70,10 +69,6 @@ _PNG_LEVEL = 1
 
 #: The name of a temporary `files.write_bytes_atomic` left behind when killed: `.NAME.tmp-PID`.
 _STALE_TEMPORARY = re.compile(rf"^\.(.+){re.escape(TMP_MARK)}\d+$")
-
-
-class ExportError(CaffeLmdbError, RuntimeError):
-    """The export cannot continue: a symlinked class folder, or a file that cannot be written (full disk)."""
 
 
 @dataclass

@@ -17,11 +17,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .datum import datum_to_image, parse_datum_view
-from .errors import DatumError, KeysFileError
+from .errors import DatumError, InputError, KeysFileError
 from .files import write_bytes_atomic
 from .keys import get_value
 from .records import class_names, format_key, keys_file_for, known_keys, label_name, random_subset, read_txn
-from .sources import InputError
 
 BACKGROUND = (32, 32, 32)
 TEXT = (255, 255, 255)

@@ -21,8 +21,9 @@ import lmdb
 import numpy as np
 
 from .datum import check_datum, datum_to_image, parse_datum_view, read_encoded_header
-from .errors import CorruptLmdbError, DatumError, KeysFileError
+from .errors import CorruptLmdbError, DatumError, InputError, KeysFileError
 from .keys import get_value, lmdb_errors_named, load_keys, txn_keys
+from .progress import progress_bar
 from .records import (
     class_names,
     disk_bytes,
@@ -34,8 +35,6 @@ from .records import (
     random_subset,
     read_txn,
 )
-from .sources import InputError
-from .writer import progress_bar
 
 # --------------------------------------------------------------------------- info
 

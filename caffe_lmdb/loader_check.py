@@ -18,9 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .dataset import LmdbDataset_train
-from .errors import CaffeLmdbError
+from .errors import CaffeLmdbError, InputError
 from .records import keys_file_for
-from .sources import InputError
 
 
 class ResizeToHWC:

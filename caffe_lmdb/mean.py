@@ -29,21 +29,17 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from .datum import datum_to_array, image_plane_order, parse_datum_view
-from .errors import CaffeLmdbError, DatumError, describe_os_error
+from .errors import DatumError, MeanError, describe_os_error
 from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
+from .progress import progress_bar
 from .proto import caffe_pb2
 from .records import format_key, format_shape, iter_values, read_txn
-from .writer import progress_bar
 
 #: The channel order `MeanResult.normalize_stats` reports, by channel count.
 _IMAGE_ORDER_NAMES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 #: Pixels per plane squared at once for uint8 records: a 3-plane block is 1.5 MiB of float64.
 _SQUARE_BLOCK = 1 << 16
-
-
-class MeanError(CaffeLmdbError, ValueError):
-    """The mean cannot be computed (records of differing sizes, an empty LMDB) or a mean file is unreadable."""
 
 
 @dataclass

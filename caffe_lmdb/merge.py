@@ -13,15 +13,12 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import LmdbFormatError
+from .conversion import ConvertResult
+from .errors import InputError, MergeError
 from .keys import begin_read, open_readonly
+from .output import AtomicLmdb, sidecar_path
+from .progress import progress_bar
 from .records import class_names, iter_values, sidecar_lines
-from .sources import InputError
-from .writer import AtomicLmdb, ConvertResult, progress_bar, sidecar_path
-
-
-class MergeError(LmdbFormatError):
-    """The shards cannot be merged: the same key in two shards, or different class lists."""
 
 
 def _records(shard_index: int, txn) -> Iterator[tuple[bytes, int, bytes]]:

@@ -48,10 +48,11 @@ from .datum import (
     parse_datum_view,
     serialize_datum,
 )
-from .errors import CaffeLmdbError
+from .encode import ConvertOptions, build_record
+from .errors import InputError, MigrationError
 from .keys import begin_read, checked_items, get_value, make_key, open_readonly
-from .sources import InputError
-from .writer import AtomicLmdb, ConvertOptions, build_record, default_keys_path, progress_bar
+from .output import AtomicLmdb, default_keys_path
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ _PYARROW_GONE = (
     "pyarrow.serialize no longer exists (deprecated in pyarrow 2.0, since removed), so neither pyarrow nor "
     "caffe-lmdb can read it: rebuild the LMDB from the source images with `caffe-lmdb convert`"
 )
-
-
-class MigrationError(CaffeLmdbError, RuntimeError):
-    """An old LMDB cannot be migrated: an unsafe or unreadable record, an unsupported format."""
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -796,7 +793,7 @@ def migrate_lmdb(
     `"%08d_%s" % (i, old_key)`; meta records are dropped and the keys go to the `.npy` keys file.
     Stored file bytes become encoded Datums with the bytes unchanged (GIF re-encoded as PNG, as
     `convert` does); LMDB_Image pixels become raw planar BGR Datums. See `label_fields` for labels.
-    The output is built under a temporary name and appears only when complete (`writer.AtomicLmdb`).
+    The output is built under a temporary name and appears only when complete (`output.AtomicLmdb`).
 
     Nothing from the old LMDB is ever executed: pickles go through a restricted unpickler, and a
     record naming any other global stops the migration before that global is touched, with no

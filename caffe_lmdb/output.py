@@ -34,10 +34,9 @@ import lmdb
 import numpy as np
 
 from .allocator import retained_heap
-from .errors import CaffeLmdbError, describe_os_error
+from .errors import InputError, OutputError, describe_os_error
 from .files import TMP_MARK, temporary_name
 from .keys import keys_to_array
-from .sources import InputError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +56,6 @@ SIDE_FILES = ("keys.npy", "classes.txt", "skipped.txt")
 
 _LMDB_MAGIC = 0xBEEFC0DE  # at byte 16 of an LMDB's first meta page, after the page header
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-class OutputError(CaffeLmdbError, RuntimeError):
-    """Writing the output failed (full disk, I/O error, permission): the message names the file and the cause."""
 
 
 def default_keys_path(output: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import LmdbFormatError
 from .keys import begin_read, checked_items, lmdb_errors_named, load_keys, open_readonly, txn_keys
-from .writer import default_keys_path, sidecar_path
+from .output import default_keys_path, sidecar_path
 
 
 def format_key(key: bytes) -> str:

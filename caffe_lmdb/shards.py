@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .sources import InputError
+from .errors import InputError
 
 _SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})$")
 

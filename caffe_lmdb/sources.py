@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import CaffeLmdbError, DatumError, os_error_reason
+from .errors import DatumError, InputError, os_error_reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -33,10 +33,6 @@ _READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTT
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _INTEGER = re.compile(r"[-+]?\d+")
-
-
-class InputError(CaffeLmdbError, ValueError):
-    """The conversion input (folder, list file, flags) is unusable; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +281,7 @@ def scan_folder(directory: str | os.PathLike) -> tuple[list[Entry], list[str]]:
     """All images below each class folder of `directory` (recursively), sorted by class then path.
 
     A folder below that cannot be listed (no permission) becomes an entry of its own, whose
-    conversion fails with the reason (`writer.encode_entry`), so that it is in the skipped list
+    conversion fails with the reason (`encode.encode_entry`), so that it is in the skipped list
     and fails `--strict`, like an unreadable image; a folder is never converted. FIFOs, devices
     and sockets are left out (see `_is_listed_file`).
 

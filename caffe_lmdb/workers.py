@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CaffeLmdbError
+from .errors import WorkerError
 
 #: Whether `RingPool` can run here (anonymous shared memory inherited through fork).
 AVAILABLE = sys.platform.startswith("linux")
@@ -56,10 +56,6 @@ class Record:
     @property
     def value(self) -> bytes | memoryview:
         return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
-
-
-class WorkerError(CaffeLmdbError, RuntimeError):
-    """A worker process died or raised something other than a per-entry error."""
 
 
 #: A worker sends its (offset, length, ...) messages in groups: one wakeup of the writer per group.

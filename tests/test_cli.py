@@ -58,8 +58,8 @@ def test_loader_check_prints_keys_and_batch_shapes(legacy_rgb_lmdb, tmp_path, ca
 
 
 def test_loader_check_with_workers_and_keys_file(image_tree, tmp_path):
+    from caffe_lmdb.conversion import convert
     from caffe_lmdb.loader_check import loader_check
-    from caffe_lmdb.writer import convert
 
     convert(image_tree, tmp_path / "train.lmdb", workers=1, progress=False)
     lines = list(loader_check(tmp_path / "train.lmdb", batch_size=3, size=8, num_workers=2))

@@ -426,7 +426,8 @@ def test_bad_options_are_refused(legacy_rgb_lmdb):
 
 
 def test_reads_what_the_converter_wrote_raw_and_encoded(image_tree, tmp_path):
-    from caffe_lmdb.writer import ConvertOptions, convert
+    from caffe_lmdb.conversion import convert
+    from caffe_lmdb.encode import ConvertOptions
 
     for encoded in (False, True):
         out = tmp_path / f"conv{encoded}.lmdb"
@@ -481,7 +482,7 @@ def _class_tree(root, rng, count: int, shade: int):
 
 def test_dataset_reused_after_convert_overwrite_fails_naming_the_lmdb(tmp_path, rng):
     """`convert --overwrite` publishes a new LMDB under the same name: old keys must not read it."""
-    from caffe_lmdb.writer import convert
+    from caffe_lmdb.conversion import convert
 
     out = tmp_path / "train.lmdb"
     convert(_class_tree(tmp_path / "old", rng, 8, 10), out, workers=1, progress=False)

@@ -11,7 +11,7 @@ from conftest import REPO, save_image
 from PIL import Image
 
 from caffe_lmdb import open_shards
-from caffe_lmdb.writer import convert
+from caffe_lmdb.conversion import convert
 
 SIZE = 22  # even, so DistributedSampler needs no padding
 

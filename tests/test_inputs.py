@@ -13,8 +13,9 @@ import pytest
 from conftest import assert_one_line_error, run_cli, save_image, tree_snapshot
 from lmdbread import read_all
 
+from caffe_lmdb.conversion import convert
+from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.sources import InputError
-from caffe_lmdb.writer import ConvertOptions, convert
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from test_shards import _make_tree
 
 from caffe_lmdb import load_keys
 from caffe_lmdb.cli import main
+from caffe_lmdb.conversion import convert
 from caffe_lmdb.merge import MergeError, merge_lmdbs
-from caffe_lmdb.writer import convert
 
 
 def test_merge_equals_unsharded_conversion(tmp_path):

@@ -17,9 +17,9 @@ from PIL import Image
 from test_migrate import folder2lmdb_pickle
 
 from caffe_lmdb import load_keys
+from caffe_lmdb.conversion import convert
 from caffe_lmdb.output import OutputError, is_lmdb
 from caffe_lmdb.sources import InputError
-from caffe_lmdb.writer import convert
 
 
 def _tree(root, count=6, side=40, rng=None):

@@ -9,9 +9,9 @@ from lmdbread import read_all
 
 from caffe_lmdb import load_keys
 from caffe_lmdb.cli import main
+from caffe_lmdb.conversion import convert
 from caffe_lmdb.shards import find_shards, shard_from_environment, shard_name, shard_range
 from caffe_lmdb.sources import InputError
-from caffe_lmdb.writer import convert
 
 
 def test_shard_ranges_are_contiguous_near_equal_and_cover_everything():

@@ -150,7 +150,7 @@ def test_scan_leaves_out_fifos_and_devices_but_lists_dangling_links(image_tree):
     entries, _ = scan_folder(image_tree)
     assert [e.relpath for e in entries if e.label == 0] == ["cat/a.png", "cat/deep/b c.png", "cat/gone.png",
                                                             "cat/knot", "cat/loop.png"]
-    from caffe_lmdb.writer import ConvertOptions, encode_entry
+    from caffe_lmdb.encode import ConvertOptions, encode_entry
 
     assert [encode_entry(e, ConvertOptions()).error for e in entries if e.label == 0] == [
         None, None, "no such file or directory", "too many levels of symbolic links",

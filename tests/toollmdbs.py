@@ -9,7 +9,8 @@ from conftest import caffe_key, caffe_raw_datum, png_bytes, save_image, write_lm
 from PIL import Image
 
 from caffe_lmdb import caffe_pb2
-from caffe_lmdb.writer import ConvertOptions, convert
+from caffe_lmdb.conversion import convert
+from caffe_lmdb.encode import ConvertOptions
 
 
 def same_size_tree(root: Path, rng: np.random.Generator, per_class: int = 3, height: int = 5, width: int = 7) -> Path:

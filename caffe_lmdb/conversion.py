@@ -8,7 +8,7 @@ Why it is shaped this way:
 * Writing 192 KiB per raw record costs about as much as decoding it on small VMs, so the write
   path avoids fresh memory: freed heap is kept for reuse (`allocator.py`), LMDB writes with
   pwritev (not writemap), and each commit starts the disk write and lets the page cache recycle
-  its pages (`AtomicLmdb._start_writeback`).
+  its pages (`output.AtomicLmdb`).
 * The output goes through `output.AtomicLmdb`: locked against a second writer, built under a
   temporary name and published with its side files only when complete, so an interrupted or
   failed run (Ctrl-C, a full disk, `kill -9`) never leaves an output that looks complete, and
@@ -17,11 +17,9 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,104 +27,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from . import output as _output
 from . import workers as _workers
-from .datum import (
-    Datum,
-    DatumError,
-    encode_image,
-    encoded_to_datum,
-    is_passthrough_format,
-    normalize_image,
-    open_image,
-    pil_format,
-    raw_datum_parts,
-    serialize_datum,
-)
-from .errors import CaffeLmdbError, os_error_reason
-from .files import write_text_atomic  # noqa: F401  (still imported from here by export)
+from .encode import ConvertOptions, encode_entry
+from .errors import ConversionError, InputError
 from .keys import make_key
-from .output import AtomicLmdb, default_keys_path, sidecar_path  # noqa: F401  (and by records, merge, migrate)
-from .sources import (
-    Entry,
-    FileInput,
-    InputError,
-    PackedEntries,
-    find_splits,
-    load_entries,
-    read_image_file,
-    shuffle_entries,
-)
+from .output import AtomicLmdb
+from .progress import progress_bar
+from .sources import Entry, PackedEntries, find_splits, load_entries, shuffle_entries
 from .workers import Record, RingPool
 
 log = logging.getLogger(__name__)
 
 #: Shared memory per worker process for records on their way to the writer (at least 2 transactions).
 RING_BYTES = 32 << 20
-
-
-class ConversionError(CaffeLmdbError, RuntimeError):
-    """The conversion stopped (`--strict` on a bad image, `--check_size` mismatch, write failure)."""
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """What each record looks like: Caffe's `convert_imageset` flags, with the same meaning.
-
-    Attributes:
-        gray: store one-channel (L) images.
-        resize_height, resize_width: resize to this size when both are > 0 (aspect ratio not kept).
-        resize_backend: "pillow" (bilinear with antialiasing) or "opencv" (`cv2.resize` with
-            `INTER_LINEAR`, Caffe's own call: pixel parity with Caffe built on the same OpenCV;
-            needs `opencv-python-headless`, which caffe-lmdb does not install).
-        encoded: store image file bytes instead of raw planar pixels.
-        encode_type: the file format of encoded records (jpg, png, ...); "" keeps each file's own
-            bytes when nothing would change them. A non-empty value implies `encoded`.
-        check_size: require every record to have the same channels x height x width.
-    """
-
-    gray: bool = False
-    resize_height: int = 0
-    resize_width: int = 0
-    resize_backend: str = "pillow"
-    encoded: bool = False
-    encode_type: str = ""
-    check_size: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.resize_height > 0) != (self.resize_width > 0):
-            raise InputError(
-                f"resize needs both sides > 0, got resize_height={self.resize_height} "
-                f"resize_width={self.resize_width}"
-            )
-        if self.resize_height < 0 or self.resize_width < 0:
-            raise InputError("resize sizes must be >= 0")
-        if self.resize_backend not in ("pillow", "opencv"):
-            raise InputError(f"resize backend must be 'pillow' or 'opencv', got {self.resize_backend!r}")
-        if self.resize_backend == "opencv":
-            try:
-                import cv2  # noqa: F401
-            except ImportError:
-                raise InputError(
-                    "--resize-backend opencv needs OpenCV's Python package: pip install opencv-python-headless"
-                ) from None
-        if self.encode_type:
-            try:
-                pil_format(self.encode_type)
-            except ValueError as exc:
-                raise InputError(str(exc)) from None
-
-    @property
-    def resize(self) -> tuple[int, int] | None:
-        """(width, height) to resize to, or None."""
-        return (self.resize_width, self.resize_height) if self.resize_height > 0 else None
-
-    @property
-    def stores_encoded(self) -> bool:
-        return self.encoded or bool(self.encode_type)
 
 
 @dataclass
@@ -152,112 +66,6 @@ class ConvertResult:
         )
 
 
-# --------------------------------------------------------------------------- one record (runs in workers)
-
-def _check_structure(image: Image.Image, data: bytes) -> None:
-    """Cheap integrity checks for bytes stored unchanged: a truncated file must not pass.
-
-    A full decode would make encoded conversion as slow as raw, so JPEGs are checked for their
-    end-of-image marker (decoded in full only if it is missing), PNGs by their chunk CRCs, and
-    other formats decoded.
-    """
-    if image.format == "JPEG" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        return
-    if image.format == "PNG":
-        with Image.open(io.BytesIO(data)) as fresh:  # verify() must directly follow open()
-            fresh.verify()
-        return
-    image.load()
-
-
-def resize_image(image: Image.Image, options: ConvertOptions) -> Image.Image:
-    """Resize to `options.resize` as Caffe's `convert_imageset` would (see `resize_backend`).
-
-    Pillow's bilinear filter low-passes when shrinking (antialiasing); OpenCV's INTER_LINEAR,
-    which Caffe calls, samples the 2x2 nearest source pixels only. Downscaled pixels therefore
-    differ by a few levels between the two; "opencv" calls `cv2.resize` itself for parity.
-    """
-    if options.resize_backend == "opencv":
-        import cv2
-
-        resized = cv2.resize(np.asarray(image), options.resize, interpolation=cv2.INTER_LINEAR)
-        return Image.fromarray(resized, mode=image.mode)
-    return image.resize(options.resize, Image.BILINEAR)
-
-
-def build_record(data: bytes, label: int, targets: Sequence[float], options: ConvertOptions) -> Record:
-    """Turn one image file's bytes into a serialized Datum, as `convert_imageset` would.
-
-    Raises:
-        DatumError: the bytes are not an image that can be converted (the message says why).
-    """
-    if not data:
-        raise DatumError("file is empty")
-    if options.stores_encoded:
-        datum, shape = _encoded_datum(data, label, options)
-    else:
-        image = open_image(data, gray=options.gray)
-        if options.resize:
-            image = resize_image(image, options)
-        width, height = image.size
-        parts = raw_datum_parts(image, label, gray=options.gray, float_data=targets)
-        return Record(parts, (1 if options.gray else 3, height, width))
-    if targets:
-        datum.float_data.extend(targets)
-    return Record((serialize_datum(datum),), shape)
-
-
-def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Datum, tuple[int, int, int]]:
-    channels = 1 if options.gray else 3
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height), mode = image.format, image.size, image.mode
-            wanted = pil_format(options.encode_type) if options.encode_type else fmt
-            keep_bytes = (
-                options.resize is None
-                and is_passthrough_format(fmt)
-                and wanted == fmt
-                and (not options.gray or mode == "L")
-            )
-            if keep_bytes:
-                _check_structure(image, data)
-                # OpenCV decodes with the EXIF orientation applied: rotated files have swapped dims.
-                # Only --check_size needs the dims, so only then is the EXIF block parsed.
-                if options.check_size and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                    width, height = height, width
-                return encoded_to_datum(data, label), (channels, height, width)
-            image.load()
-            decoded = normalize_image(image, gray=options.gray)
-    except DatumError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatumError(f"cannot decode image: {exc}") from None
-    if options.resize:
-        decoded = resize_image(decoded, options)
-    target_type = options.encode_type or ("png" if not is_passthrough_format(wanted) else wanted.lower())
-    payload = encode_image(decoded, target_type)
-    width, height = decoded.size
-    return encoded_to_datum(payload, label), (channels, height, width)
-
-
-def encode_entry(entry: Entry | FileInput, options: ConvertOptions) -> Record:
-    """Read and convert one entry; unreadable images come back as a `Record` with `error` set.
-
-    Only regular files of bounded size are read (`sources.read_image_file`): a FIFO, a device
-    such as a link to /dev/zero, or a folder (the scan lists unreadable folders as entries, so
-    they are reported like unreadable files) is skipped with the reason, never converted.
-    """
-    try:
-        data = read_image_file(entry.path)
-        return build_record(data, entry.label, entry.targets, options)
-    except DatumError as exc:
-        return Record(error=str(exc))
-    except OSError as exc:
-        return Record(error=os_error_reason(exc))
-
-
-# --------------------------------------------------------------------------- the LMDB
-
 def default_workers() -> int:
     """One decoding process per CPU; the writer (this process) needs a share of a core too.
 
@@ -265,14 +73,6 @@ def default_workers() -> int:
     1 worker 3.4k, everything in this process (0 workers) 2.4k.
     """
     return max(1, os.cpu_count() or 1)
-
-
-def progress_bar(total: int, desc: str, progress: bool | None, unit: str = "rec"):
-    """A tqdm bar on stderr, shown only on a terminal unless `progress` says otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, file=sys.stderr, desc=desc,
-                disable=not (sys.stderr.isatty() if progress is None else progress))
 
 
 @contextmanager

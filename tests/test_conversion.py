@@ -15,12 +15,14 @@ from conftest import REPO, save_image
 from lmdbread import raw_rgb, read_all, read_datums
 from PIL import Image
 
+from caffe_lmdb import conversion as conversion_module
 from caffe_lmdb import load_keys
 from caffe_lmdb import output as output_module
-from caffe_lmdb import writer as writer_module
 from caffe_lmdb.cli import main
+from caffe_lmdb.conversion import convert, write_lmdb
+from caffe_lmdb.encode import ConvertOptions
+from caffe_lmdb.errors import ConversionError
 from caffe_lmdb.sources import InputError, scan_folder
-from caffe_lmdb.writer import ConversionError, ConvertOptions, convert, write_lmdb
 
 
 def source_rgb(path) -> np.ndarray:
@@ -135,7 +137,7 @@ def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, worke
     root = _mixed_tree(tmp_path / "src", rng)
     convert(root, tmp_path / "w1.lmdb", workers=0)
     monkeypatch.setattr(output_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
-    monkeypatch.setattr(writer_module, "RING_BYTES", 16 << 10)
+    monkeypatch.setattr(conversion_module, "RING_BYTES", 16 << 10)
     if map_full:
         monkeypatch.setattr(output_module, "INITIAL_MAP_SIZE", 64 << 10)
         monkeypatch.setattr(output_module.BatchWriter, "_reserve", lambda self, batch_bytes: None)
@@ -153,7 +155,7 @@ def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, worke
 def test_without_fork_a_process_pool_gives_the_same_bytes(tmp_path, rng, monkeypatch):
     root = _mixed_tree(tmp_path / "src", rng)
     convert(root, tmp_path / "w1.lmdb", workers=0)
-    monkeypatch.setattr(writer_module._workers, "AVAILABLE", False)
+    monkeypatch.setattr(conversion_module._workers, "AVAILABLE", False)
     convert(root, tmp_path / "pool.lmdb", workers=2, commit_every=5)
     assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "pool.lmdb")
 
