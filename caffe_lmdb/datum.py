@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatumError
+from .foreign import foreign_value_hint
 from .proto import caffe_pb2
 
 Datum = caffe_pb2.Datum
@@ -61,9 +62,8 @@ def parse_datum(buf: bytes | bytearray | memoryview) -> Datum:
 def _not_a_datum(buf: bytes | bytearray | memoryview, detail: str) -> str:
     """The "not a Datum" message; for a pickle/msgpack/pyarrow value, what it is and what to do instead.
 
-    Nothing is unpickled: the value is recognised from its bytes (`migrate.foreign_value_hint`).
+    Nothing is unpickled: the value is recognised from its bytes (`foreign.foreign_value_hint`).
     """
-    from .migrate import foreign_value_hint  # late: migrate builds on this module
 
     hint = foreign_value_hint(buf)
     return f"not a Datum: {hint}" if hint is not None else f"not a Datum ({detail})"

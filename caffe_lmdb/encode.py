@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from .datum import (
-    Datum,
     DatumError,
     encode_image,
     encoded_to_datum,
@@ -130,20 +129,30 @@ def build_record(data: bytes, label: int, targets: Sequence[float], options: Con
     if not data:
         raise DatumError("file is empty")
     if options.stores_encoded:
-        datum, shape = _encoded_datum(data, label, options)
-    else:
-        image = open_image(data, gray=options.gray)
-        if options.resize:
-            image = resize_image(image, options)
-        width, height = image.size
-        parts = raw_datum_parts(image, label, gray=options.gray, float_data=targets)
-        return Record(parts, (1 if options.gray else 3, height, width))
-    if targets:
-        datum.float_data.extend(targets)
-    return Record((serialize_datum(datum),), shape)
+        payload, shape, _ = encoded_payload(data, options)
+        datum = encoded_to_datum(payload, label)
+        if targets:
+            datum.float_data.extend(targets)
+        return Record((serialize_datum(datum),), shape)
+    image = open_image(data, gray=options.gray)
+    if options.resize:
+        image = resize_image(image, options)
+    width, height = image.size
+    parts = raw_datum_parts(image, label, gray=options.gray, float_data=targets)
+    return Record(parts, (1 if options.gray else 3, height, width))
 
 
-def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Datum, tuple[int, int, int]]:
+def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[int, int, int], bool]:
+    """What an encoded record stores for a file's bytes: (payload, C x H x W, whether the bytes were kept).
+
+    The one pass-through rule: the bytes are kept unchanged when there is no resize, no gray
+    conversion of a colour file, the format is the one asked for and one Caffe can decode, and
+    they pass an integrity check (`_check_structure`: a truncated file is never stored as is).
+    Anything else is decoded and re-encoded.
+
+    Raises:
+        DatumError: the bytes are not an image Pillow can decode.
+    """
     channels = 1 if options.gray else 3
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -161,7 +170,7 @@ def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Da
                 # Only --check_size needs the dims, so only then is the EXIF block parsed.
                 if options.check_size and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                     width, height = height, width
-                return encoded_to_datum(data, label), (channels, height, width)
+                return data, (channels, height, width), True
             image.load()
             decoded = normalize_image(image, gray=options.gray)
     except DatumError:
@@ -171,9 +180,8 @@ def _encoded_datum(data: bytes, label: int, options: ConvertOptions) -> tuple[Da
     if options.resize:
         decoded = resize_image(decoded, options)
     target_type = options.encode_type or ("png" if not is_passthrough_format(wanted) else wanted.lower())
-    payload = encode_image(decoded, target_type)
     width, height = decoded.size
-    return encoded_to_datum(payload, label), (channels, height, width)
+    return encode_image(decoded, target_type), (channels, height, width), False
 
 
 def encode_entry(entry: Entry | FileInput, options: ConvertOptions) -> Record:

@@ -18,7 +18,7 @@ Formats read (as the recipes write them):
 4. pyarrow-serialized values (`pyarrow.serialize`, which no longer exists) are recognised and
    refused with a message saying so.
 
-`describe_foreign_value` and `foreign_value_hint` recognise these formats from a value's bytes
+`foreign.foreign_value_hint` recognises these formats from a value's bytes
 alone (nothing is unpickled), for readers that meet such an LMDB and should point to `migrate`.
 """
 
@@ -48,8 +48,17 @@ from .datum import (
     parse_datum_view,
     serialize_datum,
 )
-from .encode import ConvertOptions, build_record
+from .encode import ConvertOptions, encoded_payload
 from .errors import InputError, MigrationError
+from .foreign import (
+    MSGPACK_CONTAINERS,
+    OLD_PICKLE_FIRST,
+    PYARROW_GONE,
+    is_new_pickle,
+    is_old_pickle,
+    is_pyarrow_serialized,
+    unpack_msgpack,
+)
 from .keys import begin_read, checked_items, get_value, make_key, open_readonly
 from .output import AtomicLmdb, default_keys_path
 from .progress import progress_bar
@@ -67,12 +76,6 @@ FORMATS = {
     "lmdb-image": "pickled LMDB_Image objects (H x W x C RGB pixels and a label)",
 }
 
-_PYARROW_GONE = (
-    "pyarrow.serialize no longer exists (deprecated in pyarrow 2.0, since removed), so neither pyarrow nor "
-    "caffe-lmdb can read it: rebuild the LMDB from the source images with `caffe-lmdb convert`"
-)
-
-
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle names a global outside the allow-list; raised before anything is called."""
 
@@ -81,143 +84,12 @@ class UnsafePickleError(pickle.UnpicklingError):
         self.global_name = global_name
 
 
-# --------------------------------------------------------------------------- recognising foreign values
-
-def _is_new_pickle(data: bytes | memoryview) -> bool:
-    """Protocol 2-5 pickles open with PROTO (0x80, version) and end with STOP."""
-    return len(data) >= 3 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[-1] == 0x2E
-
-
-#: Opcodes a protocol 0/1 pickle starts with: MARK, empty list/dict/tuple, GLOBAL, INST, ints,
-#: strings, NONE, floats, PERSID ... Only `(` is also a Datum field tag (label, which Caffe writes
-#: after data, never first), and such values must also walk as opcodes (parsed, never run) to a
-#: final STOP. (No Datum parse here: `parse_datum_view`'s error path calls this detection.)
-_OLD_PICKLE_FIRST = frozenset(b"(])}cijIJKLMNSVXUTBCFGP")
-
-
-def _is_old_pickle(data: bytes | memoryview) -> bool:
-    if len(data) < 2 or data[0] not in _OLD_PICKLE_FIRST or data[-1] != 0x2E:
-        return False
-    try:
-        for count, (opcode, _arg, pos) in enumerate(pickletools.genops(bytes(data))):
-            if opcode.proto >= 2:
-                return False
-            if opcode.name == "STOP":
-                return pos == len(data) - 1
-            if count >= 256:  # long enough a run of valid opcodes; do not walk a huge key list
-                return True
-    except Exception:  # pickletools raises ValueError and friends on anything that is not a pickle
-        return False
-    return False
-
-
-_MSGPACK_CONTAINERS = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])  # fixmap, fixarray, 16/32
-
-
-def _unpack_msgpack(data: bytes | memoryview) -> Any:
-    """A msgpack value as old msgpack (< 1.0) read it: raw (str-typed) bytes stay bytes, map keys too.
-
-    Writers before msgpack 1.0 stored bytes with the str type (`use_bin_type=False`), which
-    msgpack 1.0's default `raw=False` would try to decode as UTF-8; `raw=True` reads both kinds.
-    """
-    import msgpack
-
-    return msgpack.unpackb(data, raw=True, strict_map_key=False)
-
-
-def _is_msgpack(data: bytes | memoryview) -> bool:
-    if not data or data[0] not in _MSGPACK_CONTAINERS:
-        return False
-    try:
-        _unpack_msgpack(data)  # data only: msgpack has no way to name code
-    except Exception:
-        return False
-    return True
-
-
-_ARROW_LIST_FIELD = b"\x04\x00\x00\x00list\x00"  # the flatbuffer string of the batch's one field, "list"
-
-
-def _is_pyarrow_serialized(data: bytes | memoryview) -> bool:
-    """`pyarrow.serialize(obj).to_buffer()`, per arrow's python/serialize.cc `SerializedPyObject::WriteTo`.
-
-    Layout: int32 counts (num_tensors, [num_sparse_tensors,] num_ndarrays, num_buffers), padded to
-    8 bytes, then an Arrow IPC stream (an optional 0xFFFFFFFF continuation marker and an int32
-    metadata length) whose schema message has one field named "list".
-    """
-    if len(data) < 32:
-        return False
-    if not all(0 <= count < 1 << 20 for count in struct.unpack_from("<4i", data)):
-        return False
-    pos = 16
-    (length,) = struct.unpack_from("<i", data, pos)
-    if length == -1:
-        (length,) = struct.unpack_from("<i", data, pos + 4)
-        pos += 4
-    pos += 4
-    return 0 < length <= len(data) - pos and _ARROW_LIST_FIELD in bytes(data[pos:pos + length])
-
-
-def _foreign_kind(value: bytes | bytearray | memoryview) -> tuple[str, str] | None:
-    """("pickle" | "msgpack" | "pyarrow", what the value is in words), or None.
-
-    Called on every record that fails to parse as a Datum (by the readers' error paths), so the
-    value is looked at in place: only a msgpack or protocol 0/1 candidate is read further.
-    """
-    data = value if isinstance(value, bytes) else memoryview(value).cast("B")
-    if _is_new_pickle(data):
-        return "pickle", f"pickled Python objects (pickle protocol {data[1]})"
-    if _is_pyarrow_serialized(data):
-        return "pyarrow", "pyarrow-serialized data (pyarrow.serialize)"
-    if _is_msgpack(data):
-        return "msgpack", "msgpack-encoded records"
-    if _is_old_pickle(data):
-        return "pickle", "pickled Python objects (pickle protocol 0 or 1)"
-    return None
-
-
 def _is_datum(data: bytes) -> bool:
     try:
         check_datum(parse_datum_view(data))
     except DatumError:
         return False
     return True
-
-
-def describe_foreign_value(value: bytes | bytearray | memoryview) -> str | None:
-    """What a non-Datum LMDB value is, from its bytes alone (nothing is unpickled), or None.
-
-    Recognises pickles (protocol 2-5 by their header, 0 and 1 by parsing their opcodes), msgpack
-    arrays and maps, and `pyarrow.serialize` buffers. Meant for values that failed to parse as a
-    Datum; a valid Datum is never taken for one of these.
-
-    Returns:
-        e.g. "pickled Python objects (pickle protocol 4)", "msgpack-encoded records",
-        "pyarrow-serialized data (pyarrow.serialize)"; None for anything else.
-    """
-    kind = _foreign_kind(value)
-    return None if kind is None else kind[1]
-
-
-def foreign_value_hint(value: bytes | bytearray | memoryview, lmdb_path: str | Path | None = None) -> str | None:
-    """One sentence for readers that met a foreign value: what the LMDB holds and what to do, or None.
-
-    For pickle and msgpack values it points to `caffe-lmdb migrate`; for pyarrow-serialized ones
-    it says that `pyarrow.serialize` is gone. Used by `datum.parse_datum` and `parse_datum_view`
-    in their "not a Datum" errors, so the dataset and the inspection tools say it too.
-
-    Args:
-        value: an LMDB value that did not parse as a Datum (nothing of it is unpickled).
-        lmdb_path: the LMDB, to name it in the suggested command (default: `OLD.lmdb`).
-    """
-    kind = _foreign_kind(value)
-    if kind is None:
-        return None
-    if kind[0] == "pyarrow":
-        return f"the LMDB holds {kind[1]}, not Caffe Datums; {_PYARROW_GONE}"
-    old = lmdb_path if lmdb_path is not None else "OLD.lmdb"
-    return (f"the LMDB holds {kind[1]}, not Caffe Datums; convert it once with `caffe-lmdb migrate {old} NEW.lmdb` "
-            "(which reads them without running code from the file)")
 
 
 # --------------------------------------------------------------------------- the restricted unpickler
@@ -609,9 +481,10 @@ def to_legacy_record(obj: Any) -> LegacyRecord:
 def record_to_datum(record: LegacyRecord) -> tuple[bytes | bytearray, bool]:
     """The serialized Datum for an old record, and whether its image had to be re-encoded.
 
-    File bytes Caffe can decode are stored unchanged as an encoded Datum (no decoding: the
-    migration runs at copy speed); GIFs, which OpenCV and DALI cannot decode, and bytes of an
-    unrecognised format are decoded and re-encoded exactly as `caffe-lmdb convert --encoded` does.
+    File bytes go through `caffe-lmdb convert --encoded`'s own rule (`encode.encoded_payload`):
+    bytes Caffe can decode that pass its integrity check are stored unchanged (the migration runs
+    at copy speed); GIFs, which OpenCV and DALI cannot decode, and other formats are decoded and
+    re-encoded; bytes that do not decode (a truncated JPEG) are an error naming the key.
     LMDB_Image pixels (RGB) become raw planar BGR Datums through the codec (one-channel images a
     gray plane; RGBA images lose alpha, as `convert` drops it).
 
@@ -623,12 +496,10 @@ def record_to_datum(record: LegacyRecord) -> tuple[bytes | bytearray, bool]:
         pixels = record.pixels
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)  # L, RGB or RGBA
         return image_to_datum_bytes(image, label, gray=pixels.shape[2] == 1, float_data=targets), False
-    data = record.file_bytes
-    if sniff_image_format(data) not in (None, "GIF"):
-        datum = encoded_to_datum(data, label)
-        datum.float_data.extend(targets)
-        return serialize_datum(datum), False
-    return build_record(data, label, targets, ConvertOptions(encoded=True)).value, True
+    payload, _, kept = encoded_payload(record.file_bytes, ConvertOptions(encoded=True))  # convert's own rule
+    datum = encoded_to_datum(payload, label)
+    datum.float_data.extend(targets)
+    return serialize_datum(datum), not kept
 
 
 def _describe_object(obj: Any) -> str:
@@ -650,7 +521,7 @@ def _describe_object(obj: Any) -> str:
 
 def _decode(value: bytes, where: str) -> tuple[str, Any]:
     """("pickle" | "msgpack", the decoded object) for one old value; `where` prefixes errors."""
-    if _is_new_pickle(value) or (value[:1] and value[0] in _OLD_PICKLE_FIRST and _is_old_pickle(value)):
+    if is_new_pickle(value) or (value[:1] and value[0] in OLD_PICKLE_FIRST and is_old_pickle(value)):
         try:
             return "pickle", safe_unpickle(value)
         except UnsafePickleError as exc:
@@ -667,13 +538,13 @@ def _decode(value: bytes, where: str) -> tuple[str, Any]:
             raise MigrationError(f"{where}: {_TOO_DEEP}") from None
         except Exception as exc:  # a corrupt pickle raises many kinds; none of them ran code
             raise MigrationError(f"{where}: cannot unpickle the value safely ({type(exc).__name__}: {exc})") from None
-    if value[:1] and value[0] in _MSGPACK_CONTAINERS:
+    if value[:1] and value[0] in MSGPACK_CONTAINERS:
         try:
-            return "msgpack", _unpack_msgpack(value)
+            return "msgpack", unpack_msgpack(value)
         except Exception as exc:
             raise MigrationError(f"{where}: not a valid msgpack value ({type(exc).__name__}: {exc})") from None
-    if _is_pyarrow_serialized(value):
-        raise MigrationError(f"{where}: holds pyarrow-serialized data (pyarrow.serialize); {_PYARROW_GONE}")
+    if is_pyarrow_serialized(value):
+        raise MigrationError(f"{where}: holds pyarrow-serialized data (pyarrow.serialize); {PYARROW_GONE}")
     if _is_datum(value):
         raise InputError(f"{where}: already holds a Caffe Datum; nothing to migrate")
     raise MigrationError(

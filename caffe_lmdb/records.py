@@ -19,6 +19,7 @@ import lmdb
 import numpy as np
 
 from .errors import LmdbFormatError
+from .foreign import foreign_value_hint
 from .keys import begin_read, checked_items, lmdb_errors_named, load_keys, open_readonly, txn_keys
 from .output import default_keys_path, sidecar_path
 
@@ -106,8 +107,6 @@ def refuse_foreign_lmdb(lmdb_path: str | os.PathLike, txn: lmdb.Transaction) -> 
     LMDBs from the popular PyTorch recipes hold pickled records; reading them needs
     `caffe-lmdb migrate`, and every reader says so up front instead of once per record.
     """
-    from .migrate import foreign_value_hint
-
     cursor = txn.cursor()
     with lmdb_errors_named(lmdb_path, "reading its first record"):
         found = cursor.first()

@@ -29,18 +29,22 @@ from torch.utils.data import DataLoader
 from caffe_lmdb import LmdbDataset_train, load_keys, parse_datum
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import DatumError, image_to_datum, serialize_datum
-from caffe_lmdb.errors import LmdbFormatError
+from caffe_lmdb.errors import LmdbFormatError, MigrationError
+from caffe_lmdb.foreign import foreign_kind, foreign_value_hint
 from caffe_lmdb.migrate import (
     LegacyRecord,
     LmdbImageRecord,
-    MigrationError,
-    describe_foreign_value,
-    foreign_value_hint,
     label_fields,
     migrate_lmdb,
     record_to_datum,
     safe_unpickle,
 )
+
+
+def _what(value) -> str | None:
+    kind = foreign_kind(value)
+    return None if kind is None else kind[1]
+
 
 COUNT = 12  # > 10, so LMDB's byte order of the recipes' keys ('0', '1', '10', '11', '2', ...) differs from theirs
 
@@ -372,22 +376,22 @@ def test_pyarrow_value_gets_one_clear_line(tmp_path, image_files, capsys):
     with env.begin(write=True) as txn:
         txn.put(b"0", pyarrow_serialized(image_files[0]))
     env.close()
-    assert describe_foreign_value(pyarrow_serialized(b"x" * 40)) == "pyarrow-serialized data (pyarrow.serialize)"
+    assert _what(pyarrow_serialized(b"x" * 40)) == "pyarrow-serialized data (pyarrow.serialize)"
     assert main(["migrate", str(old), str(tmp_path / "new.lmdb"), "-q"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pyarrow.serialize no longer exists" in err and "key b'0'" in err
     assert not (tmp_path / "new.lmdb").exists()
 
 
-def test_describe_foreign_value_recognises_formats_without_unpickling(rgb_image):
+def test_foreign_values_are_recognised_formats_without_unpickling(rgb_image):
     for protocol in range(6):
-        what = describe_foreign_value(pickle.dumps(([b"\xff\xd8"], np.array([1])), protocol=protocol))
+        what = _what(pickle.dumps(([b"\xff\xd8"], np.array([1])), protocol=protocol))
         assert what is not None and what.startswith("pickled Python objects (pickle protocol")
-    assert describe_foreign_value(pickle.dumps([b"0", b"1"], protocol=4)) == "pickled Python objects (pickle protocol 4)"
-    assert describe_foreign_value(msgpack.packb([{"data": b"\xff\xd8"}, 1])) == "msgpack-encoded records"
+    assert _what(pickle.dumps([b"0", b"1"], protocol=4)) == "pickled Python objects (pickle protocol 4)"
+    assert _what(msgpack.packb([{"data": b"\xff\xd8"}, 1])) == "msgpack-encoded records"
     datum = serialize_datum(image_to_datum(rgb_image, label=3))
     for not_foreign in (datum, b"", b"\xff\xff\xff\xff", b"\xff\xd8\xff\xe0 a jpeg", bytes(range(256))):
-        assert describe_foreign_value(not_foreign) is None
+        assert _what(not_foreign) is None
     assert "`caffe-lmdb migrate OLD.lmdb NEW.lmdb`" in foreign_value_hint(pickle.dumps((b"x", 1)))
     assert "`caffe-lmdb migrate data/train.lmdb NEW.lmdb`" in foreign_value_hint(pickle.dumps(1), "data/train.lmdb")
     assert foreign_value_hint(datum) is None
@@ -535,3 +539,16 @@ def test_keys_listed_but_missing_and_unlisted_records(tmp_path, image_files, cap
     env.close()
     with pytest.raises(MigrationError, match="key b'9' is listed in __keys__ but not in the LMDB"):
         migrate_lmdb(old, tmp_path / "other.lmdb")
+
+
+def test_migrate_applies_converts_pass_through_rule_to_truncated_files(tmp_path, image_files):
+    """A JPEG cut short has the right magic number, but `convert` never stores it as is: neither does migrate."""
+    jpeg = image_files[0]
+    truncated = jpeg[: len(jpeg) // 2]
+    old = folder2lmdb_pickle(tmp_path / "old.lmdb", [jpeg, truncated], [0, 1])
+    with pytest.raises(MigrationError, match=r"old.lmdb: key b'1': cannot decode image"):
+        migrate_lmdb(old, tmp_path / "new.lmdb")
+    assert not (tmp_path / "new.lmdb").exists()
+    ok = folder2lmdb_pickle(tmp_path / "ok.lmdb", [jpeg], [0])
+    migrate_lmdb(ok, tmp_path / "ok_new.lmdb")
+    assert parse_datum(read_all(tmp_path / "ok_new.lmdb")[0][1]).data == jpeg  # intact: kept as is
