@@ -134,7 +134,7 @@ def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, 
     import torch
 
     from caffe_lmdb.dataset import LmdbDataset_train
-    from caffe_lmdb.output import default_keys_path
+    from caffe_lmdb.files import default_keys_path
 
     order = np.random.default_rng(seed).permutation(len(files))
     files = [files[i] for i in order]
@@ -221,7 +221,7 @@ def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: in
 
 
 def _bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
-    from caffe_lmdb.output import default_keys_path
+    from caffe_lmdb.files import default_keys_path
 
     def decode_only() -> int:
         for path in files:
@@ -288,7 +288,7 @@ def bench_scale(files: Sequence[Path], workdir: Path, sizes: Sequence[int], seed
     import torch
 
     from caffe_lmdb.dataset import LmdbDataset_train
-    from caffe_lmdb.output import default_keys_path
+    from caffe_lmdb.files import default_keys_path
 
     results: dict[str, Any] = {"conversion": []}
     biggest = None
@@ -407,7 +407,7 @@ def bench_cold(files: Sequence[Path], workdir: Path, n: int, count: int, seed: i
     import subprocess
     import sys
 
-    from caffe_lmdb.output import default_keys_path
+    from caffe_lmdb.files import default_keys_path
 
     src = workdir / f"cold_src_{n}"
     if not src.is_dir() or len(list(src.glob("class*/*.jpg"))) != n:
@@ -435,10 +435,10 @@ def bench_cold(files: Sequence[Path], workdir: Path, n: int, count: int, seed: i
     if any(p.wait() for p in procs):
         raise RuntimeError("a shard conversion failed")
     results["convert_2_shards_parallel_s"] = time.perf_counter() - start
-    from caffe_lmdb.merge import merge_lmdbs
+    from caffe_lmdb.merging import merge
 
     start = time.perf_counter()
-    merge_lmdbs(sorted(workdir.glob("cold_shard-*.lmdb")), workdir / "cold_merged.lmdb", overwrite=True,
+    merge(sorted(workdir.glob("cold_shard-*.lmdb")), workdir / "cold_merged.lmdb", overwrite=True,
                 progress=False)
     results["merge_s"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -1,8 +1,12 @@
 """caffe-lmdb: image folders to Caffe Datum LMDBs, and Caffe LMDBs (new or legacy) to PyTorch.
 
+Each command has one library call of the same name, which is what the command runs:
+`convert`, `merge`, `migrate`, `info`, `verify`, `compute_mean`, `export`, `grid`.
+
 Importing the package needs the generated `caffe_pb2` (`make proto`); without it the import
-fails with one line saying so. The PyTorch parts (`LmdbDataset_train`, `BlockShuffleSampler`,
-`open_shards`) are imported on first use, so that the command-line tools start without torch.
+fails with one line saying so. Everything beyond the codec and the keys (the commands' calls, the
+PyTorch parts `LmdbDataset_train`, `BlockShuffleSampler`, `open_shards`) is imported on first
+use, so that the command-line tools start without torch and `import caffe_lmdb` stays light.
 """
 
 from .datum import (
@@ -31,6 +35,18 @@ _LAZY = {
     "LmdbDataset_train": "dataset",
     "open_shards": "dataset",
     "BlockShuffleSampler": "samplers",
+    "convert": "conversion",
+    "convert_splits": "conversion",
+    "write_lmdb": "conversion",
+    "ConvertOptions": "encode",
+    "merge": "merging",
+    "migrate": "migration",
+    "info": "inspection",
+    "verify": "inspection",
+    "compute_mean": "mean",
+    "load_mean": "mean",
+    "export": "exporting",
+    "grid": "contact_sheet",
 }
 
 
@@ -44,6 +60,7 @@ def __getattr__(name: str):
 __all__ = [
     "BlockShuffleSampler",
     "CaffeLmdbError",
+    "ConvertOptions",
     "CorruptLmdbError",
     "Datum",
     "DatumError",
@@ -56,14 +73,23 @@ __all__ = [
     "array_to_datum",
     "caffe_pb2",
     "check_datum",
+    "compute_mean",
+    "convert",
+    "convert_splits",
     "datum_to_array",
     "datum_to_encoded",
     "datum_to_image",
     "datum_to_image_array",
     "encoded_to_datum",
+    "export",
+    "grid",
     "image_to_datum",
+    "info",
     "load_keys",
+    "load_mean",
     "make_key",
+    "merge",
+    "migrate",
     "open_image",
     "open_shards",
     "parse_datum",
@@ -71,4 +97,6 @@ __all__ = [
     "save_keys",
     "scan_keys",
     "serialize_datum",
+    "verify",
+    "write_lmdb",
 ]

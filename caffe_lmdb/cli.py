@@ -17,7 +17,18 @@ from pathlib import Path
 import lmdb
 
 from . import __version__
+from .contact_sheet import grid
+from .conversion import convert_paths
+from .encode import ConvertOptions
 from .errors import CaffeLmdbError, InputError, describe_os_error
+from .exporting import export
+from .files import sidecar_path
+from .inspection import info, verify
+from .mean import compute_mean
+from .merging import merge
+from .migration import migrate
+from .selftest import codec_roundtrip
+from .shards import find_shards
 from .sources import IMAGE_EXTENSIONS
 
 log = logging.getLogger("caffe_lmdb")
@@ -40,39 +51,8 @@ def add_bool_flag(parser: argparse.ArgumentParser, *names: str, help: str) -> No
     parser.add_argument(*names, type=flag, nargs="?", const=True, default=False, metavar="BOOL", help=help)
 
 
-def _shard_arguments(args: argparse.Namespace) -> dict:
-    """`--num-shards N --shard-index I`, or `--num-shards auto` from torchrun's or Slurm's variables."""
-    from .shards import local_world_size, shard_from_environment
-
-    if args.num_shards is None:
-        if args.shard_index is not None:
-            raise InputError("--shard-index needs --num-shards")
-        return {}
-    if args.num_shards == "auto":
-        if args.shard_index is not None:
-            raise InputError("--shard-index cannot be combined with --num-shards auto")
-        index, count = shard_from_environment()
-        if args.workers is None:  # the launcher starts one converter per shard: share the cores
-            args.workers = max(1, (os.cpu_count() or 1) // local_world_size())
-        return {"num_shards": count, "shard_index": index}
-    try:
-        count = int(args.num_shards)
-    except ValueError:
-        raise InputError(f"--num-shards must be an integer or 'auto', got {args.num_shards!r}") from None
-    if args.shard_index is None:
-        raise InputError("--num-shards N needs --shard-index I (or use --num-shards auto under a launcher)")
-    from .shards import shard_range
-
-    shard_range(0, count, args.shard_index)  # validates the pair
-    return {"num_shards": count, "shard_index": args.shard_index}
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Resolve the positional forms, then convert with `conversion.convert` (or `convert_splits`)."""
-    from .conversion import convert, convert_splits
-    from .encode import ConvertOptions
-    from .output import sidecar_path
-
+    """Convert with `conversion.convert_paths`, which resolves the positional forms and the shard."""
     options = ConvertOptions(
         gray=args.gray,
         resize_height=args.resize_height,
@@ -82,26 +62,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         check_size=args.check_size,
         resize_backend=args.resize_backend,
     )
-    common = dict(
-        options=options, shuffle=args.shuffle, seed=args.seed, workers=args.workers,
+    results = convert_paths(
+        args.paths, list_file=args.list, root=args.root, keys_path=args.keys, num_shards=args.num_shards,
+        shard_index=args.shard_index, options=options, shuffle=args.shuffle, seed=args.seed, workers=args.workers,
         commit_every=args.commit_every, overwrite=args.overwrite, strict=args.strict,
-        progress=False if args.quiet else None, **_shard_arguments(args),
+        progress=False if args.quiet else None,
     )
-    paths = args.paths
-    if args.list is not None:
-        if len(paths) != 1:
-            raise InputError("with --list, give exactly one positional argument: the output LMDB")
-        results = [convert(None, paths[0], list_file=args.list, root=args.root, keys_path=args.keys, **common)]
-    elif len(paths) == 3:  # Caffe's own form: ROOTFOLDER/ LISTFILE DB_NAME
-        results = [convert(None, paths[2], list_file=paths[1], root=paths[0], keys_path=args.keys, **common)]
-    elif len(paths) == 2:
-        results = [convert(paths[0], paths[1], root=args.root, keys_path=args.keys, **common)]
-    elif len(paths) == 1:
-        if args.keys is not None:
-            raise InputError("--keys needs an explicit output LMDB (the one-argument form writes one per split)")
-        results = convert_splits(paths[0], **common)
-    else:
-        raise InputError("give SRC OUT.lmdb, ROOTFOLDER/ LISTFILE OUT.lmdb, --list FILE OUT.lmdb, or a dataset root")
     for result in results:
         print(result)
         if result.skipped:
@@ -111,29 +77,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge shard LMDBs (a list, or a glob) into one with `merge.merge_lmdbs`."""
-    from .merge import merge_lmdbs
-    from .shards import find_shards
-
+    """Merge shard LMDBs (a list, or a glob) into one with `merge.merge`."""
     shards = [shard for pattern in args.shards for shard in find_shards(pattern)]
-    print(merge_lmdbs(shards, args.output, keys_path=args.keys, overwrite=args.overwrite,
+    print(merge(shards, args.output, keys_path=args.keys, overwrite=args.overwrite,
                       progress=False if args.quiet else None))
     return EXIT_OK
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """Rewrite a pickle/msgpack LMDB as a Datum LMDB with `migrate.migrate_lmdb` (never unpickling unsafely)."""
-    from .migrate import migrate_lmdb
-
-    print(migrate_lmdb(args.old, args.new, keys_path=args.keys, overwrite=args.overwrite, dry_run=args.dry_run,
+    """Rewrite a pickle/msgpack LMDB as a Datum LMDB with `migrate.migrate` (never unpickling unsafely)."""
+    print(migrate(args.old, args.new, keys_path=args.keys, overwrite=args.overwrite, dry_run=args.dry_run,
                        progress=False if args.quiet else None))
     return EXIT_OK
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
     """Round-trip every image of a folder through raw and encoded Datums and compare the pixels."""
-    from .selftest import codec_roundtrip
-
     folder = Path(args.folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a directory")
@@ -159,8 +118,6 @@ def positive_int(value: str) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe an LMDB with `inspection.info`; exit 1 if some of its records are not Datums."""
-    from .inspection import info
-
     result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return EXIT_PROBLEMS if result.invalid else EXIT_OK
@@ -168,8 +125,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every record and the keys file with `inspection.verify`; print each problem with its key."""
-    from .inspection import verify
-
     report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None)
     for line in report.problem_lines():
         print(line)
@@ -178,18 +133,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_mean(args: argparse.Namespace) -> int:
-    """Write Caffe's mean.binaryproto (and Normalize stats) with `mean.image_mean`."""
-    from .mean import image_mean
-
-    print(image_mean(args.lmdb, args.output, json_path=args.json, progress=False if args.quiet else None))
+    """Write Caffe's mean.binaryproto (and Normalize stats) with `mean.compute_mean`."""
+    print(compute_mean(args.lmdb, args.output, json_path=args.json, progress=False if args.quiet else None))
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the records back as image files plus a list file with `export.export_lmdb`."""
-    from .export import export_lmdb
-
-    result = export_lmdb(args.lmdb, args.out_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
+    """Write the records back as image files plus a list file with `export.export`."""
+    result = export(args.lmdb, args.out_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
     for line in result.report_lines(args.lmdb):
         print(line)
     print(result)
@@ -197,16 +148,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    """Save a contact sheet of random records with `grid.save_grid`."""
-    from .grid import save_grid
-
-    print(save_grid(args.lmdb, args.output, n=args.n, seed=args.seed, keys_path=args.keys, tile=args.tile))
+    """Save a contact sheet of random records with `grid.grid`."""
+    print(grid(args.lmdb, args.output, n=args.n, seed=args.seed, keys_path=args.keys, tile=args.tile))
     return EXIT_OK
 
 
 def cmd_loader(args: argparse.Namespace) -> int:
     """Run the DataLoader check (`loader_check.loader_check`), printing its lines as batches arrive."""
-    from .loader_check import loader_check
+    from .loader_check import loader_check  # torch: imported only by the command that needs it
 
     for line in loader_check(args.lmdb, keys_path=args.keys, batch_size=args.batch_size, size=args.size,
                              num_workers=args.workers):

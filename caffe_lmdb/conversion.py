@@ -34,6 +34,7 @@ from .errors import ConversionError, InputError
 from .keys import make_key
 from .output import AtomicLmdb
 from .progress import progress_bar
+from .shards import resolve_shard, shard_name, shard_range
 from .sources import Entry, PackedEntries, find_splits, load_entries, shuffle_entries
 from .workers import Record, RingPool
 
@@ -222,8 +223,6 @@ def convert(
         keys_path: the keys file (default `<out>_keys.npy`; a shard gets the shard suffix).
         **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, ...).
     """
-    from .shards import shard_name, shard_range
-
     entries, classes = load_entries(source, list_file=list_file, root=root)
     if list_file is None and source is not None and Path(source).is_file():
         list_file, source = source, None
@@ -257,3 +256,44 @@ def convert_splits(root: str | os.PathLike, **kwargs) -> list[ConvertResult]:
     if not splits:
         raise InputError(f"{root}: no split folders found (expected e.g. {root}/train/<class>/<image>)")
     return [convert(split, root / f"{split.name}.lmdb", **kwargs) for split in splits]
+
+
+def convert_paths(
+    paths: Sequence[str | os.PathLike],
+    *,
+    list_file: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    keys_path: str | os.PathLike | None = None,
+    num_shards: int | str | None = None,
+    shard_index: int | None = None,
+    workers: int | None = None,
+    **kwargs,
+) -> list[ConvertResult]:
+    """What `caffe-lmdb convert PATH...` does, for each of its forms.
+
+    * `SRC_DIR OUT.lmdb`: an image folder (one subfolder per class), or `LISTFILE OUT.lmdb`;
+    * `ROOTFOLDER/ LISTFILE OUT.lmdb`: Caffe's own form;
+    * `OUT.lmdb` with `list_file`;
+    * `DATASET_DIR`: every split folder, each to `DATASET_DIR/<split>.lmdb` (`convert_splits`).
+
+    `num_shards` may be "auto" (the shard from torchrun's or Slurm's variables; `workers` then
+    defaults to the cores shared among the local ranks). Other keywords go to `write_lmdb`.
+
+    Raises:
+        InputError: a form that is none of these, or shard arguments that do not fit.
+    """
+    shard, workers = resolve_shard(num_shards, shard_index, workers)
+    common = dict(workers=workers, **shard, **kwargs)
+    if list_file is not None:
+        if len(paths) != 1:
+            raise InputError("with --list, give exactly one positional argument: the output LMDB")
+        return [convert(None, paths[0], list_file=list_file, root=root, keys_path=keys_path, **common)]
+    if len(paths) == 3:
+        return [convert(None, paths[2], list_file=paths[1], root=paths[0], keys_path=keys_path, **common)]
+    if len(paths) == 2:
+        return [convert(paths[0], paths[1], root=root, keys_path=keys_path, **common)]
+    if len(paths) == 1:
+        if keys_path is not None:
+            raise InputError("--keys needs an explicit output LMDB (the one-argument form writes one per split)")
+        return convert_splits(paths[0], **common)
+    raise InputError("give SRC OUT.lmdb, ROOTFOLDER/ LISTFILE OUT.lmdb, --list FILE OUT.lmdb, or a dataset root")

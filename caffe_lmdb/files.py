@@ -1,8 +1,10 @@
-"""Writing files that users see: whole or not at all (temporary beside the target, fsync, rename).
+"""The files beside an LMDB and every file users see: their names, and writing them whole or not at all.
 
-Every output caffe-lmdb writes besides an LMDB (keys, class and skipped lists, list files, mean
-files, exported images) goes through here. The temporary is a new file, never an existing path
-opened for writing, so a symlink planted at the target is replaced, not written through.
+A conversion leaves `NAME_keys.npy`, `NAME_classes.txt` and `NAME_skipped.txt` beside `NAME.lmdb`;
+the readers find them by the same names (`sidecar_path`). Every other output caffe-lmdb writes
+(keys, class and skipped lists, list files, mean files, exported images) goes through
+`write_bytes_atomic`. Its temporary is a new file, never an existing path opened for writing, so a
+symlink planted at the target is replaced, not written through.
 """
 
 from __future__ import annotations
@@ -13,6 +15,21 @@ from pathlib import Path
 
 #: Marks the name of a temporary: `.NAME.tmp-PID`, beside the target.
 TMP_MARK = ".tmp-"
+
+#: The side files a conversion writes beside `NAME.lmdb`, as `NAME_<suffix>`.
+SIDE_FILES = ("keys.npy", "classes.txt", "skipped.txt")
+
+
+def default_keys_path(output: str | os.PathLike) -> Path:
+    """`train.lmdb` -> `train_keys.npy` beside it."""
+    return sidecar_path(output, "keys.npy")
+
+
+def sidecar_path(output: str | os.PathLike, name: str) -> Path:
+    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's side files)."""
+    output = Path(output)
+    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
+    return output.with_name(f"{stem}_{name}")
 
 
 def temporary_name(path: str | os.PathLike) -> Path:

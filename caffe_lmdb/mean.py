@@ -95,7 +95,7 @@ class MeanResult:
                           *self.caffe_lines()])
 
 
-def compute_mean(lmdb_path: str | os.PathLike, progress: bool | None = None) -> MeanResult:
+def lmdb_mean(lmdb_path: str | os.PathLike, progress: bool | None = None) -> MeanResult:
     """The per-pixel mean of every record of an LMDB, as Caffe's `compute_image_mean` computes it.
 
     Records are read in key order (Caffe's cursor order); raw ones are summed straight from the
@@ -268,7 +268,7 @@ def load_mean(path: str | os.PathLike) -> np.ndarray:
     return array[0] if array.ndim == 4 and shape[0] == 1 else array
 
 
-def image_mean(
+def compute_mean(
     lmdb_path: str | os.PathLike,
     output: str | os.PathLike,
     json_path: str | os.PathLike | None = None,
@@ -287,9 +287,9 @@ def image_mean(
         progress: show a progress bar (default: when stderr is a terminal).
 
     Raises:
-        As `compute_mean`; MeanError: an output cannot be written (names the file, e.g. a full disk).
+        As `lmdb_mean`; MeanError: an output cannot be written (names the file, e.g. a full disk).
     """
-    result = compute_mean(lmdb_path, progress=progress)
+    result = lmdb_mean(lmdb_path, progress=progress)
     output = Path(output)
     existed = os.path.lexists(output)
     save_mean(output, result.mean)

@@ -35,7 +35,7 @@ import numpy as np
 
 from .allocator import retained_heap
 from .errors import InputError, OutputError, describe_os_error
-from .files import TMP_MARK, temporary_name
+from .files import SIDE_FILES, TMP_MARK, default_keys_path, sidecar_path, temporary_name
 from .keys import keys_to_array
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,8 @@ COMMIT_BYTES = 4 << 20
 #: The files LMDB itself keeps in an LMDB folder: a folder holding anything else is not only an LMDB.
 LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
 
-#: The side files a conversion writes beside `NAME.lmdb`, as `NAME_<suffix>`.
-SIDE_FILES = ("keys.npy", "classes.txt", "skipped.txt")
-
 _LMDB_MAGIC = 0xBEEFC0DE  # at byte 16 of an LMDB's first meta page, after the page header
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-def default_keys_path(output: str | os.PathLike) -> Path:
-    """`train.lmdb` -> `train_keys.npy` beside it."""
-    return sidecar_path(output, "keys.npy")
-
-
-def sidecar_path(output: str | os.PathLike, name: str) -> Path:
-    """`train.lmdb`, "classes.txt" -> `train_classes.txt` beside it (the converter's side files)."""
-    output = Path(output)
-    stem = output.name[: -len(".lmdb")] if output.name.endswith(".lmdb") else output.name
-    return output.with_name(f"{stem}_{name}")
 
 
 # --------------------------------------------------------------------------- what may be replaced

@@ -113,3 +113,35 @@ def is_shard_name(path: str | os.PathLike) -> bool:
     path = Path(path)
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
     return bool(_SHARD_NAME.search(stem))
+
+
+def resolve_shard(num_shards: int | str | None, shard_index: int | None,
+                  workers: int | None = None) -> tuple[dict, int | None]:
+    """`--num-shards N --shard-index I`, or `--num-shards auto` from torchrun's or Slurm's variables.
+
+    Returns the `num_shards`/`shard_index` keywords for `convert` (empty without sharding) and the
+    worker count: under a launcher (`auto`) every local rank converts, so an unset count shares
+    the cores among them.
+
+    Raises:
+        InputError: an index without a count, a count without an index, or a pair out of range.
+    """
+    if num_shards is None:
+        if shard_index is not None:
+            raise InputError("--shard-index needs --num-shards")
+        return {}, workers
+    if num_shards == "auto":
+        if shard_index is not None:
+            raise InputError("--shard-index cannot be combined with --num-shards auto")
+        index, count = shard_from_environment()
+        if workers is None:
+            workers = max(1, (os.cpu_count() or 1) // local_world_size())
+        return {"num_shards": count, "shard_index": index}, workers
+    try:
+        count = int(num_shards)
+    except ValueError:
+        raise InputError(f"--num-shards must be an integer or 'auto', got {num_shards!r}") from None
+    if shard_index is None:
+        raise InputError("--num-shards N needs --shard-index I (or use --num-shards auto under a launcher)")
+    shard_range(0, count, shard_index)  # validates the pair
+    return {"num_shards": count, "shard_index": shard_index}, workers

@@ -11,7 +11,7 @@ from toollmdbs import bgr_planes, converted, hand_written, legacy_encoded, raw_v
 
 from caffe_lmdb import DatumError, caffe_pb2
 from caffe_lmdb.cli import main
-from caffe_lmdb.mean import MeanError, compute_mean, load_mean, mean_to_blob, save_mean
+from caffe_lmdb.mean import MeanError, lmdb_mean, load_mean, mean_to_blob, save_mean
 
 
 @pytest.fixture
@@ -58,8 +58,8 @@ def test_json_stats_are_rgb_scaled_for_normalize(tree, tmp_path):
 
 
 def test_encoded_records_give_the_raw_mean(tree, tmp_path):
-    raw = compute_mean(converted(tree, tmp_path / "raw.lmdb"))
-    encoded = compute_mean(converted(tree, tmp_path / "enc.lmdb", encoded=True))
+    raw = lmdb_mean(converted(tree, tmp_path / "raw.lmdb"))
+    encoded = lmdb_mean(converted(tree, tmp_path / "enc.lmdb", encoded=True))
     np.testing.assert_array_equal(raw.mean, encoded.mean)
     np.testing.assert_array_equal(raw.channel_std, encoded.channel_std)
 
@@ -67,19 +67,19 @@ def test_encoded_records_give_the_raw_mean(tree, tmp_path):
 def test_hand_written_lmdbs(legacy_rgb_lmdb, tmp_path, rng):
     path, _, images, _ = legacy_rgb_lmdb
     mean, std = expected_bgr([image[:, :, ::-1].transpose(2, 0, 1) for image in images])
-    result = compute_mean(path)
+    result = lmdb_mean(path)
     assert result.count == 6
     np.testing.assert_allclose(result.mean, mean, rtol=1e-12)
     np.testing.assert_allclose(result.channel_std, std, rtol=1e-9)
     enc_path, enc_images = legacy_encoded(tmp_path / "enc", rng)
     expected, _ = expected_bgr([image[:, :, ::-1].transpose(2, 0, 1) for image in enc_images])
-    np.testing.assert_allclose(compute_mean(enc_path).mean, expected, rtol=1e-12)
+    np.testing.assert_allclose(lmdb_mean(enc_path).mean, expected, rtol=1e-12)
 
 
 def test_gray_records_give_one_channel(tmp_path, rng):
     images = [rng.integers(0, 256, size=(4, 6), dtype=np.uint8) for _ in range(3)]
     path = hand_written(tmp_path / "mnist", {b"%08d" % i: raw_value(p, i) for i, p in enumerate(images)})
-    result = compute_mean(path)
+    result = lmdb_mean(path)
     np.testing.assert_allclose(result.mean[0], np.mean(images, axis=0))
     assert result.normalize_stats()["channel_order"] == "L"
 
@@ -102,9 +102,9 @@ def test_differing_sizes_name_the_first_offending_key(tmp_path, rng, capsys):
 def test_bad_record_and_empty_lmdb(tmp_path):
     path = hand_written(tmp_path / "bad", {caffe_key(0, "a.jpg"): b"\xff junk"})
     with pytest.raises(DatumError, match=r"key b'00000000_a.jpg': not a Datum"):
-        compute_mean(path)
+        lmdb_mean(path)
     with pytest.raises(MeanError, match="no records"):
-        compute_mean(hand_written(tmp_path / "empty", {}))
+        lmdb_mean(hand_written(tmp_path / "empty", {}))
 
 
 # ---------------------------------------------------------------- load_mean
@@ -143,7 +143,7 @@ def test_load_mean_refuses_what_is_not_a_mean_file(tmp_path):
 # ---------------------------------------------------------------- bit-identical sums, bounded memory
 
 def old_sums(planes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The per-pixel mean and per-plane std as compute_mean computed them before its memory bound:
+    """The per-pixel mean and per-plane std as lmdb_mean computed them before its memory bound:
     a float64 copy of each record added in, and an einsum of that copy's squares."""
     total = np.zeros(planes[0].shape, np.float64)
     squares = np.zeros(planes[0].shape[0], np.float64)
@@ -174,7 +174,7 @@ def test_mean_is_bit_identical_to_the_float64_copy_sums(tmp_path, rng, kind):
                                     encoded=False)
         planes.append(arr)
         records[caffe_key(i, f"{i}.png")] = datum.SerializeToString()
-    result = compute_mean(hand_written(tmp_path / kind, records))
+    result = lmdb_mean(hand_written(tmp_path / kind, records))
     mean, std = old_sums(planes)
     np.testing.assert_array_equal(result.mean, mean)
     np.testing.assert_array_equal(result.channel_std, std)
@@ -278,4 +278,4 @@ def test_encoded_bomb_record_names_the_key_and_the_claimed_size(tmp_path, rng):
     records = {caffe_key(0, "a.png"): raw_value(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), 0),
                caffe_key(1, "bomb.png"): encoded_datum(bomb_png(30000, 30000), 0)}
     with pytest.raises(DatumError, match=r"key b'00000001_bomb.png': .*claims a 30000x30000"):
-        compute_mean(hand_written(tmp_path / "bomb", records))
+        lmdb_mean(hand_written(tmp_path / "bomb", records))

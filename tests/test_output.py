@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, assert_one_line_error, run_cli, save_image, tree_snapshot
 from lmdbread import read_all
 from PIL import Image
-from test_migrate import folder2lmdb_pickle
+from test_migration import folder2lmdb_pickle
 
 from caffe_lmdb import load_keys
 from caffe_lmdb.conversion import convert

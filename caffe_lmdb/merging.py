@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .conversion import ConvertResult
 from .errors import InputError, MergeError
+from .files import sidecar_path
 from .keys import begin_read, open_readonly
-from .output import AtomicLmdb, sidecar_path
+from .output import AtomicLmdb
 from .progress import progress_bar
 from .records import class_names, iter_values, sidecar_lines
 
@@ -28,7 +29,7 @@ def _records(shard_index: int, txn) -> Iterator[tuple[bytes, int, bytes]]:
         yield key, shard_index, value
 
 
-def merge_lmdbs(
+def merge(
     shards: Sequence[str | os.PathLike],
     output: str | os.PathLike,
     *,

@@ -14,7 +14,7 @@ from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, ra
 
 from caffe_lmdb import caffe_pb2
 from caffe_lmdb.cli import main
-from caffe_lmdb.export import LIST_NAME, ExportError, export_lmdb, key_file_stem
+from caffe_lmdb.exporting import LIST_NAME, ExportError, export, key_file_stem
 from caffe_lmdb.files import TMP_MARK
 from caffe_lmdb.sources import InputError
 
@@ -43,7 +43,7 @@ def files_under(root) -> set[str]:
 def test_raw_round_trip_from_converter_lmdb(image_tree, tmp_path):
     original = converted(image_tree, tmp_path / "train.lmdb")
     out = tmp_path / "out"
-    result = export_lmdb(original, out)
+    result = export(original, out)
     assert (result.written, result.raw, result.encoded, result.problems, result.inexact) == (4, 4, 0, [], [])
     assert result.convert_flags == []
     assert files_under(out) == {"list.txt", "cat/00000000_a.png", "cat/00000001_b c.png", "dog/00000002_g.png",
@@ -55,7 +55,7 @@ def test_raw_round_trip_from_converter_lmdb(image_tree, tmp_path):
 def test_encoded_round_trip_keeps_the_stored_bytes(image_tree, tmp_path):
     original = converted(image_tree, tmp_path / "train.lmdb", encoded=True)
     out = tmp_path / "out"
-    result = export_lmdb(original, out)
+    result = export(original, out)
     assert result.encoded == 4 and result.convert_flags == ["--encoded"]
     stored = {key.decode().split("_", 1)[1].rsplit("/", 1)[-1]: d.data for key, d in read_datums(original).items()}
     assert (out / "dog" / "00000003_x.JPG").read_bytes() == stored["x.JPG"]
@@ -65,7 +65,7 @@ def test_encoded_round_trip_keeps_the_stored_bytes(image_tree, tmp_path):
 
 def test_gray_round_trip_needs_gray(image_tree, tmp_path):
     original = converted(image_tree, tmp_path / "train.lmdb", gray=True)
-    result = export_lmdb(original, tmp_path / "out")
+    result = export(original, tmp_path / "out")
     assert result.convert_flags == ["--gray"]
     assert "--gray --list" in result.convert_command()
     assert_rebuilds(original, tmp_path / "out", "--gray")
@@ -80,7 +80,7 @@ def test_hand_written_lmdbs_round_trip_with_label_folders(legacy_rgb_lmdb, tmp_p
     assert_rebuilds(path, out)
 
     enc_path, _ = legacy_encoded(tmp_path / "enc", rng)
-    assert export_lmdb(enc_path, tmp_path / "enc_out").convert_flags == ["--encoded"]
+    assert export(enc_path, tmp_path / "enc_out").convert_flags == ["--encoded"]
     assert_rebuilds(enc_path, tmp_path / "enc_out", "--encoded")
 
 
@@ -92,7 +92,7 @@ def test_targets_become_list_columns(tmp_path, rng):
     original = tmp_path / "multi.lmdb"
     assert main(["convert", "--list", str(tmp_path / "list.txt"), "--root", str(images), str(original), "-q"]) == 0
     out = tmp_path / "out"
-    result = export_lmdb(original, out)
+    result = export(original, out)
     assert result.inexact == []
     assert (out / "list.txt").read_text().splitlines()[0] == "1/00000000_0.png 1 0.5 -2.0"
     assert_rebuilds(original, out)
@@ -105,7 +105,7 @@ def test_mixed_kinds_and_lossy_records_are_reported(tmp_path, rng):
         caffe_key(1, "b.png"): encoded_datum(png_bytes(Image.new("RGB", (3, 2))), 1),
         caffe_key(2, "c.png"): rgba.SerializeToString(),
     }
-    result = export_lmdb(hand_written(tmp_path / "mixed", records), tmp_path / "out")
+    result = export(hand_written(tmp_path / "mixed", records), tmp_path / "out")
     assert result.written == 3 and result.convert_flags is None and result.convert_command() is None
     assert result.inexact == [(caffe_key(2, "c.png"), "4 channels: convert stores 3 (alpha dropped)")]
     assert "no single convert rebuilds them" in str(result)
@@ -136,7 +136,7 @@ def test_keys_cannot_escape_out_dir(tmp_path, rng):
     (tmp_path / "evil_classes.txt").write_text("../../escaped\n")
     out = tmp_path / "deep" / "out"
     before = files_under(tmp_path) - files_under(tmp_path / "evil.lmdb")
-    result = export_lmdb(path, out)
+    result = export(path, out)
     assert result.written == 5
     written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} - before
     assert all(name.startswith(os.path.join("deep", "out") + os.sep) for name in written), written
@@ -153,20 +153,20 @@ def test_symlinked_class_folder_pointing_outside_is_refused(legacy_rgb_lmdb, tmp
     outside.mkdir()
     (out / "0").symlink_to(outside)
     with pytest.raises(ExportError, match="resolves outside"):
-        export_lmdb(path, out)
+        export(path, out)
     assert list(outside.iterdir()) == []
 
 
 def test_nothing_is_overwritten_without_overwrite(legacy_rgb_lmdb, tmp_path, capsys):
     path = legacy_rgb_lmdb[0]
     out = tmp_path / "out"
-    export_lmdb(path, out)
+    export(path, out)
     assert main(["export", str(path), str(out), "-q"]) == 2
     assert "list.txt: already exists (pass --overwrite" in capsys.readouterr().err
     kept = save_image(tmp_path / "fresh" / "1" / "00000001_img1.png", Image.new("RGB", (1, 1)))
     mine = kept.read_bytes()
     with pytest.raises(InputError, match="00000001_img1.png: already exists"):
-        export_lmdb(path, tmp_path / "fresh")
+        export(path, tmp_path / "fresh")
     assert kept.read_bytes() == mine
     assert main(["export", str(path), str(tmp_path / "fresh"), "--overwrite", "-q"]) == 0
     assert kept.read_bytes() != mine and (tmp_path / "fresh" / "list.txt").is_file()
@@ -190,7 +190,7 @@ def test_bad_records_are_named_and_the_rest_exported(tmp_path, rng, capsys):
 
 def test_planted_symlinks_are_replaced_never_written_through(legacy_rgb_lmdb, tmp_path):
     path = legacy_rgb_lmdb[0]
-    export_lmdb(path, tmp_path / "clean")
+    export(path, tmp_path / "clean")
     out, outside = tmp_path / "out", tmp_path / "outside"
     outside.mkdir()
     victim, victim_list = outside / "victim", outside / "victim_list"
@@ -200,12 +200,12 @@ def test_planted_symlinks_are_replaced_never_written_through(legacy_rgb_lmdb, tm
     (out / "0" / "00000000_img0.png").symlink_to(victim)  # the name export writes for the first record
     (out / LIST_NAME).symlink_to(victim_list)
     with pytest.raises(InputError, match=r"list.txt: already exists"):
-        export_lmdb(path, out)
+        export(path, out)
     (out / LIST_NAME).unlink()
     with pytest.raises(InputError, match=r"00000000_img0.png: is a symbolic link \(pass --overwrite"):
-        export_lmdb(path, out)
+        export(path, out)
     (out / LIST_NAME).symlink_to(victim_list)
-    export_lmdb(path, out, overwrite=True)
+    export(path, out, overwrite=True)
     assert victim.read_bytes() == b"precious" and victim_list.read_bytes() == b"also precious"
     for name in ("0/00000000_img0.png", LIST_NAME):
         assert not (out / name).is_symlink()
@@ -264,7 +264,7 @@ def test_full_disk_names_the_file_leaves_no_list_and_a_rerun_continues(tmp_path,
     assert 0 < len(written) < 12
 
     (small_fs / "filler").unlink()
-    result = export_lmdb(path, out)  # no --overwrite needed: the files there are this export's own
+    result = export(path, out)  # no --overwrite needed: the files there are this export's own
     assert (result.written, result.kept) == (12, len(written))
     assert f"{len(written)} files were already there with the same bytes" in str(result)
     assert leftovers(out) == []
@@ -273,19 +273,19 @@ def test_full_disk_names_the_file_leaves_no_list_and_a_rerun_continues(tmp_path,
 
 def test_failed_overwrite_never_leaves_the_old_list(tmp_path, small_fs, rng):
     out = small_fs / "out"
-    export_lmdb(noisy_lmdb(tmp_path / "a.lmdb", rng, count=4), out)
+    export(noisy_lmdb(tmp_path / "a.lmdb", rng, count=4), out)
     assert (out / LIST_NAME).exists()
     fill(small_fs, leave=100 << 10)
     other = noisy_lmdb(tmp_path / "b.lmdb", rng, count=6)  # other pixels: every file must be replaced
     with pytest.raises(ExportError, match="no space left on device"):
-        export_lmdb(other, out, overwrite=True)
+        export(other, out, overwrite=True)
     assert not (out / LIST_NAME).exists() and leftovers(out) == []
 
 
 #: Exports, but dies by SIGKILL at the 4th rename: three files in place, the fourth's temporary written.
 _KILLED_EXPORT = """
 import os, signal, sys
-from caffe_lmdb.export import export_lmdb
+from caffe_lmdb.exporting import export
 real, calls = os.replace, []
 def replace(src, dst):
     calls.append(dst)
@@ -293,7 +293,7 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst)
 os.replace = replace
-export_lmdb(sys.argv[1], sys.argv[2], progress=False)
+export(sys.argv[1], sys.argv[2], progress=False)
 """
 
 
@@ -321,11 +321,11 @@ def test_export_killed_mid_write_is_continued_by_a_rerun(tmp_path, rng):
 def test_a_rerun_still_refuses_files_that_are_not_the_exports(tmp_path, rng):
     path = noisy_lmdb(tmp_path / "noise.lmdb", rng, count=4, side=16)
     out = tmp_path / "out"
-    export_lmdb(path, out)
+    export(path, out)
     (out / LIST_NAME).unlink()  # as if interrupted before the list
     (out / "1" / "00000001_1.png").write_bytes(b"the user's own file")
     with pytest.raises(InputError, match=r"00000001_1.png: already exists with other content \(pass --overwrite"):
-        export_lmdb(path, out)
+        export(path, out)
     assert (out / "1" / "00000001_1.png").read_bytes() == b"the user's own file"
 
 

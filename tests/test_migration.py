@@ -31,11 +31,11 @@ from caffe_lmdb.cli import main
 from caffe_lmdb.datum import DatumError, image_to_datum, serialize_datum
 from caffe_lmdb.errors import LmdbFormatError, MigrationError
 from caffe_lmdb.foreign import foreign_kind, foreign_value_hint
-from caffe_lmdb.migrate import (
+from caffe_lmdb.migration import (
     LegacyRecord,
     LmdbImageRecord,
     label_fields,
-    migrate_lmdb,
+    migrate,
     record_to_datum,
     safe_unpickle,
 )
@@ -214,7 +214,7 @@ def test_multilabel_and_regression_labels_go_to_float_data():
 def test_folder2lmdb_msgpack_migrates(tmp_path, image_files):
     labels = [(i * 5) % 7 for i in range(COUNT)]
     old = folder2lmdb_msgpack(tmp_path / "old.lmdb", image_files, labels)
-    result = migrate_lmdb(old, tmp_path / "new.lmdb", keys_path=tmp_path / "k.npy")
+    result = migrate(old, tmp_path / "new.lmdb", keys_path=tmp_path / "k.npy")
     assert (result.format, result.written, result.keys_origin) == ("folder2lmdb-msgpack", COUNT, "__keys__")
     datums = read_datums(tmp_path / "new.lmdb")
     assert list(datums) == expected_keys([f"{i}".encode() for i in range(COUNT)])
@@ -227,7 +227,7 @@ def test_folder2lmdb_msgpack_migrates(tmp_path, image_files):
 
 def test_without_keys_meta_the_cursor_order_is_kept(tmp_path, image_files):
     old = folder2lmdb_msgpack(tmp_path / "old.lmdb", image_files, list(range(COUNT)), with_keys=False)
-    result = migrate_lmdb(old, tmp_path / "new.lmdb")
+    result = migrate(old, tmp_path / "new.lmdb")
     cursor_order = sorted(f"{i}".encode() for i in range(COUNT))  # b'0', b'1', b'10', b'11', b'2', ...
     assert result.keys_origin == "cursor order"
     assert [key for key, _ in read_all(tmp_path / "new.lmdb")] == expected_keys(cursor_order)
@@ -248,7 +248,7 @@ def test_lmdb_image_becomes_raw_bgr_pixel_exact(tmp_path, rng, main_module_class
     old = lmdb_image_recipe(tmp_path / "old.lmdb", pixels, labels)
     assert b"__main__\x94\x8c\nLMDB_Image" in read_all(old)[0][1]  # pickled as the user's script class
 
-    result = migrate_lmdb(old, tmp_path / "new.lmdb")
+    result = migrate(old, tmp_path / "new.lmdb")
     assert (result.format, result.written) == ("lmdb-image", COUNT)
     datums = read_datums(tmp_path / "new.lmdb")
     assert list(datums) == expected_keys([f"{i}".encode() for i in range(COUNT)])
@@ -277,7 +277,7 @@ def test_bytes_that_are_no_image_fail_naming_the_key(tmp_path, image_files):
     files = [*image_files[:3], b"this is not an image"]
     old = folder2lmdb_pickle(tmp_path / "old.lmdb", files, [0, 1, 2, 3])
     with pytest.raises(MigrationError, match=r"old.lmdb: key b'3': cannot decode image"):
-        migrate_lmdb(old, tmp_path / "new.lmdb")
+        migrate(old, tmp_path / "new.lmdb")
     assert not (tmp_path / "new.lmdb").exists()
 
 
@@ -475,16 +475,16 @@ def test_deep_record_after_migrated_ones_leaves_nothing(tmp_path, image_files):
     put_record(old, b"7", image_record_pickle(image_files[7], deep_list()))  # the first 7 are written before it
     before = lmdb_listing(tmp_path)
     with pytest.raises(MigrationError, match=r"old.lmdb: key b'7': label <a list nested too deeply to show>"):
-        migrate_lmdb(old, tmp_path / "new.lmdb")
+        migrate(old, tmp_path / "new.lmdb")
     put_record(old, b"7", image_record_pickle(image_files[7], b"}" + deep_tuple() + b"K\x01s"))
     with pytest.raises(MigrationError, match=r"key b'7': the pickle builds more than 10000 tuples"):
-        migrate_lmdb(old, tmp_path / "new.lmdb")
+        migrate(old, tmp_path / "new.lmdb")
     assert lmdb_listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
 def test_pickle_screen_counts_tuples_at_every_protocol(protocol):
-    from caffe_lmdb.migrate import MAX_PICKLE_TUPLES, PickleTooComplexError
+    from caffe_lmdb.migration import MAX_PICKLE_TUPLES, PickleTooComplexError
 
     pairs = [(i, i + 1) for i in range(MAX_PICKLE_TUPLES // 2)]  # a label of 5000 pairs is still read
     assert safe_unpickle(pickle.dumps(pairs, protocol=protocol)) == pairs
@@ -530,7 +530,7 @@ def test_keys_listed_but_missing_and_unlisted_records(tmp_path, image_files, cap
     with env.begin(write=True) as txn:
         txn.put(b"__keys__", msgpack.packb([b"2", b"0"]))
     env.close()
-    result = migrate_lmdb(old, tmp_path / "new.lmdb")
+    result = migrate(old, tmp_path / "new.lmdb")
     assert [d.label for d in read_datums(tmp_path / "new.lmdb").values()] == [2, 0]
     assert result.unlisted == 2 and "not listed in __keys__" in caplog.text
     env = lmdb.open(str(old))
@@ -538,7 +538,7 @@ def test_keys_listed_but_missing_and_unlisted_records(tmp_path, image_files, cap
         txn.put(b"__keys__", msgpack.packb([b"0", b"9"]))
     env.close()
     with pytest.raises(MigrationError, match="key b'9' is listed in __keys__ but not in the LMDB"):
-        migrate_lmdb(old, tmp_path / "other.lmdb")
+        migrate(old, tmp_path / "other.lmdb")
 
 
 def test_migrate_applies_converts_pass_through_rule_to_truncated_files(tmp_path, image_files):
@@ -547,8 +547,8 @@ def test_migrate_applies_converts_pass_through_rule_to_truncated_files(tmp_path,
     truncated = jpeg[: len(jpeg) // 2]
     old = folder2lmdb_pickle(tmp_path / "old.lmdb", [jpeg, truncated], [0, 1])
     with pytest.raises(MigrationError, match=r"old.lmdb: key b'1': cannot decode image"):
-        migrate_lmdb(old, tmp_path / "new.lmdb")
+        migrate(old, tmp_path / "new.lmdb")
     assert not (tmp_path / "new.lmdb").exists()
     ok = folder2lmdb_pickle(tmp_path / "ok.lmdb", [jpeg], [0])
-    migrate_lmdb(ok, tmp_path / "ok_new.lmdb")
+    migrate(ok, tmp_path / "ok_new.lmdb")
     assert parse_datum(read_all(tmp_path / "ok_new.lmdb")[0][1]).data == jpeg  # intact: kept as is

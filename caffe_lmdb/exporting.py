@@ -199,7 +199,7 @@ class _Names:
         return candidate
 
 
-def export_lmdb(
+def export(
     lmdb_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -396,7 +396,7 @@ def _write(target: Path, payload: bytes, overwrite: bool) -> bool:
             what = "is a symbolic link" if target.is_symlink() else "already exists with other content"
             raise InputError(f"{target}: {what} (pass --overwrite to replace it)")
     target.parent.mkdir(exist_ok=True)
-    # Not synced one by one (a sync per image would dominate the export): `export_lmdb` syncs once
+    # Not synced one by one (a sync per image would dominate the export): `export` syncs once
     # before writing the list file.
     write_bytes_atomic(target, payload, sync=False)
     return False

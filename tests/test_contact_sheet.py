@@ -10,7 +10,7 @@ from toollmdbs import converted, encoded_datum, hand_written, raw_value
 
 from caffe_lmdb import DatumError
 from caffe_lmdb.cli import main
-from caffe_lmdb.grid import PAD, make_grid, save_grid
+from caffe_lmdb.contact_sheet import PAD, grid, make_grid
 
 
 def test_grid_of_converter_lmdb(image_tree, tmp_path, capsys):
@@ -25,10 +25,10 @@ def test_grid_of_converter_lmdb(image_tree, tmp_path, capsys):
 
 
 def test_more_samples_than_records_shows_them_all(legacy_rgb_lmdb, tmp_path):
-    grid = save_grid(legacy_rgb_lmdb[0], tmp_path / "all.png", n=64, tile=16)
-    assert (grid.count, grid.records, grid.columns, grid.rows) == (6, 6, 3, 2)
+    sheet_result = grid(legacy_rgb_lmdb[0], tmp_path / "all.png", n=64, tile=16)
+    assert (sheet_result.count, sheet_result.records, sheet_result.columns, sheet_result.rows) == (6, 6, 3, 2)
     with Image.open(tmp_path / "all.png") as sheet:
-        assert sheet.size == grid.image.size and sheet.width == 3 * (16 + PAD) + PAD
+        assert sheet.size == sheet_result.image.size and sheet.width == 3 * (16 + PAD) + PAD
 
 
 def test_same_seed_same_sheet(image_tree, tmp_path):
@@ -70,7 +70,7 @@ def test_grid_on_a_full_disk_leaves_no_file_and_names_it(legacy_rgb_lmdb, small_
     finally:
         os.close(fd)
     with pytest.raises(OSError) as excinfo:
-        save_grid(legacy_rgb_lmdb[0], small_fs / "grid.png", n=6, tile=64)
+        grid(legacy_rgb_lmdb[0], small_fs / "grid.png", n=6, tile=64)
     assert describe_os_error(excinfo.value) == f"{small_fs / 'grid.png'}: no space left on device"
     assert [p.name for p in small_fs.iterdir()] == ["filler"]
 

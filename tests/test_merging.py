@@ -12,7 +12,7 @@ from test_shards import _make_tree
 from caffe_lmdb import load_keys
 from caffe_lmdb.cli import main
 from caffe_lmdb.conversion import convert
-from caffe_lmdb.merge import MergeError, merge_lmdbs
+from caffe_lmdb.merging import MergeError, merge
 
 
 def test_merge_equals_unsharded_conversion(tmp_path):
@@ -33,7 +33,7 @@ def test_overlapping_shards_are_refused_and_nothing_is_written(tmp_path):
     convert(src, tmp_path / "a.lmdb", workers=1)
     convert(src, tmp_path / "b.lmdb", workers=1, num_shards=2, shard_index=1)
     with pytest.raises(MergeError, match=r"key b'00000002_c1/01.png' is in both .*a.lmdb and .*b-00001-of-00002.lmdb"):
-        merge_lmdbs([tmp_path / "a.lmdb", tmp_path / "b-00001-of-00002.lmdb"], tmp_path / "m.lmdb")
+        merge([tmp_path / "a.lmdb", tmp_path / "b-00001-of-00002.lmdb"], tmp_path / "m.lmdb")
     assert not (tmp_path / "m.lmdb").exists() and not (tmp_path / "m_keys.npy").exists()
 
 
@@ -73,5 +73,5 @@ def test_damaged_shard_names_the_shard_and_writes_nothing(tmp_path, damage):
         _, first = damage_middle_leaf(bad, keys)
         expected = re.escape(f"{bad}: corrupt LMDB: ") + ".*" + re.escape(f"before it is key {keys[first - 1]!r}")
     with pytest.raises(CorruptLmdbError, match=expected):
-        merge_lmdbs([good, bad], tmp_path / "m.lmdb")
+        merge([good, bad], tmp_path / "m.lmdb")
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name, bad.name]

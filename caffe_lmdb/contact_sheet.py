@@ -32,7 +32,7 @@ PAD = 4
 class Grid:
     """A contact sheet and its layout: `count` of the LMDB's `records` in `columns` x `rows` tiles.
 
-    `path` is where `save_grid` saved it (None before saving).
+    `path` is where `grid` saved it (None before saving).
     """
 
     image: Image.Image
@@ -129,7 +129,7 @@ def _clip(draw: ImageDraw.ImageDraw, font, text: str, width: int) -> str:
     return text + "..."
 
 
-def save_grid(
+def grid(
     lmdb_path: str | os.PathLike,
     output: str | os.PathLike,
     n: int = 64,

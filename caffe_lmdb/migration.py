@@ -50,6 +50,7 @@ from .datum import (
 )
 from .encode import ConvertOptions, encoded_payload
 from .errors import InputError, MigrationError
+from .files import default_keys_path
 from .foreign import (
     MSGPACK_CONTAINERS,
     OLD_PICKLE_FIRST,
@@ -60,7 +61,7 @@ from .foreign import (
     unpack_msgpack,
 )
 from .keys import begin_read, checked_items, get_value, make_key, open_readonly
-from .output import AtomicLmdb, default_keys_path
+from .output import AtomicLmdb
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 #: Meta records the recipes keep among the data records; they are dropped (keys go to the .npy file).
 META_KEYS = (b"__keys__", b"__len__")
 
-#: The formats `migrate_lmdb` reads, by the name results and `--dry-run` report.
+#: The formats `migrate` reads, by the name results and `--dry-run` report.
 FORMATS = {
     "folder2lmdb-pickle": "pickled (image file bytes, label) tuples (Efficient-PyTorch folder2lmdb)",
     "folder2lmdb-msgpack": "msgpack [{data: image file bytes}, label] records (Efficient-PyTorch folder2lmdb, "
@@ -593,7 +594,7 @@ def _sample_lines(record: LegacyRecord, value: bytes | bytearray, reencoded: boo
 
 @dataclass
 class MigrateResult:
-    """What `migrate_lmdb` found and wrote; `str()` is the summary the CLI prints.
+    """What `migrate` found and wrote; `str()` is the summary the CLI prints.
 
     Attributes:
         source, output, keys_path: the old LMDB, the new one and its keys file.
@@ -650,7 +651,7 @@ class MigrateResult:
         return text
 
 
-def migrate_lmdb(
+def migrate(
     old: str | Path,
     new: str | Path,
     keys_path: str | Path | None = None,
