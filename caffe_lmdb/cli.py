@@ -17,6 +17,7 @@ from pathlib import Path
 import lmdb
 
 from . import __version__
+from .allocator import set_heap_retention
 from .contact_sheet import grid
 from .conversion import convert_paths
 from .encode import ConvertOptions
@@ -380,5 +381,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """The `caffe-lmdb` program (and `tools/*.py`): `main`, in a process that is ours to tune, then exit.
+
+    Only here, never in a library call, is glibc's heap retention set for the whole process
+    (`allocator.set_heap_retention`): the process ends with the command, so nothing is left changed
+    behind a caller's back, and the writer reuses freed memory as the worker processes do.
+    """
+    set_heap_retention()
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

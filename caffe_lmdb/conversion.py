@@ -6,9 +6,10 @@ Why it is shaped this way:
   record back through shared memory, in input order; one writer puts them, so the output is
   byte-identical for any number of workers.
 * Writing 192 KiB per raw record costs about as much as decoding it on small VMs, so the write
-  path avoids fresh memory: freed heap is kept for reuse (`allocator.py`), LMDB writes with
-  pwritev (not writemap), and each commit starts the disk write and lets the page cache recycle
-  its pages (`output.AtomicLmdb`).
+  path avoids fresh memory: worker processes keep their freed heap for reuse (`allocator.py`; so
+  does the `caffe-lmdb` command, whose process is its own, but never a library caller's process),
+  LMDB writes with pwritev (not writemap), and each commit starts the disk write and lets the
+  page cache recycle its pages (`output.AtomicLmdb`).
 * The output goes through `output.AtomicLmdb`: locked against a second writer, built under a
   temporary name and published with its side files only when complete, so an interrupted or
   failed run (Ctrl-C, a full disk, `kill -9`) never leaves an output that looks complete, and
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from . import output as _output
 from . import workers as _workers
+from .allocator import set_heap_retention
 from .encode import ConvertOptions, encode_entry
 from .errors import ConversionError, InputError
 from .keys import make_key
@@ -94,7 +96,7 @@ def _converted(
             yield pool
     else:
         chunksize = max(1, min(16, len(entries) // (workers * 8)))
-        with multiprocessing.get_context().Pool(workers) as pool:
+        with multiprocessing.get_context().Pool(workers, initializer=set_heap_retention) as pool:
             yield pool.imap(work, entries, chunksize=chunksize)
 
 
@@ -150,9 +152,7 @@ def write_lmdb(
         raise InputError("no input images")
     start = time.perf_counter()
     first_shape: tuple[int, int, int] | None = None
-    # The output is checked, its temporary created and the heap retention set (AtomicLmdb) before
-    # any worker is forked, so the workers inherit the retention; with 0 workers everything runs
-    # in this thread.
+    # The output is checked and its temporary created (AtomicLmdb) before any worker is forked.
     with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, inputs=inputs,
                     scanned_inputs=scanned_inputs) as out, \
             _converted(entries, options, workers) as records, \

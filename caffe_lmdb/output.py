@@ -33,7 +33,6 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from .allocator import retained_heap
 from .errors import InputError, OutputError, describe_os_error
 from .files import SIDE_FILES, TMP_MARK, default_keys_path, sidecar_path, temporary_name
 from .keys import keys_to_array
@@ -348,7 +347,6 @@ class AtomicLmdb:
         self._lock: TargetLock | None = None
         self._temporaries: list[Path] = []
         self._data_fd = -1
-        self._heap = None
         self.env: lmdb.Environment | None = None
         check_not_inside_inputs(self.output, inputs, scanned=scanned_inputs)
         check_not_inside_inputs(self.keys_path, inputs, scanned=scanned_inputs)
@@ -376,8 +374,6 @@ class AtomicLmdb:
         self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False,
                               metasync=False, max_dbs=0, readahead=False)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
-        self._heap = retained_heap()  # LMDB mallocs and frees a page run per record: keep them
-        self._heap.__enter__()
         self.writer = BatchWriter(self.env, commit_every, after_commit=self._committed)
 
     def _reserve_temporary(self, target: Path) -> Path:
@@ -490,9 +486,6 @@ class AtomicLmdb:
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
-        if self._heap is not None:
-            self._heap.__exit__(None, None, None)
-            self._heap = None
 
     def _committed(self, written: int) -> None:
         self._start_writeback()

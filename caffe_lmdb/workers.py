@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .allocator import set_heap_retention
 from .errors import WorkerError
 
 #: Whether `RingPool` can run here (anonymous shared memory inherited through fork).
@@ -65,6 +66,7 @@ SEND_EVERY = 8
 def _worker_main(index: int, count: int, items: Sequence[Any], convert: Callable[[Any], Record],
                  conn, ring: mmap.mmap, inherited: Sequence) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle
+    set_heap_retention()  # our own process: decoding reuses its freed heap instead of fresh pages
     for other in inherited:  # the writer's ends: holding them would keep our pipe open after it dies
         other.close()
     view, size = memoryview(ring), len(ring)
