@@ -54,6 +54,8 @@ from .keys import (
     save_keys,
     txn_keys,
 )
+from .records import keys_file_for, refuse_foreign_lmdb
+from .shards import find_shards
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +433,6 @@ def _first_record(env: lmdb.Environment, keys: np.ndarray, root: str) -> tuple[b
         LmdbFormatError: the LMDB holds pickled/msgpack records (from the popular PyTorch recipes),
             with the `caffe-lmdb migrate` command to convert it; nothing is unpickled.
     """
-    from .records import refuse_foreign_lmdb
 
     with env.begin(buffers=True) as txn:
         refuse_foreign_lmdb(root, txn)
@@ -457,8 +458,6 @@ def open_shards(
     shards are concatenated in name order with `+` (torch's `ConcatDataset`), so index i is the
     i-th record of the unsharded conversion. `kwargs` go to every `LmdbDataset_train`.
     """
-    from .records import keys_file_for
-    from .shards import find_shards
 
     parts = [LmdbDataset_train(path, transform, keys_file_for(path), **kwargs) for path in find_shards(shards)]
     return LmdbConcatDataset(parts)

@@ -6,6 +6,8 @@ line (exit 1), `InputError` as a usage error (exit 2).
 
 from __future__ import annotations
 
+import os
+
 
 class CaffeLmdbError(Exception):
     """Base of every error caffe-lmdb raises on purpose, so callers can catch ours alone."""
@@ -66,8 +68,6 @@ class ExportError(CaffeLmdbError, RuntimeError):
 
 def os_error_reason(exc: OSError) -> str:
     """`permission denied`: an OSError's reason alone, for messages that name the file themselves."""
-    import os
-
     reason = (exc.strerror or os.strerror(exc.errno)) if exc.errno else str(exc)
     return reason[:1].lower() + reason[1:] if reason else type(exc).__name__
 

@@ -1,0 +1,123 @@
+"""The package's shape: no import cycles, a read side that never loads the writer, documented commands.
+
+The imports are read from the source with `ast`, not by importing, so a cycle hidden behind a
+function-level import is found too.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+from conftest import REPO
+
+from caffe_lmdb.cli import build_parser
+
+PACKAGE = REPO / "caffe_lmdb"
+GENERATED = {"caffe_pb2"}
+
+#: What reading an LMDB must never load: the conversion machinery (rings, allocator, the pipeline, the writer).
+CONVERSION_MACHINERY = {"workers", "allocator", "conversion", "output", "encode"}
+READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "contact_sheet", "records", "keys", "datum"}
+
+#: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.
+LAZY_ALLOWED = {"torch", "cv2", "msgpack", "importlib", "google.protobuf.unknown_fields", "warnings", "multiprocessing"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {path.stem: ast.parse(path.read_text(encoding="utf-8"))
+            for path in sorted(PACKAGE.glob("*.py")) if path.stem not in GENERATED}
+
+
+def _internal_target(node: ast.ImportFrom) -> list[str]:
+    """The package modules an `from . import x` / `from .x import y` names."""
+    if node.level != 1:
+        return []
+    if node.module:
+        return [node.module.split(".")[0]]
+    return [alias.name for alias in node.names]
+
+
+def _imports(tree: ast.Module, *, top_level_only: bool) -> set[str]:
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            found.update(_internal_target(node))
+        if isinstance(node, ast.If) and top_level_only:  # `if TYPE_CHECKING:` style blocks still count
+            found.update(_imports(ast.Module(body=node.body, type_ignores=[]), top_level_only=True))
+    return found - GENERATED
+
+
+def _graph(top_level_only: bool) -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(tree, top_level_only=top_level_only) & set(modules) for name, tree in modules.items()}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, stack = set(), [start]
+    while stack:
+        for nxt in graph.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def test_no_import_cycles_even_through_function_level_imports():
+    graph = _graph(top_level_only=False)
+    graph.pop("__init__", None)  # its lazy names import the modules on first use, not at import
+    for name in graph:
+        assert name not in _reachable(graph, name), f"import cycle through caffe_lmdb.{name}"
+
+
+@pytest.mark.parametrize("module", sorted(READ_SIDE))
+def test_the_read_side_never_reaches_the_conversion_machinery(module):
+    reached = _reachable(_graph(top_level_only=False), module)
+    assert not reached & CONVERSION_MACHINERY, f"{module} reaches {sorted(reached & CONVERSION_MACHINERY)}"
+
+
+def test_no_function_level_imports_but_heavy_or_optional_dependencies():
+    torch_modules = {name for name, tree in _modules().items()
+                     if any((isinstance(n, ast.Import) and any(a.name == "torch" for a in n.names))
+                            or (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("torch"))
+                            for n in tree.body)}
+    late = []
+    for name, tree in _modules().items():
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    targets = _internal_target(node) or [node.module or ""]
+                else:
+                    continue
+                for target in targets:
+                    if target in LAZY_ALLOWED or target.split(".")[0] in LAZY_ALLOWED or target in torch_modules \
+                            or target in GENERATED or (name == "proto" and target == ""):
+                        continue
+                    late.append(f"{name}.{function.name}: {target}")
+    assert not late, "\n".join(late)
+
+
+def _commands() -> dict[str, object]:
+    action = next(action for action in build_parser()._actions if action.dest == "command")
+    return action.choices
+
+
+@pytest.mark.parametrize("command", sorted(_commands()))
+def test_every_command_has_an_example_and_is_in_the_readme(command):
+    parser = _commands()[command]
+    assert f"Example: caffe-lmdb {command}" in " ".join(parser.format_help().split())
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert re.search(rf"caffe-lmdb {command}\b", readme), f"README.md never shows `caffe-lmdb {command}`"
+
+
+def test_each_command_has_a_library_call_of_the_same_name():
+    import caffe_lmdb
+
+    for name in ("convert", "merge", "migrate", "info", "verify", "compute_mean", "export", "grid"):
+        assert callable(getattr(caffe_lmdb, name)) and name in caffe_lmdb.__all__
