@@ -582,7 +582,8 @@ def is_passthrough_format(pil_format: str | None) -> bool:
 
 # --------------------------------------------------------------------------- fast raw serialization
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A protobuf varint, as the serializer writes it (negative int32 values take 10 bytes)."""
     if value < 0:  # int32 negatives are sign-extended to 64 bits on the wire
         value += 1 << 64
     out = bytearray()
@@ -610,10 +611,10 @@ def raw_datum_parts(
         image = normalize_image(image, gray=gray)
     width, height = image.size
     channels = 1 if gray else 3
-    head = b"".join((b"\x08", _varint(channels), b"\x10", _varint(height), b"\x18", _varint(width),
-                     b"\x22", _varint(channels * height * width)))
+    head = b"".join((b"\x08", encode_varint(channels), b"\x10", encode_varint(height), b"\x18", encode_varint(width),
+                     b"\x22", encode_varint(channels * height * width)))
     floats = b"".join(b"\x35" + struct.pack("<f", value) for value in float_data)
-    tail = b"\x28" + _varint(int(label)) + floats + b"\x38\x00"
+    tail = b"\x28" + encode_varint(int(label)) + floats + b"\x38\x00"
     planes = [image.tobytes()] if gray else [image.tobytes("raw", band) for band in "BGR"]
     return [head, *planes, tail]
 

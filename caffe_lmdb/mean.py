@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from .datum import datum_to_array, image_plane_order, parse_datum_view
+from .datum import datum_to_array, encode_varint, image_plane_order, parse_datum_view
 from .errors import DatumError, MeanError, describe_os_error
 from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
 from .progress import progress_bar
@@ -190,21 +190,12 @@ def mean_blob_bytes(mean: np.ndarray) -> bytearray:
     if mean.ndim != 3:
         raise MeanError(f"a mean image must be C x H x W, got shape {mean.shape}")
     channels, height, width = mean.shape
-    head = b"".join((b"\x08\x01\x10", _varint(channels), b"\x18", _varint(height), b"\x20", _varint(width),
-                     b"\x2a", _varint(4 * mean.size)))
+    head = b"".join((b"\x08\x01\x10", encode_varint(channels), b"\x18", encode_varint(height),
+                     b"\x20", encode_varint(width), b"\x2a", encode_varint(4 * mean.size)))
     out = bytearray(len(head) + 4 * mean.size)
     out[:len(head)] = head
     np.frombuffer(out, dtype="<f4", offset=len(head)).reshape(mean.shape)[...] = mean  # the float32 cast astype does
     return out
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def save_mean(path: str | os.PathLike, mean: np.ndarray) -> Path:
