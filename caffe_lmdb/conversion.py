@@ -22,19 +22,18 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from . import output as _output
 from . import workers as _workers
 from .allocator import set_heap_retention
 from .encode import ConvertOptions, encode_entry
 from .errors import ConversionError, InputError
 from .keys import make_key
-from .output import AtomicLmdb
+from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
 from .progress import progress_bar
 from .shards import resolve_shard, shard_name, shard_range
 from .sources import Entry, PackedEntries, find_splits, load_entries, shuffle_entries
@@ -42,7 +41,8 @@ from .workers import Record, RingPool
 
 log = logging.getLogger(__name__)
 
-#: Shared memory per worker process for records on their way to the writer (at least 2 transactions).
+#: Default of `ring_bytes`: shared memory per worker process for records on their way to the
+#: writer (at least 2 transactions).
 RING_BYTES = 32 << 20
 
 
@@ -80,7 +80,7 @@ def default_workers() -> int:
 
 @contextmanager
 def _converted(
-    entries: Sequence[Entry], options: ConvertOptions, workers: int
+    entries: Sequence[Entry], options: ConvertOptions, workers: int, ring_bytes: int
 ) -> Iterator[RingPool | Iterator[Record]]:
     """The records of `entries`, in order: converted here (0 workers) or in worker processes.
 
@@ -91,7 +91,6 @@ def _converted(
         yield map(work, entries)
     elif _workers.AVAILABLE:
         # Packed: reading a list of Entry objects would copy it into every worker (copy-on-write).
-        ring_bytes = max(2 * _output.COMMIT_BYTES, RING_BYTES)
         with RingPool(PackedEntries(entries), work, workers, ring_bytes=ring_bytes) as pool:
             yield pool
     else:
@@ -109,11 +108,14 @@ def write_lmdb(
     classes: Sequence[str] | None = None,
     workers: int | None = None,
     commit_every: int = 1000,
+    commit_bytes: int = COMMIT_BYTES,
+    initial_map_size: int = INITIAL_MAP_SIZE,
+    grow_ahead: bool = True,
+    ring_bytes: int = RING_BYTES,
     overwrite: bool = False,
     strict: bool = False,
     progress: bool | None = None,
     line_offset: int = 0,
-    on_record: Callable[[int], None] | None = None,
     inputs: Sequence[str | os.PathLike] = (),
     scanned_inputs: bool = True,
 ) -> ConvertResult:
@@ -127,13 +129,19 @@ def write_lmdb(
         classes: class names, saved as `<output stem>_classes.txt` beside the output.
         workers: decoding processes beside this one, which writes (default: `default_workers()`);
             0 converts everything in this process. The output is identical for any value.
-        commit_every: records per write transaction (Caffe: 1000).
+        commit_every: most records per write transaction (Caffe: 1000).
+        commit_bytes: a transaction also ends when its records reach this many bytes, so large
+            raw records commit more often than every `commit_every`.
+        initial_map_size: the LMDB map's first size in bytes; it doubles whenever it fills up.
+        grow_ahead: grow the map before a transaction that clearly will not fit (False: only on
+            `MDB_MAP_FULL`, replaying the batch; see `output.BatchWriter`).
+        ring_bytes: shared memory per worker process for records on their way to this one
+            (raised to two transactions' worth, `2 * commit_bytes`, if smaller).
         overwrite: replace an existing output instead of refusing.
         strict: fail on the first unreadable image instead of skipping it.
         progress: show a progress bar (default: when stderr is a terminal).
         line_offset: line id of the first entry (a shard's start in the whole list), so that
             shards get the same global keys as an unsharded conversion.
-        on_record: called with the running count after each record (tests use it to interrupt).
         inputs: the folders and files the entries come from: an output equal to one, containing
             one or (with `scanned_inputs`, for folders whose files are listed) inside one is refused.
 
@@ -153,16 +161,15 @@ def write_lmdb(
     start = time.perf_counter()
     first_shape: tuple[int, int, int] | None = None
     # The output is checked and its temporary created (AtomicLmdb) before any worker is forked.
-    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, inputs=inputs,
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
+                    initial_map_size=initial_map_size, grow_ahead=grow_ahead, inputs=inputs,
                     scanned_inputs=scanned_inputs) as out, \
-            _converted(entries, options, workers) as records, \
+            _converted(entries, options, workers, max(2 * commit_bytes, ring_bytes)) as records, \
             progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
         out.after_commit = getattr(records, "release", None)
         result = ConvertResult(output=out.output, keys_path=out.keys_path)
         for position, (entry, record) in enumerate(zip(entries, records, strict=True)):
             bar.update()
-            if on_record is not None:
-                on_record(position + 1)
             if record.error is not None:
                 if strict:
                     raise ConversionError(f"{entry.path}: {record.error} (--strict)")

@@ -39,12 +39,12 @@ from .keys import keys_to_array
 
 log = logging.getLogger(__name__)
 
-#: LMDB's map starts here and doubles whenever it fills up.
+#: LMDB's map starts here (default of `initial_map_size`) and doubles whenever it fills up.
 INITIAL_MAP_SIZE = 64 << 20
 
-#: A transaction also ends when its records reach this many bytes: 1000 raw 256x256 records are
-#: 190 MiB, held twice (values, then LMDB's dirty pages) until the commit, where small
-#: transactions stay in the CPU caches (measurements: README, "How conversion gets its speed").
+#: Default of `commit_bytes`: a transaction also ends when its records reach this many bytes.
+#: 1000 raw 256x256 records are 190 MiB, held twice (values, then LMDB's dirty pages) until the
+#: commit, where small transactions stay in the CPU caches (measurements: README, "Benchmarks").
 COMMIT_BYTES = 4 << 20
 
 #: The files LMDB itself keeps in an LMDB folder: a folder holding anything else is not only an LMDB.
@@ -178,22 +178,37 @@ class TargetLock:
 # --------------------------------------------------------------------------- transactions
 
 class BatchWriter:
-    """Puts records into an LMDB in transactions of `commit_every` records or `COMMIT_BYTES`, growing the map.
+    """Puts records into an LMDB in transactions of `commit_every` records or `commit_bytes`, growing the map.
 
     Each record is put as it arrives, while its bytes are still in the CPU cache, and also kept
     until its transaction commits, for a replay on `MDB_MAP_FULL`; `after_commit(n)` then says
     that the first n records are written, so a caller that lent their memory (a worker's ring)
     can reuse it. Transactions run in the caller's thread: a writer thread competes with the
     decoding processes for the same cores.
+
+    Use as a context manager: leaving the block commits what is left, an exception aborts it::
+
+        with BatchWriter(env, commit_every=1000) as writer:
+            for key, value in records:
+                writer.put(key, value)
+
+    Args:
+        env: an LMDB environment opened for writing.
+        commit_every: most records per transaction (Caffe: 1000).
+        commit_bytes: a transaction also ends when its records reach this many bytes.
+        after_commit: called after each commit with the number of records written so far.
+        grow_ahead: grow the map before a transaction that clearly will not fit; False grows only
+            on `MDB_MAP_FULL`, replaying the batch each time (what Caffe's `db_lmdb` does).
     """
 
-    def __init__(self, env: lmdb.Environment, commit_every: int = 1000,
-                 after_commit: Callable[[int], None] | None = None) -> None:
-        if commit_every < 1:
-            raise ValueError(f"commit_every must be >= 1, got {commit_every}")
+    def __init__(self, env: lmdb.Environment, commit_every: int = 1000, *, commit_bytes: int = COMMIT_BYTES,
+                 after_commit: Callable[[int], None] | None = None, grow_ahead: bool = True) -> None:
+        _check_commit_limits(commit_every, commit_bytes)
         self.env = env
         self.commit_every = commit_every
+        self.commit_bytes = commit_bytes
         self.after_commit = after_commit
+        self.grow_ahead = grow_ahead
         self.batch: list[tuple[bytes, bytes | memoryview]] = []
         self._batch_bytes = 0
         self._written = 0
@@ -202,13 +217,23 @@ class BatchWriter:
         self._txn: lmdb.Transaction | None = None
         self._cursor: lmdb.Cursor | None = None
 
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
     def put(self, key: bytes, value: bytes | memoryview) -> None:
+        """Add a record (`value` must stay unchanged until `after_commit` has counted it)."""
         self._sorted = self._sorted and key > self._last_key
         self._last_key = key
         self.batch.append((key, value))
         self._batch_bytes += len(key) + len(value)
         if self._txn is None:
-            self._reserve(2 * COMMIT_BYTES)
+            self._reserve(2 * self.commit_bytes)
             self._txn = self.env.begin(write=True)
             self._cursor = self._txn.cursor()
         try:
@@ -216,7 +241,7 @@ class BatchWriter:
         except lmdb.MapFullError:
             self._replay()
             return
-        if len(self.batch) >= self.commit_every or self._batch_bytes >= COMMIT_BYTES:
+        if len(self.batch) >= self.commit_every or self._batch_bytes >= self.commit_bytes:
             self.commit()
 
     def commit(self) -> None:
@@ -266,6 +291,8 @@ class BatchWriter:
                 self._grow(self.env.info()["map_size"] * 2)
 
     def _reserve(self, batch_bytes: int) -> None:
+        if not self.grow_ahead:
+            return
         info, stat = self.env.info(), self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
         needed = used + batch_bytes + batch_bytes // 8 + (1 << 20)  # page headers, B-tree branches
@@ -278,6 +305,13 @@ class BatchWriter:
     def _grow(self, new_size: int) -> None:
         log.debug("LMDB map: growing to %d MiB", new_size >> 20)
         self.env.set_mapsize(new_size)
+
+
+def _check_commit_limits(commit_every: int, commit_bytes: int) -> None:
+    if commit_every < 1:
+        raise InputError(f"commit_every must be >= 1 (records per transaction), got {commit_every}")
+    if commit_bytes < 1:
+        raise InputError(f"commit_bytes must be >= 1, got {commit_bytes}")
 
 
 # --------------------------------------------------------------------------- the atomic output
@@ -324,6 +358,8 @@ class AtomicLmdb:
     `after_commit(n)`, if set, is called after each commit with the number of records written so
     far: a value handed to `put` must stay unchanged until then (a worker's ring is reused after).
     Write failures (full disk, I/O errors) raise `OutputError` naming the file and the cause.
+    `commit_every`, `commit_bytes` and `grow_ahead` go to the `BatchWriter`; the map starts at
+    `initial_map_size` bytes.
     """
 
     def __init__(
@@ -333,10 +369,14 @@ class AtomicLmdb:
         *,
         overwrite: bool = False,
         commit_every: int = 1000,
+        commit_bytes: int = COMMIT_BYTES,
+        initial_map_size: int = INITIAL_MAP_SIZE,
+        grow_ahead: bool = True,
         after_commit: Callable[[int], None] | None = None,
         inputs: Iterable[str | os.PathLike] = (),
         scanned_inputs: bool = True,
     ) -> None:
+        _check_commit_limits(commit_every, commit_bytes)  # before anything is created
         self.output = Path(output)
         self.keys_path = Path(keys_path) if keys_path is not None else default_keys_path(self.output)
         self.side_paths = {name: sidecar_path(self.output, name) for name in SIDE_FILES[1:]}
@@ -348,15 +388,18 @@ class AtomicLmdb:
         self._temporaries: list[Path] = []
         self._data_fd = -1
         self.env: lmdb.Environment | None = None
+        self.writer: BatchWriter | None = None
         check_not_inside_inputs(self.output, inputs, scanned=scanned_inputs)
         check_not_inside_inputs(self.keys_path, inputs, scanned=scanned_inputs)
         try:
-            self._open(overwrite, commit_every)
+            self._open(overwrite, initial_map_size)
+            self.writer = BatchWriter(self.env, commit_every, commit_bytes=commit_bytes,
+                                      after_commit=self._committed, grow_ahead=grow_ahead)
         except BaseException:
             self.discard()
             raise
 
-    def _open(self, overwrite: bool, commit_every: int) -> None:
+    def _open(self, overwrite: bool, map_size: int) -> None:
         parents = {self.output.parent, self.keys_path.parent}
         for folder in sorted(parents):
             self._os(folder.mkdir, folder, parents=True, exist_ok=True)
@@ -371,10 +414,9 @@ class AtomicLmdb:
         self._temporaries.append(self.tmp)
         # Not writemap: LMDB then copies records into malloc'd pages (reused, see allocator.py) and
         # writes them with pwritev; with writemap every fresh 4 KiB page of the file costs a page fault.
-        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=INITIAL_MAP_SIZE, subdir=True, sync=False,
+        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=map_size, subdir=True, sync=False,
                               metasync=False, max_dbs=0, readahead=False)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
-        self.writer = BatchWriter(self.env, commit_every, after_commit=self._committed)
 
     def _reserve_temporary(self, target: Path) -> Path:
         tmp = temporary_name(target)
@@ -479,8 +521,9 @@ class AtomicLmdb:
 
     def _close(self) -> None:
         if self.env is not None:
-            with contextlib.suppress(lmdb.Error):
-                self.writer.abort()
+            if self.writer is not None:
+                with contextlib.suppress(lmdb.Error):
+                    self.writer.abort()
             self.env.close()
             self.env = None
         if self._data_fd >= 0:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import lmdb
 import numpy as np
 import pytest
 from conftest import REPO, save_image
@@ -17,11 +19,11 @@ from PIL import Image
 
 from caffe_lmdb import conversion as conversion_module
 from caffe_lmdb import load_keys
-from caffe_lmdb import output as output_module
 from caffe_lmdb.cli import main
 from caffe_lmdb.conversion import convert, write_lmdb
 from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.errors import ConversionError
+from caffe_lmdb.output import BatchWriter
 from caffe_lmdb.sources import InputError, scan_folder
 
 
@@ -130,22 +132,20 @@ def _mixed_tree(root, rng):
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("map_full", [False, True])
-def test_worker_processes_do_not_change_a_byte(tmp_path, rng, monkeypatch, workers, map_full):
+def test_worker_processes_do_not_change_a_byte(tmp_path, rng, caplog, workers, map_full):
     """Through the shared-memory rings, wrapping many times (tiny transactions) and with records too
     big for the ring: the LMDB, keys and skipped list are those of the in-process conversion. With
     `map_full`, transactions hit MDB_MAP_FULL and are replayed from the rings."""
     root = _mixed_tree(tmp_path / "src", rng)
     convert(root, tmp_path / "w1.lmdb", workers=0)
-    monkeypatch.setattr(output_module, "COMMIT_BYTES", 8 << 10)  # rings of 16 KiB: a 60x80 record goes by pipe
-    monkeypatch.setattr(conversion_module, "RING_BYTES", 16 << 10)
+    # Rings of 16 KiB (2 transactions of 8 KiB): a 60x80 record goes by pipe.
+    small = dict(commit_bytes=8 << 10, ring_bytes=16 << 10)
     if map_full:
-        monkeypatch.setattr(output_module, "INITIAL_MAP_SIZE", 64 << 10)
-        monkeypatch.setattr(output_module.BatchWriter, "_reserve", lambda self, batch_bytes: None)
-    grown = []
-    monkeypatch.setattr(output_module.BatchWriter, "_grow",
-                        lambda self, size: (grown.append(size), self.env.set_mapsize(size)))
-    result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3)
+        small.update(initial_map_size=64 << 10, grow_ahead=False)
+    caplog.set_level(logging.DEBUG, logger="caffe_lmdb.output")
+    result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3, **small)
     assert result.written == 40 and result.skipped == 2
+    grown = [r for r in caplog.records if r.getMessage().startswith("LMDB map: growing")]
     assert bool(grown) == map_full
     assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "wn.lmdb")
     for name in ("keys.npy", "skipped.txt", "classes.txt"):
@@ -160,13 +160,12 @@ def test_without_fork_a_process_pool_gives_the_same_bytes(tmp_path, rng, monkeyp
     assert read_all(tmp_path / "w1.lmdb") == read_all(tmp_path / "pool.lmdb")
 
 
-def test_map_grows_and_replays_the_whole_batch(image_tree, tmp_path, monkeypatch):
-    monkeypatch.setattr(output_module, "INITIAL_MAP_SIZE", 64 << 10)
+def test_map_grows_and_replays_the_whole_batch(image_tree, tmp_path):
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(120, 160, 3), dtype=np.uint8))
     for i in range(30):
         save_image(image_tree / "dog" / f"big{i:02d}.png", big)
     out = tmp_path / "grow.lmdb"
-    result = convert(image_tree, out, workers=1, commit_every=7)
+    result = convert(image_tree, out, workers=1, commit_every=7, initial_map_size=64 << 10)
     datums = read_datums(out)
     assert len(datums) == result.written == 34
     assert all(len(d.data) == d.channels * d.height * d.width for d in datums.values())
@@ -338,14 +337,13 @@ def test_all_images_unreadable_writes_nothing(tmp_path):
 
 
 def test_exception_mid_run_leaves_nothing(image_tree, tmp_path):
+    """Three records committed one by one, then `strict` fails on the fourth: nothing is left (a
+    real Ctrl-C mid-run: `test_killed_conversion_never_leaves_a_complete_looking_output`)."""
+    (image_tree / "dog" / "h.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     entries, classes = scan_folder(image_tree)
-
-    def boom(count):
-        if count == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_lmdb(entries, tmp_path / "o.lmdb", classes=classes, workers=1, commit_every=1, on_record=boom)
+    assert [e.relpath for e in entries].index("dog/h.png") == 3
+    with pytest.raises(ConversionError, match="h.png"):
+        write_lmdb(entries, tmp_path / "o.lmdb", classes=classes, workers=1, commit_every=1, strict=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -412,22 +410,47 @@ def test_killed_conversion_never_leaves_a_complete_looking_output(tmp_path, sig,
 
 
 def test_map_full_replays_the_whole_batch(tmp_path):
-    """Without the up-front reservation, MDB_MAP_FULL must double the map and replay every record."""
-    import lmdb
-
-    class NoReserve(output_module.BatchWriter):
-        def _reserve(self, batch_bytes):
-            pass
-
+    """Without growing ahead, MDB_MAP_FULL must double the map and replay every record."""
     env = lmdb.open(str(tmp_path / "db"), map_size=256 << 10)
-    writer = NoReserve(env, commit_every=40)
     values = {b"%08d" % i: bytes([i]) * 20000 for i in range(100)}
-    for key, value in values.items():
-        writer.put(key, value)
-    writer.commit()
+    with BatchWriter(env, commit_every=40, grow_ahead=False) as writer:
+        for key, value in values.items():
+            writer.put(key, value)
     assert env.info()["map_size"] > 256 << 10
     env.close()
     assert dict(read_all(tmp_path / "db")) == values
+
+
+def test_batch_writer_commits_on_a_clean_exit_and_aborts_on_an_exception(tmp_path):
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
+    with BatchWriter(env, commit_every=2) as writer:
+        for i in range(3):
+            writer.put(b"k%d" % i, b"v")
+    assert env.stat()["entries"] == 3  # the last, odd record committed by leaving the block
+    with pytest.raises(KeyError), BatchWriter(env, commit_every=2) as writer:
+        for i in range(3, 6):
+            writer.put(b"k%d" % i, b"v")
+        raise KeyError("stop")
+    assert env.stat()["entries"] == 5  # k3, k4 had committed; k5's transaction was aborted
+    env.close()
+
+
+def test_commit_bytes_ends_transactions_before_commit_every(tmp_path):
+    env = lmdb.open(str(tmp_path / "db"), map_size=4 << 20)
+    commits = []
+    with BatchWriter(env, commit_every=1000, commit_bytes=10_000, after_commit=commits.append) as writer:
+        for i in range(10):
+            writer.put(b"%02d" % i, bytes(4000))
+    env.close()
+    assert commits == [3, 6, 9, 10]  # 3 records reach 10,000 bytes; the last by leaving the block
+
+
+def test_commit_limits_below_one_are_refused_before_any_file_is_made(tmp_path, image_tree):
+    with pytest.raises(InputError, match="commit_every must be >= 1"):
+        convert(image_tree, tmp_path / "o.lmdb", commit_every=0)
+    with pytest.raises(InputError, match="commit_bytes must be >= 1"):
+        convert(image_tree, tmp_path / "o.lmdb", commit_bytes=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_opencv_resize_backend_matches_cv2_or_says_what_to_install(image_tree, tmp_path, capsys):
