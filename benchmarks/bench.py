@@ -41,14 +41,16 @@ class BenchConfig:
     scale_sizes: Sequence[int] = (1000, 5000, 20000)
     classes: int = 10
     seed: int = 0
-    sections: Sequence[str] = ("reading", "conversion", "scale")
+    sections: Sequence[str] = ("reading", "conversion", "scale", "training")
+    training_n: int = 2000  # records of the training-path section (raw 256x256, as CaffeNet's LMDBs)
     cold_n: int = 11000  # 11000 raw 256x256 records: 2.1 GB
     cold_count: int = 4000
     results: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, workdir: Path, n: int = 500) -> BenchConfig:
-        return cls(workdir=workdir, n=n, passes=3, scale_sizes=(max(n // 5, 10), max(n // 2, 20), n))
+        return cls(workdir=workdir, n=n, passes=3, scale_sizes=(max(n // 5, 10), max(n // 2, 20), n),
+                   training_n=n)
 
 
 # --------------------------------------------------------------------------- data
@@ -538,6 +540,10 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(f"  conversion of {cold['n']} images: unsharded {cold['convert_unsharded_s']:.1f} s, 2 shards in "
                      f"parallel {cold['convert_2_shards_parallel_s']:.1f} s; merge {cold['merge_s']:.1f} s vs plain "
                      f"copy {cold['plain_copy_s']:.1f} s")
+    if "training" in results:
+        from benchmarks.training import format_report as training_report
+
+        lines += ["", training_report(results["training"])]
     return "\n".join(lines)
 
 
@@ -575,6 +581,10 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = print) -> d
     if "cold" in config.sections:
         log(f"cold reads ({config.cold_n} records) ...")
         results["cold"] = bench_cold(all_files, workdir, config.cold_n, config.cold_count, config.seed)
+    if "training" in config.sections:
+        from benchmarks.training import bench_training  # it builds on this module's helpers
+
+        results["training"] = bench_training(workdir, config.training_n, max(config.passes, 3), config.seed, log=log)
     return results
 
 
@@ -594,8 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1 minute run (N=500) instead of the full one")
     parser.add_argument("--n", type=int, help="images to generate (default 5000, --quick 500)")
     parser.add_argument("--passes", type=int, help="passes per measurement (median; default 3)")
-    parser.add_argument("--sections", default="reading,conversion,scale",
-                        help="comma-separated: reading, conversion, scale, cold")
+    parser.add_argument("--sections", default="reading,conversion,scale,training",
+                        help="comma-separated: reading, conversion, scale, training, cold")
     parser.add_argument("--cold", action="store_true",
                         help="add the cold-read section: a >= 2 GB LMDB evicted from the page cache before each pass")
     parser.add_argument("--cold-n", type=int, default=11000,
@@ -615,7 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.sections = sections + (("cold",) if args.cold and "cold" not in sections else ())
     config.cold_n = args.cold_n
     config.cold_count = min(config.cold_count, args.cold_n)
-    unknown = set(config.sections) - {"reading", "conversion", "scale", "cold"}
+    if args.n is not None:
+        config.training_n = min(args.n, config.training_n)
+    unknown = set(config.sections) - {"reading", "conversion", "scale", "training", "cold"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     results = run_benchmarks(config)

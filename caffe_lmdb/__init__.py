@@ -25,7 +25,18 @@ from .datum import (
     parse_datum_view,
     serialize_datum,
 )
-from .errors import CaffeLmdbError, CorruptLmdbError, DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
+from .errors import (
+    CaffeLmdbError,
+    CorruptLmdbError,
+    DatumError,
+    InputError,
+    KeysFileError,
+    KeysFileWarning,
+    LmdbFormatError,
+    LoaderError,
+    PrototxtError,
+    TransformError,
+)
 from .keys import load_keys, make_key, save_keys, scan_keys
 from .proto import caffe_pb2
 
@@ -36,7 +47,6 @@ _LAZY = {
     "open_shards": "dataset",
     "BlockShuffleSampler": "samplers",
     "CaffeLoader": "loader",
-    "LoaderError": "loader",
     "CaffeTransform": "transform",
     "loader_from_prototxt": "prototxt",
     "convert": "conversion",
@@ -71,11 +81,14 @@ __all__ = [
     "Datum",
     "DatumError",
     "DatumView",
+    "InputError",
     "KeysFileError",
     "KeysFileWarning",
     "LmdbDataset_train",
     "LmdbFormatError",
     "LoaderError",
+    "PrototxtError",
+    "TransformError",
     "__version__",
     "array_to_datum",
     "caffe_pb2",

@@ -28,6 +28,7 @@ from .inspection import info, verify
 from .mean import compute_mean
 from .merging import merge
 from .migration import migrate
+from .prototxt import describe_prototxt_batches
 from .selftest import codec_roundtrip
 from .shards import find_shards
 from .sources import IMAGE_EXTENSIONS
@@ -155,11 +156,19 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_loader(args: argparse.Namespace) -> int:
-    """Run the DataLoader check (`loader_check.loader_check`), printing its lines as batches arrive."""
-    from .loader_check import loader_check  # torch: imported only by the command that needs it
+    """Print batches as they arrive: a prototxt's Data layer through `CaffeLoader`
+    (`prototxt.describe_prototxt_batches`), or an LMDB through a DataLoader (`loader_check.loader_check`)."""
+    if (args.lmdb is None) == (args.prototxt is None):
+        raise InputError("give an LMDB or --prototxt FILE (one of them)")
+    if args.prototxt is not None:
+        lines = describe_prototxt_batches(args.prototxt, args.phase, args.batches, root=args.root, layer=args.layer,
+                                          num_workers=args.workers)
+    else:
+        from .loader_check import loader_check  # torch: imported only by the command that needs it
 
-    for line in loader_check(args.lmdb, keys_path=args.keys, batch_size=args.batch_size, size=args.size,
-                             num_workers=args.workers):
+        lines = loader_check(args.lmdb, keys_path=args.keys, batch_size=args.batch_size, size=args.size,
+                             num_workers=args.workers)
+    for line in lines:
         print(line, flush=True)
     return EXIT_OK
 
@@ -333,16 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "loader",
-        help="iterate an LMDB through LmdbDataset_train and a DataLoader, printing keys and batch shapes",
-        description="The loader check: read every record through LmdbDataset_train and a DataLoader (images "
-        "resized to SIZE x SIZE, H x W x C uint8 tensors), printing `key N` per sample and the batch's "
-        "torch.Size per batch. Example: caffe-lmdb loader img/train.lmdb",
+        help="iterate an LMDB through a DataLoader, or a net prototxt's Data layer through CaffeLoader",
+        description="With an LMDB, the loader check: read every record through LmdbDataset_train and a "
+        "DataLoader (images resized to SIZE x SIZE, H x W x C uint8 tensors), printing `key N` per sample and "
+        "the batch's torch.Size per batch. With --prototxt, feed the net's Data layer for --phase as Caffe "
+        "would (its source, batch_size and transform_param) through CaffeLoader, printing the layer, the "
+        "transform, each batch's shapes and the first batch's per-channel mean. "
+        "Example: caffe-lmdb loader img/train.lmdb, or caffe-lmdb loader --prototxt train_val.prototxt --phase TEST",
     )
-    p.add_argument("lmdb", metavar="LMDB", help="the LMDB to read")
+    p.add_argument("lmdb", metavar="LMDB", nargs="?", help="the LMDB to read (or give --prototxt)")
     p.add_argument("--keys", metavar="FILE.npy", help=keys_help)
     p.add_argument("--batch-size", "--batch_size", type=positive_int, default=2, help="samples per batch (default 2)")
     p.add_argument("--size", type=positive_int, default=224, help="side images are resized to (default 224)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2; 0 = none)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2; 0 = none)")
+    p.add_argument("--prototxt", metavar="FILE", help="a net prototxt (train_val.prototxt): read its Data layer")
+    p.add_argument("--phase", type=str.upper, choices=("TRAIN", "TEST"), default="TRAIN",
+                   help="the phase whose Data layer is read (default TRAIN)")
+    p.add_argument("--root", metavar="DIR", help="folder the layer's relative source and mean_file are resolved "
+                   "against (default: the working directory, as Caffe)")
+    p.add_argument("--layer", metavar="NAME", help="the Data layer to read when the phase has several")
+    p.add_argument("--batches", type=int, default=2, help="batches to print with --prototxt (default 2)")
     p.set_defaults(func=cmd_loader)
     return parser
 

@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,9 +273,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
                 encoded payload cannot be decoded.
         """
         key = self._key_at(index)
-        if self._pid != os.getpid():
-            self._open_env()
-        with self._env.begin(buffers=True) as txn:
+        with self.environment().begin(buffers=True) as txn:
             value = get_value(txn, key, self.root)
             if value is None:
                 raise KeysFileError(f"{self.root}: key {bytes(key)!r} is not in the LMDB ({self._keys_origin()})")
@@ -294,10 +292,20 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
     def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any]]:
         """A whole batch (the DataLoader's fetcher calls this): prefetch every record, then read each."""
         if self.prefetch and len(indices) > 1:
-            self._prefetch(indices)
+            self.prefetch_records(indices)
         return [self[i] for i in indices]
 
-    def _prefetch(self, indices: list[int]) -> None:
+    def environment(self) -> lmdb.Environment:
+        """This process's read-only environment of the LMDB, opened on first use and again after a fork.
+
+        For readers that take records straight from the memory map (`CaffeLoader`'s workers):
+        the handle is checked against the keys the dataset was created with, as `__getitem__` does.
+        """
+        if self._pid != os.getpid():
+            self._open_env()
+        return self._env
+
+    def prefetch_records(self, indices: Sequence[int]) -> None:
         """Ask the kernel to read the byte ranges of these records now, all at once.
 
         A record's offset in `data.mdb` is its address in LMDB's memory map minus the map's
@@ -308,14 +316,13 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         """
         if not hasattr(os, "posix_fadvise"):
             return
-        if self._pid != os.getpid():
-            self._open_env()
+        env = self.environment()
         if self._data_fd is None:
             path = Path(self.root)
             self._data_fd = os.open(path / "data.mdb" if path.is_dir() else path, os.O_RDONLY)
-        base = self._env.info()["map_addr"]
+        base = env.info()["map_addr"]
         ranges = []
-        with self._env.begin(buffers=True) as txn:
+        with env.begin(buffers=True) as txn:
             for index in indices:
                 value = get_value(txn, self._key_at(index), self.root)
                 if value is not None and len(value) >= 2 * _PAGE:

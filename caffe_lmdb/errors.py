@@ -65,6 +65,18 @@ class ExportError(CaffeLmdbError, RuntimeError):
     """The export cannot continue: a symlinked class folder, or a file that cannot be written (full disk)."""
 
 
+class TransformError(CaffeLmdbError, ValueError):
+    """A transform or a record breaks one of Caffe's DataTransformer CHECKs (named in the message)."""
+
+
+class LoaderError(CaffeLmdbError, RuntimeError):
+    """A batch could not be made: the transform raised on a record, or a loader worker died or timed out."""
+
+
+class PrototxtError(InputError):
+    """A net or solver prototxt that cannot feed a loader: the message names the file and the layer."""
+
+
 
 def os_error_reason(exc: OSError) -> str:
     """`permission denied`: an OSError's reason alone, for messages that name the file themselves."""

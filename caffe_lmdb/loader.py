@@ -55,17 +55,13 @@ from torch.utils.data import ConcatDataset, Sampler
 
 from .dataset import LmdbDataset_train
 from .datum import parse_datum_view
-from .errors import CaffeLmdbError, DatumError, KeysFileError, LmdbFormatError
+from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, LmdbFormatError, LoaderError
 from .keys import get_value
 from .records import keys_file_for
 from .transform import CaffeTransform
 
 Output = Literal["float32", "uint8"]
 _OUTPUTS = ("float32", "uint8")
-
-
-class LoaderError(CaffeLmdbError, RuntimeError):
-    """A batch could not be made: the transform raised on a record, or a loader worker died or timed out."""
 
 
 class BatchTransform(Protocol):
@@ -94,12 +90,12 @@ def _parts(source: Any) -> list[LmdbDataset_train]:
     if isinstance(source, LmdbDataset_train):
         for name in ("transform", "target_transform", "mode"):
             if getattr(source, name) is not None:
-                raise ValueError(
+                raise InputError(
                     f"{source.root}: CaffeLoader reads the records itself; a dataset with a {name} would be "
                     f"ignored: create it without one (give the crop and mean to CaffeLoader's transform)"
                 )
         if source.target != "label":
-            raise ValueError(f"{source.root}: CaffeLoader gives labels only, not target={source.target!r}")
+            raise InputError(f"{source.root}: CaffeLoader gives labels only, not target={source.target!r}")
         return [source]
     if isinstance(source, ConcatDataset):
         return [part for dataset in source.datasets for part in _parts(dataset)]
@@ -202,7 +198,7 @@ class _BatchMaker:
         """The C x H x W of the first record (decoded if encoded): what fixes the batch shape."""
         number, dataset = next((i, part) for i, part in enumerate(self.parts) if len(part))
         key = dataset.keys[0]
-        env = _env(dataset)
+        env = dataset.environment()
         with env.begin(buffers=True) as txn:
             value = get_value(txn, key, dataset.root)
             if value is None:
@@ -235,9 +231,9 @@ class _BatchMaker:
             pixels_out = self._scratch
         for part, items in by_part.items():
             dataset = self.parts[part]
-            env = _env(dataset)
+            env = dataset.environment()
             if dataset.prefetch and len(items) > 1:
-                dataset._prefetch([local for _, local, _ in items])
+                dataset.prefetch_records([local for _, local, _ in items])
             with env.begin(buffers=True) as txn:
                 records = [self._read(txn, dataset, local, index) for _, local, index in items]
                 draws = self._draws(records, [index for _, _, index in items], epoch, dataset)
@@ -331,13 +327,6 @@ def _cause(exc: BaseException) -> BaseException | None:
     """What `_named`'s error is raised from: nothing for our own errors (the message says it all), else the
     original exception, whose traceback shows the bug in a transform."""
     return None if isinstance(exc, CaffeLmdbError) else exc
-
-
-def _env(dataset: LmdbDataset_train) -> Any:
-    """The dataset's LMDB environment in this process, opened (and checked against its keys) on first use."""
-    if dataset._pid != os.getpid():
-        dataset._open_env()
-    return dataset._env
 
 
 # --------------------------------------------------------------------------- shared memory and workers
@@ -651,20 +640,20 @@ class CaffeLoader:
         timeout: float = 0,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise InputError(f"num_workers must be >= 0, got {num_workers}")
         if prefetch_factor < 1:
-            raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+            raise InputError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
         if timeout < 0:
-            raise ValueError(f"timeout must be >= 0, got {timeout}")
+            raise InputError(f"timeout must be >= 0, got {timeout}")
         if output not in _OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
+            raise InputError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
         if sampler is not None and shuffle:
-            raise ValueError("sampler and shuffle=True cannot be used together: the sampler decides the order")
+            raise InputError("sampler and shuffle=True cannot be used together: the sampler decides the order")
         self.device = None if device is None else torch.device(device)
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
+            raise InputError(f"device={device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but CUDA is not available here: slots are not pinned", stacklevel=2)
             pin_memory = False

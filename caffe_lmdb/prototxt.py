@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from google.protobuf import text_format
 
-from .errors import InputError, describe_os_error
+from .errors import InputError, PrototxtError, describe_os_error
 from .proto import caffe_pb2
 from .records import keys_file_for
 from .transform import CaffeTransform
@@ -78,10 +78,6 @@ _V1_NAMES = {
     caffe_pb2.V1LayerParameter.WINDOW_DATA: "WindowData",
 }
 _LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
-
-
-class PrototxtError(InputError):
-    """A net or solver prototxt that cannot feed a loader: the message names the file and the layer."""
 
 
 @dataclass(frozen=True)

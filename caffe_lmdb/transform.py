@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from .datum import Datum, DatumView, check_datum, image_plane_order, normalize_image, open_image, parse_datum_view
-from .errors import CaffeLmdbError
+from .errors import TransformError
 from .mean import load_mean
 from .records import format_shape
 
@@ -61,10 +61,6 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
-
-
-class TransformError(CaffeLmdbError, ValueError):
-    """A transform or a record breaks one of Caffe's DataTransformer CHECKs (named in the message)."""
 
 
 # --------------------------------------------------------------------------- counter-based draws

@@ -24,5 +24,9 @@ def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     assert warm <= set(ratios) and all(value > 0 for value in ratios.values())
     assert len(results["scale"]["loader_memory"]) == 3
     assert [row["n"] for row in results["scale"]["conversion"]] == [10, 20, 40]
+    training = results["training"]
+    assert training["n"] == 40 and len(training["memory"]["CaffeLoader float32"]) == 3
+    assert all(training[name]["ratio"] > 0 for name in ("uint8 / floor", "float32 / today", "encoded / today"))
     table = capsys.readouterr().out
     assert "D/C" in table and "raw w2/w1" in table and "epoch 2" in table
+    assert "training path: N=40" in table and "float32 / today" in table

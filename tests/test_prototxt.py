@@ -8,7 +8,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from conftest import caffe_key, caffe_raw_datum, write_lmdb
+from conftest import assert_one_line_error, caffe_key, caffe_raw_datum, run_cli, write_lmdb
 from google.protobuf import text_format
 from toollmdbs import converted, same_size_tree
 
@@ -500,3 +500,34 @@ def test_a_broken_solver_reports_the_solver_error(tmp_path):
     with pytest.raises(PrototxtError, match=r'solver.prototxt:3:1: Message type "caffe.SolverParameter" has no '
                                             r'field named "lr_polcy"\.$'):
         data_layers(solver)
+
+
+# --------------------------------------------------------------------------- caffe-lmdb loader --prototxt
+
+def test_cli_loader_prototxt_prints_the_layer_and_batches(tmp_path, converted_lmdb):
+    net = _write(tmp_path / "models" / "train_val.prototxt",
+                 _data_layer(source="data/train.lmdb", batch=4, rules="include { phase: TRAIN }",
+                             transform="mirror: true crop_size: 3")
+                 + _data_layer(name="val", source="data/train.lmdb", batch=5, rules="include { phase: TEST }",
+                               transform='crop_size: 4 mean_file: "data/mean.binaryproto"'))
+    result = run_cli("loader", "--prototxt", net, "--phase", "test", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == list(describe_prototxt_batches(net, "TEST", batches=2, root=tmp_path))
+    assert lines[0].startswith(f'{net}:') and 'layer "val" (TEST)' in lines[0] and "batch_size 5" in lines[0]
+    assert "batch 0: images (5, 3, 4, 4) float32, labels (5,) int64" in lines
+    assert "batch 1: images (1, 3, 4, 4) float32, labels (1,) int64" in lines
+    train = run_cli("loader", "--prototxt", net, "--root", tmp_path, "--batches", "1", "--workers", "0")
+    assert train.returncode == 0, train.stderr
+    assert [line for line in train.stdout.splitlines() if line.startswith("batch 0: ")] == [
+        "batch 0: images (4, 3, 3, 3) float32, labels (4,) int64"]
+    assert not any(line.startswith("batch 1: ") for line in train.stdout.splitlines())
+
+
+def test_cli_loader_prototxt_errors_are_one_line(tmp_path, converted_lmdb):
+    leveldb = _write(tmp_path / "leveldb.prototxt", _data_layer(source="data/train.lmdb", backend="LEVELDB"))
+    assert_one_line_error(run_cli("loader", "--prototxt", leveldb, "--root", tmp_path), 2, "leveldb.prototxt",
+                          "LEVELDB")
+    assert_one_line_error(run_cli("loader", "--prototxt", tmp_path / "missing.prototxt"), 2, "missing.prototxt")
+    assert_one_line_error(run_cli("loader"), 2, "--prototxt")
+    assert_one_line_error(run_cli("loader", converted_lmdb, "--prototxt", leveldb), 2, "one of them")
