@@ -32,13 +32,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatumError
 from .foreign import foreign_value_hint
+from .formats import CAFFE_FORMATS, ENCODE_FORMATS
 from .proto import caffe_pb2
 
 Datum = caffe_pb2.Datum
-
-#: Pillow formats whose file bytes Caffe can store unchanged as an encoded Datum. OpenCV (and so
-#: Caffe, and DALI's decoder) cannot decode GIF, so GIF images are always re-encoded.
-_PASSTHROUGH_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM"}
 
 
 # --------------------------------------------------------------------------- bytes <-> Datum
@@ -542,11 +539,6 @@ def encoded_to_datum(data: bytes, label: int = 0) -> Datum:
     return Datum(data=bytes(data), label=int(label), encoded=True)
 
 
-#: Caffe `--encode_type` names (file extensions) -> Pillow format names.
-ENCODE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF",
-                  "webp": "WEBP", "ppm": "PPM", "pgm": "PPM"}
-
-
 def pil_format(encode_type: str) -> str:
     """The Pillow format for a Caffe `--encode_type` (jpg and jpeg are the same format)."""
     fmt = ENCODE_FORMATS.get(encode_type.lower().lstrip("."))
@@ -577,7 +569,7 @@ def datum_to_encoded(datum: Datum, encode_type: str = "png") -> bytes:
 
 def is_passthrough_format(pil_format: str | None) -> bool:
     """Whether Caffe (OpenCV) can decode files of this Pillow format, so their bytes may be stored as-is."""
-    return pil_format in _PASSTHROUGH_FORMATS
+    return pil_format in CAFFE_FORMATS  # not GIF: those are always re-encoded
 
 
 # --------------------------------------------------------------------------- fast raw serialization

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 from .datum import (
-    ENCODE_FORMATS,
     DatumView,
     check_datum,
     datum_to_image,
@@ -46,14 +45,12 @@ from .datum import (
 )
 from .errors import DatumError, ExportError, InputError, describe_os_error
 from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
+from .formats import ENCODE_FORMATS, suffix_for
 from .progress import progress_bar
 from .records import class_names, format_key, iter_values, label_name, read_txn
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"
-
-#: File name extension for an encoded payload's format, when the key's own extension does not name it.
-_FORMAT_SUFFIX = {"JPEG": ".jpg", "TIFF": ".tif", "JPEG2000": ".jp2"}
 
 #: Characters never put in a file name: path separators, controls, and what Windows refuses.
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
@@ -167,7 +164,7 @@ def _encoded_suffix(name: str, fmt: str) -> str:
     current = os.path.splitext(name)[1]
     if current and ENCODE_FORMATS.get(current.lower().lstrip(".")) == fmt:
         return name
-    return _with_suffix(name, _FORMAT_SUFFIX.get(fmt, "." + fmt.lower()))
+    return _with_suffix(name, suffix_for(fmt))
 
 
 def _target_columns(datum: DatumView) -> tuple[list[str], str | None]:

@@ -60,6 +60,7 @@ from .foreign import (
     is_pyarrow_serialized,
     unpack_msgpack,
 )
+from .formats import sniff_image_format
 from .keys import begin_read, checked_items, get_value, make_key, open_readonly
 from .output import AtomicLmdb
 from .progress import progress_bar
@@ -334,31 +335,7 @@ class LegacyRecord:
     wrapped: bool = False  # the file bytes were in a one-element list/tuple (DataLoader collation)
 
 
-#: Formats whose file bytes Caffe (OpenCV) decodes, recognised by their magic bytes: stored unchanged.
-_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
-def sniff_image_format(data: bytes) -> str | None:
-    """The image format of file bytes by their magic number (JPEG, PNG, GIF, BMP, TIFF, WEBP, PPM), or None."""
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    if len(data) > 2 and data[0:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
-        return "PPM"
-    return None
-
-
-def _int32(value: float) -> int | None:
+def _label_int32(value: float) -> int | None:
     """The value as a Datum label if it is a whole number that fits int32, else None."""
     if not np.isfinite(value) or not float(value).is_integer():
         return None
@@ -398,7 +375,7 @@ def label_fields(label: Any) -> tuple[int, tuple[float, ...]]:
     values = values.astype(np.float64).ravel()
     if values.size == 0:
         raise ValueError("label is empty")
-    first = _int32(values[0])
+    first = _label_int32(values[0])
     if values.size == 1:
         if first is not None:
             return first, ()

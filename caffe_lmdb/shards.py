@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InputError
-
-_SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})$")
 
 
 def shard_range(total: int, num_shards: int, index: int) -> tuple[int, int]:
@@ -106,13 +103,6 @@ def find_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     if not found:
         raise InputError(f"{paths}: no shard LMDBs found")
     return found
-
-
-def is_shard_name(path: str | os.PathLike) -> bool:
-    """Whether the name carries the `-IIIII-of-NNNNN` shard suffix."""
-    path = Path(path)
-    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    return bool(_SHARD_NAME.search(stem))
 
 
 def resolve_shard(num_shards: int | str | None, shard_index: int | None,

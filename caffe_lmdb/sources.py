@@ -21,8 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DatumError, InputError, os_error_reason
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+from .formats import IMAGE_EXTENSIONS
 
 #: Larger input files are skipped unread: no image format Caffe reads needs this much, and a
 #: file this large (or one that never ends, such as a link to /dev/zero) would exhaust memory.
