@@ -359,7 +359,9 @@ def _slow_conversion(tmp_path, workers=1):
     out = tmp_path / "out.lmdb"
     cmd = [sys.executable, str(REPO / "tools" / "convert.py"), "--list", str(lst), "--root", str(root), str(out),
            "--workers", str(workers), "--commit-every", "10", "-q"]
-    return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as a terminal gives it: a run started in the background (`cmd &`) inherits it ignored.
+    return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_partial_output(tmp_path, proc):

@@ -341,7 +341,8 @@ def test_ctrl_c_or_kill_of_the_main_process_leaves_no_worker(data, how, tmp_path
     script.write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script), str(data["raw"])], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal
     try:
         workers = [int(pid) for pid in proc.stdout.readline().split()]
         assert len(workers) == 2, proc.stderr.read()
