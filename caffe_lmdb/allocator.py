@@ -3,9 +3,9 @@
 A raw 256x256 record is 192 KiB. glibc serves blocks that size with `mmap` and gives them back
 with `munmap` (or trims the heap top after each LMDB commit), so every decoded image and every
 LMDB dirty page is first-touched memory again: one page fault per 4 KiB. On virtual machines a
-fault costs microseconds, and measured on the 2-core benchmark machine this doubled the time of
-a plain Pillow decode loop (2.2k vs 3.9k images/s) and made LMDB's own copies the biggest cost of
-a conversion. Raising glibc's mmap and trim thresholds lets the same pages be reused.
+fault is expensive enough to slow a plain Pillow decode loop down by up to half and to make
+LMDB's own copies the biggest cost of a conversion (figures: README, "Benchmarks"). Raising
+glibc's mmap and trim thresholds lets the same pages be reused.
 
 Only glibc has `mallopt`; elsewhere this does nothing.
 """
@@ -46,7 +46,7 @@ def set_heap_retention() -> bool:
     glibc raises them by itself after large frees (up to these values), but only part way and
     only after the first ones; setting them fixes them for the process's life. Not undone:
     setting glibc's defaults back would also switch its adaptation off and leave the process
-    slower than before (measured: a Pillow decode loop afterwards at 2.0k instead of 3.8-4.5k images/s).
+    slower than before it was raised (figures: README, "Benchmarks").
     Returns False where there is no glibc `mallopt` (nothing changed).
     """
     libc = _glibc()

@@ -61,7 +61,8 @@ _SEPARATORS = re.compile(r"[/\\]")
 _MAX_NAME_BYTES = 200
 
 
-#: zlib level of the PNGs: level 1 writes a 256x256 photo 4x faster than Pillow's default 6, ~8% larger.
+#: zlib level of the PNGs: level 1 writes photos several times faster than Pillow's default 6, for
+#: slightly larger files (figures: README, "Benchmarks").
 _PNG_LEVEL = 1
 
 #: The name of a temporary `files.write_bytes_atomic` left behind when killed: `.NAME.tmp-PID`.

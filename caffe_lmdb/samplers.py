@@ -17,10 +17,10 @@ shuffle + buffer, DALI's `initial_fill` and FFCV's quasi-random order:
 The trade-off: samples from the same block still meet within a window (at most `block_size *
 window` apart) and keep their relative order, so batches are less independent than under a full
 permutation; convert with `--shuffle` so that a block is a random sample of the dataset rather
-than a run of one class. Blocks of 512 raw 256x256 records (96 MiB) read at about 0.6-0.75x
-of sequential speed when cold, and a window of 8 blocks mixes 4096 records from 8 random places
-of the dataset; smaller blocks are more random and slower. Use DistributedSampler for LMDBs that
-fit in the page cache, where order costs nothing.
+than a run of one class. Blocks of 512 raw 256x256 records (96 MiB) read cold at well over half
+of sequential speed (figures: README, "Benchmarks"), and a window of 8 blocks mixes 4096 records
+from 8 random places of the dataset; smaller blocks are more random and slower. Use
+DistributedSampler for LMDBs that fit in the page cache, where order costs nothing.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-#: Records per block. Each jump to a new block costs a fresh IO stream; measured on a cold 2 GiB
-#: LMDB of raw 256x256 records (192 KiB each): blocks of 64 (12 MiB) read at ~3,800 samples/s,
-#: 256 (48 MiB) at ~3,000-6,000, 512 (96 MiB) at ~7,000, against ~9,500-11,500 for sequential order.
+#: Records per block. Each jump to a new block costs a fresh IO stream, so larger blocks read
+#: faster when cold; 512 raw 256x256 records are 96 MiB (cold figures per size: README, "Benchmarks").
 DEFAULT_BLOCK_SIZE = 512
 #: Blocks shuffled together: enough to break up each block across batches.
 DEFAULT_WINDOW = 8

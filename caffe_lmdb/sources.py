@@ -66,9 +66,9 @@ class PackedEntries(Sequence[FileInput]):
     A list of `Entry` objects is a million Python objects for ImageNet. A worker that reads one
     bumps reference counts (the entry's, its `Path`'s and the interned path parts'), which copies
     the memory page each lives on, so every worker ends up with a private copy of most of the
-    list: measured at 300k entries, 97 MiB per worker (about 400 MiB each for ImageNet). Arrays
-    have no per-entry objects: `packed[i]` builds a small `FileInput` when it is needed (3 MiB
-    per worker at 300k entries).
+    list. Arrays have no per-entry objects: `packed[i]` builds a small `FileInput` when it is
+    needed, and a worker copies a few pages instead of most of the list (figures: README,
+    "Benchmarks").
     """
 
     def __init__(self, entries: Sequence[Entry]) -> None:
