@@ -63,6 +63,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         encode_type=args.encode_type,
         check_size=args.check_size,
         resize_backend=args.resize_backend,
+        reencode_gray=args.reencode_gray,
     )
     results = convert_paths(
         args.paths, list_file=args.list, root=args.root, keys_path=args.keys, num_shards=args.num_shards,
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_flag(p, "--encoded", help="store the image files' bytes (encoded Datums) instead of raw pixels")
     p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",
                    help="format of encoded records (jpg, png, ...); empty keeps each file's bytes; implies --encoded")
+    add_bool_flag(p, "--reencode-gray", "--reencode_gray",
+                  help="with --encoded --gray, store colour files re-encoded as gray images (Caffe keeps their bytes)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: CPU count; 0 converts in this process)")
     p.add_argument("--commit-every", "--commit_every", type=int, default=1000, metavar="N",

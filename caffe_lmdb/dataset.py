@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .datum import DatumView, datum_to_image, datum_to_image_array, parse_datum_view
+from .datum import DECODE_MODES, DatumView, datum_to_image, datum_to_image_array, parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import (
     begin_read,
@@ -157,9 +157,17 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         output: "pil" for a PIL image; "tensor" for a C x H x W uint8 `torch.Tensor` in RGB
             order, built straight from the planar record (no PIL, no H x W x C round trip);
             "numpy" for the same as a numpy array.
-        mode: a Pillow mode for every image. None keeps `L` for one-channel records and RGB for
-            colour; "RGB" gives one-channel records three equal channels, so that an LMDB of
-            mixed records collates into one batch.
+        mode: a Pillow mode for every image, or Caffe's names "color" / "gray". What each gives
+            (`datum.datum_to_image` has the details):
+            None: raw records keep their channels (1 -> L, 3 -> RGB); encoded records decode to
+            L for gray files (L, LA, 1-bit, 16-bit gray) and RGB for all others (alpha dropped,
+            16-bit scaled to 8 bits).
+            "color" (= "RGB"): always 3 channels, what Caffe's data layer gives with
+            `force_color` (`DecodeDatumToCVMat(datum, true)`); gray records and files become
+            three equal channels, so that an LMDB of mixed records collates into one batch.
+            "gray" (= "L"): always 1 channel; encoded records decode as OpenCV's
+            `IMREAD_GRAYSCALE` (Caffe's `force_gray`); raw colour records use Pillow's L formula
+            (Caffe never converts raw records).
         max_readers: LMDB's reader-table size (see `DEFAULT_MAX_READERS`).
         readahead: let the OS read ahead around each record. None (default) decides from the
             first record's size: on for records of `READAHEAD_MIN_BYTES` or more (a cold raw
@@ -200,8 +208,10 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
             raise ValueError(f"target must be one of {', '.join(map(repr, _TARGETS))}, got {target!r}")
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
-        if mode is not None and mode not in Image.MODES:
-            raise ValueError(f"mode must be None or a Pillow mode such as 'RGB' or 'L', got {mode!r}")
+        if mode is not None and mode not in Image.MODES and mode not in DECODE_MODES:
+            raise ValueError(
+                f"mode must be None or a Pillow mode such as 'RGB' or 'L' (or Caffe's 'color', 'gray'), got {mode!r}"
+            )
         self.root = os.fspath(lmdb_path)
         self.keys_path = None if keys_path is None else os.fspath(keys_path)
         self.transform = transform

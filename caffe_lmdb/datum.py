@@ -276,10 +276,36 @@ def check_datum(datum: Datum | DatumView) -> None:
 
 # --------------------------------------------------------------------------- numpy (CHW) <-> Datum
 
-def array_to_datum(arr: np.ndarray, label: int = 0) -> Datum:
-    """A raw Datum from a C x H x W array in Datum channel order (BGR for colour), as pycaffe does.
+def checked_label(label: object) -> int:
+    """`label` as the int32 a Datum's `label` holds; anything else is a `DatumError`, never truncated.
 
-    uint8 arrays go to `data`; any other numeric dtype goes to `float_data` as float32.
+    Integers of any kind (Python, numpy, a whole-valued 0-d integer array) are accepted;
+    floats are refused even when whole (2.0), as protobuf itself refuses them, so that a
+    regression target passed by mistake (2.5) is not silently stored as 2.
+    """
+    if isinstance(label, bool | np.bool_) or not isinstance(label, int | np.integer):
+        raise DatumError(f"label must be an integer, got {label!r} ({type(label).__name__})")
+    value = int(label)
+    if not -(1 << 31) <= value < (1 << 31):
+        raise DatumError(f"label {value} does not fit a Datum's int32 label")
+    return value
+
+
+def array_to_datum(arr: np.ndarray, label: int | None = None) -> Datum:
+    """A raw Datum from a C x H x W array in Datum channel order (BGR for colour), as pycaffe's does.
+
+    pycaffe's `caffe.io.array_to_datum` conventions: uint8 arrays go to `data`; any other
+    numeric dtype goes to `float_data` through float64 (`arr.astype(float)`, then protobuf's
+    float32), so int64 values above 2**53 round exactly as pycaffe rounds them. `label=None`
+    leaves the label out of the record (pycaffe's `test_label_none_size`: the record is
+    smaller), and it reads back as 0. Unlike pycaffe, `encoded=False` is written explicitly
+    (Caffe's convert_imageset does; DALI needs it), a float label is an error instead of being
+    truncated, and bool arrays are stored as uint8 0/1 pixels in `data` (pycaffe would write
+    0.0/1.0 floats).
+
+    Raises:
+        DatumError: not 3-D, an empty dimension, a non-numeric dtype, or a label that is not an
+            integer.
     """
     arr = np.asarray(arr)
     if arr.ndim != 3:
@@ -287,33 +313,50 @@ def array_to_datum(arr: np.ndarray, label: int = 0) -> Datum:
     c, h, w = arr.shape
     if c <= 0 or h <= 0 or w <= 0:
         raise DatumError(f"array has an empty dimension, shape {arr.shape}")
-    datum = Datum(channels=c, height=h, width=w, label=int(label), encoded=False)
-    if arr.dtype == np.uint8:
-        datum.data = np.ascontiguousarray(arr).tobytes()
+    datum = Datum(channels=c, height=h, width=w, encoded=False)
+    if label is not None:
+        datum.label = checked_label(label)
+    if arr.dtype == np.uint8 or arr.dtype == np.bool_:
+        datum.data = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
     elif arr.dtype.kind in "iuf":
-        datum.float_data.extend(arr.astype(np.float32, copy=False).ravel().tolist())
+        # pycaffe's arr.astype(float) stored into the float32 field, merged from packed wire bytes
+        # (parsed in C) instead of one Python float per value
+        floats = arr.astype(np.float64).astype("<f4")
+        datum.MergeFromString(b"\x32" + encode_varint(4 * floats.size) + floats.tobytes())
     else:
-        raise DatumError(f"array dtype must be uint8 or numeric, got {arr.dtype}")
+        raise DatumError(f"array dtype must be uint8, bool or numeric, got {arr.dtype}")
     return datum
 
 
-def datum_to_array(datum: Datum | DatumView) -> np.ndarray:
-    """The C x H x W array of a Datum in Datum channel order (BGR for colour).
+def datum_to_array(datum: Datum | DatumView, *, copy: bool = True) -> np.ndarray:
+    """The C x H x W array of a Datum in Datum channel order (BGR for colour), as pycaffe's.
 
-    Raw records give uint8 (a read-only view on the Datum's bytes, no copy), float records
-    float32, and encoded records are decoded (colour as BGR, as Caffe's `DecodeDatumToCVMat`).
+    pycaffe's `caffe.io.datum_to_array` conventions: raw records give a new, writable uint8
+    array (so `arr -= mean` works), float records a float64 array (`float_data` holds float32
+    values, so the float64 values are exactly those). Encoded records, which pycaffe cannot
+    read, are decoded as Caffe's `DecodeDatumToCVMat` does without forcing a colour: BGR planes
+    for colour files, one plane for gray ones.
+
+    Args:
+        datum: a raw, float or encoded Datum (or `DatumView`).
+        copy: False gives raw uint8 pixels as a read-only view on the Datum's bytes (no copy;
+            with a `DatumView` from an LMDB read, valid only while the transaction is), and
+            float records as float32 without conversion. Encoded records are always fresh.
     """
     if datum.encoded:
         image = datum_to_image(datum)
         hwc = np.asarray(image)
         if hwc.ndim == 2:
-            return hwc[np.newaxis]
+            return hwc[np.newaxis].copy()
         return np.ascontiguousarray(hwc[:, :, ::-1].transpose(2, 0, 1))
     check_datum(datum)
     shape = (datum.channels, datum.height, datum.width)
     if datum.data:
-        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
-    return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
+        planes = np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
+        return planes.copy() if copy else planes
+    if not copy:
+        return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
+    return np.asarray(datum.float_data, dtype=np.float64).reshape(shape)
 
 
 # --------------------------------------------------------------------------- PIL <-> Datum
@@ -327,7 +370,11 @@ def normalize_image(image: Image.Image, gray: bool | None = False) -> Image.Imag
 
     EXIF orientation is applied, palettes expanded, alpha dropped (not composited, as OpenCV's
     IMREAD_COLOR does), 16-bit samples scaled to 8 bits by dropping the low byte (not clipped),
-    and only the first frame of a multi-frame file is used.
+    CMYK JPEGs converted with OpenCV's integer formula, and only the first frame of a
+    multi-frame file is used. Colour to gray follows `imread(IMREAD_GRAYSCALE)` for the file's
+    format (`gray_like_opencv`); for a JPEG that is libjpeg's own Y plane, which only a decode
+    that has not happened yet can give: open files with `open_image` (or call `draft_gray`
+    before loading) for exact JPEG gray pixels.
 
     Args:
         image: an opened Pillow image.
@@ -337,6 +384,7 @@ def normalize_image(image: Image.Image, gray: bool | None = False) -> Image.Imag
     """
     if gray is None:
         gray = image.mode in _GRAY_MODES
+    fmt = image.format
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy even when upright
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -344,16 +392,133 @@ def normalize_image(image: Image.Image, gray: bool | None = False) -> Image.Imag
         image = Image.fromarray((np.clip(samples, 0, 65535) >> 8).astype(np.uint8), mode="L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
-    target = "L" if gray else "RGB"
-    if image.mode != target:
-        if image.mode in ("P", "PA", "LA", "RGBA", "1") and gray:
-            image = image.convert("RGB")
-        image = image.convert(target)
+    elif image.mode == "CMYK" and fmt == "JPEG":
+        image = Image.fromarray(_cmyk_to_rgb_like_opencv(np.asarray(image)), mode="RGB")
+    if gray:
+        return image if image.mode == "L" else gray_like_opencv(image, fmt)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+#: Pillow modes whose conversion to gray is a plain copy (or drop) of their one gray band.
+_ONE_BAND_GRAY = ("1", "L", "LA", "La")
+
+
+def gray_like_opencv(image: Image.Image, fmt: str | None = None) -> Image.Image:
+    """The `L` image OpenCV's `imread(IMREAD_GRAYSCALE)` makes of a decoded colour image.
+
+    OpenCV converts colour to gray in the decoder, and the formula depends on the format:
+
+    * PNG: libpng's `png_set_rgb_to_gray(0.299, 0.587)`, in 15-bit fixed point (9797 R +
+      19234 G + 3737 B) >> 15, rounded down; palettes are expanded and alpha dropped first.
+      A 16-bit colour PNG is converted at 16 bits, (... + 16384) >> 15, then >> 8; Pillow's
+      RGB image holds only the high bytes, so `load_image` decodes the file's 16-bit samples
+      for that (`_deep_png_gray`).
+    * WebP: OpenCV's WebP decoder calls `cvtColor(BGR2GRAY)`, whose 8-bit kernel (OpenCV 4 and
+      later) works in 15-bit fixed point: (9798 R + 19235 G + 3735 B + 16384) >> 15.
+    * everything else (BMP, TIFF, PPM, CMYK JPEG, ...): imgcodecs' own `icvCvt_BGR2Gray`, the
+      14-bit fixed point of OpenCV 2 and 3: (4899 R + 9617 G + 1868 B + 8192) >> 14.
+    * JPEG (YCbCr): libjpeg's Y plane, which no formula on RGB reproduces; it takes a
+      gray decode (`draft_gray` before loading). Given decoded RGB, the `cvtColor` formula is
+      used, which is the closest.
+
+    Args:
+        image: a decoded Pillow image in any mode.
+        fmt: the file format it was decoded from (Pillow's name, e.g. "PNG"); default
+            `image.format`.
+    """
+    fmt = image.format if fmt is None else fmt
+    if image.mode in _ONE_BAND_GRAY:
+        return image.convert("L")
+    if image.mode == "CMYK":
+        rgb = _cmyk_to_rgb_like_opencv(np.asarray(image))
+    else:
+        rgb = np.asarray(image if image.mode in ("RGB", "RGBA", "RGBX") else image.convert("RGB"))
+    r, g, b = (rgb[:, :, i].astype(np.uint32) for i in range(3))
+    if fmt == "PNG":
+        gray = (r * 9797 + g * 19234 + b * 3737) >> 15
+    elif fmt == "WEBP":
+        gray = (r * 9798 + g * 19235 + b * 3735 + 16384) >> 15
+    else:
+        gray = (r * 4899 + g * 9617 + b * 1868 + 8192) >> 14
+    return Image.fromarray(gray.astype(np.uint8), mode="L")
+
+
+def _cmyk_to_rgb_like_opencv(cmyk: np.ndarray) -> np.ndarray:
+    """OpenCV's CMYK to RGB (`icvCvt_CMYK2BGR`): R = (255 - K) - (C * (255 - K) >> 8), per channel.
+
+    Pillow's own conversion divides by 255 and rounds, which lands 1 level off OpenCV's >> 8.
+    `cmyk` is H x W x 4 as Pillow decodes a JPEG (Adobe's inverted samples already undone).
+    """
+    values = cmyk.astype(np.uint32)
+    rest = 255 - values[:, :, 3:4]
+    return (rest - ((values[:, :, :3] * rest) >> 8)).astype(np.uint8)
+
+
+def draft_gray(image: Image.Image) -> Image.Image:
+    """Ask libjpeg for its grayscale output (the Y plane) before `image` is loaded, as OpenCV does.
+
+    `imread(IMREAD_GRAYSCALE)` sets libjpeg's output colour space to gray, which returns the
+    luma plane as stored; converting the decoded RGB back to gray differs by up to 13 levels.
+    Pillow's `draft("L", size)` makes the same libjpeg request. Asked for the image's own size,
+    draft keeps the full resolution (it would otherwise pick a DCT downscale). Other formats,
+    CMYK and already-gray JPEGs are left as they are. Returns `image`, changed in place.
+    """
+    if image.format == "JPEG" and image.mode in ("RGB", "YCbCr"):  # a loaded image ignores draft
+        size = image.size
+        image.draft("L", size)
+        if image.size != size:  # a scale of 1 always fits its own size; checked, never assumed
+            raise DatumError(f"JPEG gray decode changed the size from {size} to {image.size}")
     return image
+
+
+def load_image(image: Image.Image, gray: bool | None = False) -> Image.Image:
+    """Decode an opened (not yet loaded) image and normalise it as `open_image` does."""
+    if gray:
+        draft_gray(image)
+        if image.format == "PNG" and image.tile and all(tile.args in _DEEP_PNG for tile in image.tile):
+            return _deep_png_gray(image)
+    image.load()
+    return normalize_image(image, gray=gray)
+
+
+#: Pillow's raw modes for 16-bit colour PNGs, big-endian as stored, and the ones that read the low bytes.
+_DEEP_PNG = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+#: EXIF orientation -> the transpose that undoes it (what `ImageOps.exif_transpose` applies).
+_ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _deep_png_gray(image: Image.Image) -> Image.Image:
+    """libpng's gray of a 16-bit colour PNG, computed on the 16-bit samples as OpenCV's decode does.
+
+    Pillow decodes 16-bit colour to 8-bit RGB(A) by keeping each sample's high byte; decoding the
+    same data again with the little-endian raw mode keeps the other byte, the low one, so the two
+    decodes give the exact 16-bit samples. Then (9797 R + 19234 G + 3737 B + 16384) >> 15 at
+    16 bits and `png_set_strip_16`'s >> 8, as libpng does.
+    """
+    position = image.fp.tell()
+    image.fp.seek(0)
+    data = image.fp.read()
+    image.fp.seek(position)
+    with Image.open(io.BytesIO(data)) as low:
+        low.tile = [tile._replace(args=_DEEP_PNG[tile.args]) for tile in low.tile]
+        low.load()
+        low_bytes = np.asarray(low)
+    image.load()
+    samples = (np.asarray(image).astype(np.uint32) << 8) | low_bytes
+    r, g, b = samples[:, :, 0], samples[:, :, 1], samples[:, :, 2]
+    gray = Image.fromarray((((r * 9797 + g * 19234 + b * 3737 + 16384) >> 15) >> 8).astype(np.uint8), mode="L")
+    method = _ORIENTATION_TRANSPOSE.get(image.getexif().get(_EXIF_ORIENTATION, 1))
+    return gray if method is None else gray.transpose(method)
 
 
 def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None = False) -> Image.Image:
     """Open and fully decode an image file (path, bytes or file object), normalised for Caffe.
+
+    With `gray=True` the pixels are `cv::imread(path, IMREAD_GRAYSCALE)`'s: libjpeg's gray
+    output for JPEGs, OpenCV's per-format fixed-point formula for others (`gray_like_opencv`).
 
     Raises:
         DatumError: the bytes are not an image Pillow can decode (the message says why).
@@ -364,8 +529,9 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None =
         source = io.BytesIO(source)
     try:
         with Image.open(source) as image:
-            image.load()
-            return normalize_image(image, gray=gray)
+            return load_image(image, gray=gray)
+    except DatumError:
+        raise
     except UnidentifiedImageError:
         raise DatumError(f"cannot decode {what}: not an image format Pillow recognises") from None
     except _BOMBS as exc:
@@ -428,23 +594,48 @@ def image_to_datum(image: Image.Image, label: int = 0, gray: bool = False) -> Da
     else:
         # HWC RGB -> CHW BGR in one strided copy (the layout Caffe's CVMatToDatum writes).
         data, channels = np.asarray(image)[:, :, ::-1].transpose(2, 0, 1).tobytes(), 3
-    return Datum(channels=channels, height=height, width=width, data=data, label=int(label), encoded=False)
+    return Datum(channels=channels, height=height, width=width, data=data, label=checked_label(label), encoded=False)
+
+
+#: Caffe's names for the decodes `DecodeDatumToCVMat` offers, as `mode` values: "color" is
+#: `force_color` (`imdecode(IMREAD_COLOR)`: always 3 channels), "gray" is `force_gray`
+#: (`imdecode(IMREAD_GRAYSCALE)`: 1 channel). They are the Pillow modes RGB and L.
+DECODE_MODES = {"color": "RGB", "gray": "L"}
+
+
+def decode_mode(mode: str | None) -> str | None:
+    """The Pillow mode for a `mode` argument: "color" and "gray" are Caffe's names for RGB and L."""
+    return DECODE_MODES.get(mode, mode) if mode is not None else None
 
 
 def datum_to_image(datum: Datum | DatumView, mode: str | None = None) -> Image.Image:
     """The PIL image of a Datum: RGB rebuilt from the planar BGR channels, or L for one channel.
 
+    Encoded records decode as OpenCV decodes them for Caffe's `DecodeDatumToCVMat`:
+
+    * `mode=None`: L for files whose pixels are gray (L, LA, 1-bit, 16-bit gray), RGB for
+      everything else, alpha dropped and 16-bit samples scaled to 8 bits. (Caffe's native
+      decode, `imdecode(IMREAD_UNCHANGED)`, would keep 4 channels for RGBA files and 16 bits
+      for 16-bit PNGs; Caffe's data layer cannot use those, so they are not offered.)
+    * `mode="RGB"` or "color" (Caffe's `force_color`): always RGB, gray files as 3 equal channels.
+    * `mode="L"` or "gray" (Caffe's `force_gray`): `imdecode(IMREAD_GRAYSCALE)`'s pixels
+      (`open_image(data, gray=True)`: libjpeg's Y plane, OpenCV's fixed-point formulas).
+
+    Raw records are not converted by Caffe; here "L" turns a colour record gray with Pillow's
+    own formula, and "RGB" gives a one-channel record 3 equal channels.
+
     Args:
         datum: a raw, float or encoded Datum (or `DatumView`).
-        mode: convert the result to this Pillow mode (e.g. "RGB" to get 3 channels from
-            grayscale records); None keeps RGB for colour and L for one-channel records.
+        mode: convert the result to this Pillow mode, or "color" / "gray" (above); None keeps
+            RGB for colour and L for one-channel records.
 
     Raises:
         DatumError: the Datum is malformed or its encoded payload cannot be decoded.
     """
+    mode = decode_mode(mode)
     if datum.encoded:
         check_datum(datum)
-        image = open_image(datum.data, gray=None)
+        image = open_image(datum.data, gray=True if mode == "L" else False if mode == "RGB" else None)
     else:
         check_datum(datum)
         image = planes_to_image(datum.data, datum.channels, datum.height, datum.width) if datum.data \
@@ -491,7 +682,8 @@ def datum_to_image_array(datum: Datum | DatumView, mode: str | None = None) -> n
     Args:
         datum: a raw, float or encoded Datum (or `DatumView`).
         mode: as in `datum_to_image`: None keeps 1 plane for one-channel records and RGB(A)
-            for colour; "RGB" makes one-channel records three equal planes; any other
+            for colour; "RGB" ("color") makes one-channel records three equal planes; "L"
+            ("gray") decodes encoded records as OpenCV's IMREAD_GRAYSCALE; any other
             conversion goes through Pillow.
 
     Returns:
@@ -502,6 +694,7 @@ def datum_to_image_array(datum: Datum | DatumView, mode: str | None = None) -> n
     Raises:
         DatumError: the Datum is malformed or its encoded payload cannot be decoded.
     """
+    mode = decode_mode(mode)
     if not datum.encoded:
         check_datum(datum)
         channels = datum.channels
@@ -536,7 +729,7 @@ def encoded_to_datum(data: bytes, label: int = 0) -> Datum:
     """An encoded Datum holding an image file's bytes unchanged; dims stay 0 as in Caffe."""
     if not data:
         raise DatumError("encoded image bytes are empty")
-    return Datum(data=bytes(data), label=int(label), encoded=True)
+    return Datum(data=bytes(data), label=checked_label(label), encoded=True)
 
 
 def pil_format(encode_type: str) -> str:

@@ -3,7 +3,8 @@
 Everything that turns image files into Datum records goes through here: `convert` (in its worker
 processes) and `migrate` (for legacy records holding file bytes), so both apply one rule for when a
 file's bytes are stored unchanged (no resize, no gray conversion of a colour file, the same format,
-one Caffe can decode, and the bytes pass an integrity check) and one set of decoding conventions.
+one Caffe can decode, and the bytes pass an integrity check; `--gray` alone keeps them too, as in
+Caffe) and one set of decoding conventions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .datum import (
     encode_image,
     encoded_to_datum,
     is_passthrough_format,
-    normalize_image,
+    load_image,
     open_image,
     pil_format,
     raw_datum_parts,
@@ -45,6 +46,11 @@ class ConvertOptions:
         encode_type: the file format of encoded records (jpg, png, ...); "" keeps each file's own
             bytes when nothing would change them. A non-empty value implies `encoded`.
         check_size: require every record to have the same channels x height x width.
+        reencode_gray: with `encoded` and `gray`, decode colour files to gray and store them
+            re-encoded as one-channel images (`--reencode-gray`). Off by default: Caffe's
+            `convert_imageset --encoded --gray` keeps every file's bytes (the re-encode test at
+            io.cpp:125 is always true with `--gray`), and its data layer decodes them to gray
+            when it reads them.
     """
 
     gray: bool = False
@@ -54,6 +60,7 @@ class ConvertOptions:
     encoded: bool = False
     encode_type: str = ""
     check_size: bool = False
+    reencode_gray: bool = False
 
     def __post_init__(self) -> None:
         if (self.resize_height > 0) != (self.resize_width > 0):
@@ -72,6 +79,8 @@ class ConvertOptions:
                 raise InputError(
                     "--resize-backend opencv needs OpenCV's Python package: pip install opencv-python-headless"
                 ) from None
+        if self.reencode_gray and not (self.gray and self.stores_encoded):
+            raise InputError("--reencode-gray needs --gray and --encoded (or --encode_type)")
         if self.encode_type:
             try:
                 pil_format(self.encode_type)
@@ -145,10 +154,12 @@ def build_record(data: bytes, label: int, targets: Sequence[float], options: Con
 def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[int, int, int], bool]:
     """What an encoded record stores for a file's bytes: (payload, C x H x W, whether the bytes were kept).
 
-    The one pass-through rule: the bytes are kept unchanged when there is no resize, no gray
-    conversion of a colour file, the format is the one asked for and one Caffe can decode, and
-    they pass an integrity check (`_check_structure`: a truncated file is never stored as is).
-    Anything else is decoded and re-encoded.
+    The one pass-through rule: the bytes are kept unchanged when there is no resize, the format
+    is the one asked for and one Caffe can decode, and they pass an integrity check
+    (`_check_structure`: a truncated file is never stored as is). `gray` alone keeps them too,
+    as `convert_imageset` does, unless `reencode_gray` asks for colour files to be stored gray.
+    Anything else is decoded (gray as `imread(IMREAD_GRAYSCALE)` with `gray`), resized, and
+    re-encoded, as Caffe re-encodes the image it read.
 
     Raises:
         DatumError: the bytes are not an image Pillow can decode.
@@ -162,7 +173,7 @@ def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[
                 options.resize is None
                 and is_passthrough_format(fmt)
                 and wanted == fmt
-                and (not options.gray or mode == "L")
+                and not (options.gray and options.reencode_gray and mode != "L")
             )
             if keep_bytes:
                 _check_structure(image, data)
@@ -171,8 +182,7 @@ def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[
                 if options.check_size and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                     width, height = height, width
                 return data, (channels, height, width), True
-            image.load()
-            decoded = normalize_image(image, gray=options.gray)
+            decoded = load_image(image, gray=options.gray)
     except DatumError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -5,7 +5,9 @@ blob from every input, so it must be what Caffe's own tool writes: a `BlobProto`
 `num=1, channels, height, width` fields (no `shape`) and `data` = the float mean of every pixel,
 C x H x W in Datum order (BGR for colour, because raw Datums are BGR). Encoded records are decoded
 to the same BGR planes first, as Caffe's `DecodeDatumNative` does. Sums are kept in float64, so
-the mean does not drift on big LMDBs (Caffe sums in float32).
+the mean does not drift on big LMDBs (Caffe sums in float32; on uint8 records the two agree
+exactly below 65,793 records, where every per-pixel sum is an integer float32 holds). The
+per-channel values printed are computed as Caffe computes them, in float32 (`caffe_lines`).
 
 Memory stays a small multiple of one record, whatever its size: uint8 pixels are added into the
 float64 sum in place, straight from the memory map, and their squares summed in blocks (integer
@@ -61,8 +63,25 @@ class MeanResult:
 
     @property
     def channel_mean(self) -> np.ndarray:
-        """One mean per Datum plane (BGR order for colour), 0..255: the values Caffe prints."""
+        """One mean per Datum plane (BGR order for colour), 0..255, in float64."""
         return self.mean.mean(axis=(1, 2))
+
+    @property
+    def caffe_channel_mean(self) -> np.ndarray:
+        """The per-channel means `compute_image_mean` prints, computed as it computes them.
+
+        Caffe adds up the float32 mean blob one value at a time in a float32 accumulator per
+        channel, then divides by H*W in float32, so its last printed digit can differ from
+        the float64 `channel_mean`.
+        """
+        channels, height, width = self.mean.shape
+        planes = self.mean.reshape(channels, height * width)
+        sums = np.zeros(channels, np.float32)
+        for start in range(0, planes.shape[1], _SQUARE_BLOCK):  # blocks: a few MiB, whatever the mean's size
+            block = planes[:, start:start + _SQUARE_BLOCK].astype(np.float32)
+            block[:, 0] += sums
+            sums = np.add.accumulate(block, axis=1)[:, -1]  # one value at a time, as Caffe's loop (not pairwise)
+        return sums / np.float32(height * width)
 
     def normalize_stats(self) -> dict[str, Any]:
         """Per-channel mean and std in image order (RGB), scaled to [0, 1], plus what they describe.
@@ -85,9 +104,13 @@ class MeanResult:
         }
 
     def caffe_lines(self) -> list[str]:
-        """What Caffe's `compute_image_mean` logs at the end: the channel count, then one mean per channel."""
+        """What Caffe's `compute_image_mean` logs at the end: the channel count, then one mean per channel.
+
+        The values are `caffe_channel_mean`, printed as C++'s `ostream << float` does (6
+        significant digits, `%g`).
+        """
         lines = [f"Number of channels: {self.mean.shape[0]}"]
-        lines += [f"mean_value channel [{c}]: {value:g}" for c, value in enumerate(self.channel_mean)]
+        lines += [f"mean_value channel [{c}]: {float(value):g}" for c, value in enumerate(self.caffe_channel_mean)]
         return lines
 
     def __str__(self) -> str:
@@ -123,7 +146,7 @@ def lmdb_mean(lmdb_path: str | os.PathLike, progress: bool | None = None) -> Mea
     with read_txn(path, readahead=True) as txn, progress_bar(txn.stat()["entries"], path.name, progress) as bar:
         for key, value in iter_values(txn):
             try:
-                planes = datum_to_array(parse_datum_view(value))
+                planes = datum_to_array(parse_datum_view(value), copy=False)
             except DatumError as exc:
                 raise DatumError(f"{path}: {format_key(key)}: {exc}") from None
             if total is None:
@@ -224,6 +247,27 @@ def _write_failure(exc: OSError, path: Path) -> str:
     if exc.filename is not None and TMP_MARK in os.fsdecode(exc.filename):
         exc = OSError(exc.errno, exc.strerror)
     return describe_os_error(exc, path)
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False) -> np.ndarray:
+    """A BlobProto's values shaped as pycaffe's `caffe.io.blobproto_to_array` shapes them.
+
+    The legacy `num, channels, height, width` fields give a 4-D array when any of them is set
+    (a mean file: 1 x C x H x W); otherwise `shape.dim` does, so a blob with neither is a 0-d
+    array when it holds one value (a scalar) and an error otherwise. Values are float64, as
+    pycaffe's `np.array(blob.data)`; `diff=True` reads `diff` instead.
+
+    Raises:
+        MeanError: the values do not fill the shape (pycaffe raises numpy's ValueError).
+    """
+    values = np.asarray(blob.diff if diff else blob.data, dtype=np.float64)
+    if any(blob.HasField(name) for name in ("num", "channels", "height", "width")):
+        shape: tuple[int, ...] = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = tuple(int(d) for d in blob.shape.dim)
+    if values.size != int(np.prod(shape, dtype=np.int64)):
+        raise MeanError(f"blob shape {shape} does not match its {values.size} values")
+    return values.reshape(shape)
 
 
 def load_mean(path: str | os.PathLike) -> np.ndarray:

@@ -87,13 +87,18 @@ def test_array_roundtrip_uint8_and_float(rng):
     datum = roundtrip(array_to_datum(floats))
     assert datum.data == b"" and len(datum.float_data) == 30
     back = datum_to_array(datum)
-    assert back.dtype == np.float32 and np.array_equal(back, floats)
+    assert back.dtype == np.float64 and np.array_equal(back, floats)  # pycaffe's float64, values exact
+    assert datum_to_array(datum, copy=False).dtype == np.float32
 
 
-def test_raw_array_is_a_view_not_a_copy(rgb_image):
+def test_raw_array_is_writable_by_default_and_a_view_with_copy_false(rgb_image):
     datum = image_to_datum(rgb_image)
     arr = datum_to_array(datum)
-    assert not arr.flags.writeable  # np.frombuffer over the Datum's bytes
+    arr -= 1  # pycaffe's datum_to_array returns a new array: `arr -= mean` works
+    assert arr.flags.writeable and arr.flags.owndata
+    view = datum_to_array(datum, copy=False)
+    assert not view.flags.writeable  # np.frombuffer over the Datum's bytes
+    assert np.array_equal(view, arr + 1)
 
 
 def test_real_photos_roundtrip(shared_images):

@@ -41,9 +41,47 @@ def test_mean_file_is_what_compute_image_mean_writes(tree, tmp_path, capsys):
     assert not blob.HasField("shape") and len(blob.diff) == 0 and len(blob.double_data) == 0
     np.testing.assert_allclose(np.asarray(blob.data).reshape(3, 5, 7), mean, rtol=1e-6)
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1:] == ["Number of channels: 3"] + [
-        f"mean_value channel [{c}]: {mean[c].mean():g}" for c in range(3)
-    ]
+    planes = [bgr_planes(p) for p in sorted(tree.rglob("*.png"))]
+    assert printed[1:] == compute_image_mean_log(planes)
+
+
+def compute_image_mean_log(planes: list[np.ndarray]) -> list[str]:
+    """A transcription of tools/compute_image_mean.cpp's sums and log lines, float by float.
+
+    `sum_blob` is a BlobProto (float data): each uint8 pixel is added to a float, the sums are
+    divided by the count in float, then each channel's values are added one at a time into a
+    float and divided by H*W; `LOG(INFO) << float` prints 6 significant digits.
+    """
+    sums = np.zeros(planes[0].shape, np.float32)
+    for record in planes:
+        sums = (sums + record.astype(np.float32)).astype(np.float32)  # elementwise float adds
+    mean = (sums / np.float32(len(planes))).astype(np.float32)
+    channels, height, width = mean.shape
+    lines = [f"Number of channels: {channels}"]
+    for c in range(channels):
+        value = np.float32(0.0)
+        for v in mean[c].ravel():
+            value = np.float32(value + v)
+        lines.append(f"mean_value channel [{c}]: {float(value / np.float32(height * width)):g}")
+    return lines
+
+
+def test_printed_channel_means_are_caffes_float_sums(tmp_path, capsys):
+    rng = np.random.default_rng(9)  # a case where float32 and float64 sums print differently
+    planes = [rng.integers(0, 256, (3, 40, 50), dtype=np.uint8) for _ in range(3)]
+    lmdb_path = hand_written(tmp_path / "m.lmdb", {caffe_key(i, f"{i}.png"): raw_value(p.transpose(1, 2, 0)[:, :, ::-1], 0)
+                                                   for i, p in enumerate(planes)})
+    assert main(["mean", str(lmdb_path), "-o", str(tmp_path / "m.binaryproto"), "-q"]) == 0
+    printed = capsys.readouterr().out.splitlines()[1:]
+    expected = compute_image_mean_log(planes)
+    assert printed == expected
+    float64 = np.stack(planes).astype(np.float64).mean(axis=0)
+    assert printed != ["Number of channels: 3"] + [f"mean_value channel [{c}]: {float64[c].mean():g}" for c in range(3)]
+    blob = read_blob(tmp_path / "m.binaryproto")  # the blob itself is Caffe's float sums / count, exactly
+    sums = np.zeros((3, 40, 50), np.float32)
+    for p in planes:
+        sums = sums + p.astype(np.float32)
+    assert np.array_equal(np.asarray(blob.data, np.float32).reshape(3, 40, 50), sums / np.float32(3))
 
 
 def test_json_stats_are_rgb_scaled_for_normalize(tree, tmp_path):

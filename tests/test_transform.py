@@ -237,7 +237,9 @@ def test_encoded_records_are_decoded_with_force_color_or_force_gray(rng):
     encoded_rgb = caffe_pb2.Datum(data=png(rgb), label=0, encoded=True)
     encoded_gray = caffe_pb2.Datum(data=png(gray), label=0, encoded=True)
     bgr_planes = rgb[:, :, ::-1].transpose(2, 0, 1).copy()
-    as_gray = np.asarray(Image.fromarray(rgb).convert("L"))[np.newaxis]
+    import cv2  # dev extra; force_gray is OpenCV's IMREAD_GRAYSCALE decode (#17)
+
+    as_gray = cv2.imdecode(np.frombuffer(png(rgb), np.uint8), cv2.IMREAD_GRAYSCALE)[np.newaxis]
     cases = [
         (encoded_rgb, {}, bgr_planes),  # native colour
         (encoded_rgb, {"force_gray": True}, as_gray),
