@@ -52,6 +52,7 @@ _LAZY = {
     "convert": "conversion",
     "convert_splits": "conversion",
     "write_lmdb": "conversion",
+    "write_dataset": "dataset_writer",
     "ConvertOptions": "encode",
     "merge": "merging",
     "migrate": "migration",
@@ -119,5 +120,6 @@ __all__ = [
     "scan_keys",
     "serialize_datum",
     "verify",
+    "write_dataset",
     "write_lmdb",
 ]

@@ -1,0 +1,384 @@
+"""Continuing an LMDB: appending to a published one, and resuming the temporary of a killed conversion.
+
+Both write through `ConversionLmdb`, an `AtomicLmdb` that keeps its promises (one writer, built
+aside, published whole):
+
+* **Append** copies the published `data.mdb` into the temporary (`copy_file_range`: in the kernel,
+  and a reflink where the file system has them), appends there in ordinary small transactions,
+  and publishes by swapping the two folders in one `renameat2(RENAME_EXCHANGE)`. The published
+  LMDB is never written in place, so readers that have it open (with `lock=False`, as
+  `LmdbDataset_train` opens it) keep reading valid pages. Publishing removes the old keys file,
+  swaps the LMDBs, then renames the new keys file in: a `kill -9` at any moment leaves the old LMDB
+  with its old keys, or the new one with its new keys, or, for the instant between those renames,
+  the old or the complete new LMDB with no keys file (readers and `verify` then scan the keys); never
+  records of one with keys of the other. Why not one big write transaction in place: README,
+  "Benchmarks".
+* **Resume**: every conversion writes `resume.json` (what it converts, how, which shard) into its
+  temporary before the first record. A run killed by `SIGKILL`, the OOM killer or preemption leaves
+  that temporary behind; `convert --resume` with the same arguments takes it over, reads its
+  committed keys, and converts only the entries after the last committed one. Commits fall where
+  they would have fallen (a transaction always ends at a commit), so the result is the same as an
+  uninterrupted run's. Different arguments are refused in one line naming what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from .encode import ConvertOptions
+from .errors import InputError, KeysFileError
+from .files import TMP_MARK, default_keys_path, sidecar_path, temporary_name
+from .keys import file_identity, load_keys
+from .output import AtomicLmdb, TargetLock, _fsync_folder, _remove, _remove_temporaries_of, check_replaceable, is_lmdb
+from .sources import Entry
+
+log = logging.getLogger(__name__)
+
+#: The manifest a conversion keeps in its temporary LMDB folder until it publishes.
+MANIFEST = "resume.json"
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+# --------------------------------------------------------------------------- append
+
+@dataclass
+class Previous:
+    """A published LMDB that an append continues: its keys, skipped list and classes, and the next line id."""
+
+    output: Path
+    keys_path: Path
+    keys: list[bytes]
+    skipped: list[tuple[str, str]]
+    classes: list[str] | None
+    next_line_id: int
+    identity: tuple = field(default=(), repr=False)
+
+
+def _line_id(key: bytes, where: Path) -> int:
+    head = key[:9]
+    if len(head) < 9 or not head[:8].isdigit() or head[8:9] != b"_":
+        raise InputError(f"{where}: key {key!r} is not a %08d_<name> key; append continues convert's line ids only")
+    return int(head[:8])
+
+
+def _read_lines(path: Path) -> list[str] | None:
+    if not path.exists():
+        return None
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+
+
+def read_previous(output: str | os.PathLike, keys_path: str | os.PathLike | None = None) -> Previous:
+    """What `--append` needs from the published LMDB `output`.
+
+    The next line id is the number of lines the earlier conversions read: every line became a
+    record (a key) or a skipped entry (a line of `<out>_skipped.txt`), so `convert(list1)` and then
+    an append of `list2` give the keys `convert(list1 + list2)` gives, gaps and all.
+
+    Raises:
+        InputError: no LMDB there, no keys file (with how to make one), or keys that do not match.
+    """
+    output = Path(output)
+    keys_path = Path(keys_path) if keys_path is not None else default_keys_path(output)
+    if not is_lmdb(output):
+        raise InputError(f"{output}: no LMDB to append to" + (" (it is not an LMDB)" if os.path.lexists(output) else
+                                                             "; convert without --append first"))
+    if not keys_path.exists():
+        raise InputError(f"{output}: no keys file {keys_path}; appending needs it to continue the line ids. Save it "
+                         f"first: python -c \"import caffe_lmdb as c; c.save_keys('{keys_path}', "
+                         f"c.scan_keys('{output}'))\"")
+    try:
+        keys = load_keys(keys_path).tolist()
+    except KeysFileError as exc:
+        raise InputError(str(exc)) from None
+    with lmdb.open(str(output), readonly=True, lock=False) as env:
+        entries = env.stat()["entries"]
+    if entries != len(keys):
+        raise InputError(f"{keys_path}: lists {len(keys)} keys but {output} holds {entries} records; save the keys "
+                         "again (caffe_lmdb.save_keys with scan_keys) before appending")
+    skipped_rows = _read_lines(sidecar_path(output, "skipped.txt")) or []
+    skipped = [tuple(row.split("\t", 1)) if "\t" in row else (row, "") for row in skipped_rows]
+    classes = _read_lines(sidecar_path(output, "classes.txt"))
+    last = _line_id(keys[-1], keys_path) if keys else -1
+    return Previous(output=output, keys_path=keys_path, keys=keys, skipped=skipped, classes=classes,
+                    next_line_id=max(last + 1, len(keys) + len(skipped)), identity=_identity(output, keys_path))
+
+
+def _identity(output: Path, keys_path: Path) -> tuple:
+    data = output / "data.mdb" if output.is_dir() else output
+    return file_identity(data), file_identity(keys_path)
+
+
+def merged_classes(previous: Previous, classes: Sequence[str] | None, *, extend: bool) -> list[str] | None:
+    """The class list after appending samples labelled by `classes` (None: labels are plain numbers).
+
+    `classes` must keep the LMDB's names at their indices; names after them are new classes, an
+    error naming the first unless `extend`.
+
+    Raises:
+        InputError: a new class without `extend`, or a class list that renumbers the LMDB's.
+    """
+    if classes is None:
+        return previous.classes
+    old = previous.classes or []
+    for index, (was, now) in enumerate(zip(old, classes, strict=False)):
+        if was != now:
+            raise InputError(f"{previous.output}: class {index} is {was!r} there but {now!r} in the new "
+                             "samples; their labels would mean other classes")
+    return _with_new(previous, old, list(classes[len(old):]), extend) or list(classes)
+
+
+def _with_new(previous: Previous, old: list[str], new: list[str], extend: bool) -> list[str] | None:
+    if new and not extend:
+        where = sidecar_path(previous.output, "classes.txt")
+        raise InputError(f"{previous.output}: new class {new[0]!r} is not in {where} "
+                         f"({len(old)} classes); pass --extend-classes to add it")
+    return old + new if new else None
+
+
+def relabel_for_append(previous: Previous, entries: Sequence[Entry], classes: Sequence[str] | None,
+                       *, extend: bool) -> tuple[list[Entry], list[str] | None]:
+    """Entries of an image folder relabelled by the LMDB's class list (a folder's labels are its sorted names).
+
+    A folder that lacks some of the LMDB's classes would otherwise number its own classes from 0.
+    """
+    if classes is None:
+        return list(entries), previous.classes
+    old = list(previous.classes or [])
+    new = [name for name in classes if name not in old]
+    merged = _with_new(previous, old, new, extend) or old
+    index = {name: i for i, name in enumerate(merged)}
+    mapping = [index[name] for name in classes]
+    return [replace(entry, label=mapping[entry.label]) for entry in entries], merged
+
+
+# --------------------------------------------------------------------------- resume
+
+def conversion_manifest(entries: Sequence[Entry], options: ConvertOptions, *, line_offset: int,
+                        classes: Sequence[str] | None, keys_path: Path, commit_every: int, commit_bytes: int,
+                        previous: Previous | None = None) -> dict[str, Any]:
+    """What a conversion's output depends on, by the name a mismatch is reported under."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(f"{entry.relpath}\0{os.fspath(entry.path)}\0{entry.label}\0{entry.targets!r}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return {
+        "input list": [len(entries), digest.hexdigest()],
+        "flags": repr(options),
+        "shard": line_offset,
+        "classes": list(classes) if classes is not None else None,
+        "keys file": str(keys_path),
+        "commit settings": [commit_every, commit_bytes],
+        "append": None if previous is None else [str(previous.output), len(previous.keys)],
+    }
+
+
+_DIFFERS = {"input list": "the input list differs", "flags": "the flags differ", "shard": "the shard differs",
+            "classes": "the classes differ", "keys file": "the keys file differs",
+            "commit settings": "the commit settings differ", "append": "the LMDB appended to differs"}
+
+
+def _differs(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    for name, value in new.items():
+        if json.loads(json.dumps(value)) != old.get(name):
+            return name
+    return None
+
+
+def _leftovers(output: Path) -> list[Path]:
+    """Temporaries of `output` that killed runs left, newest first."""
+    found = []
+    for candidate in output.parent.glob(f".{output.name}{TMP_MARK}*"):
+        if candidate.name.rsplit(TMP_MARK, 1)[-1].isdigit() and (candidate / "data.mdb").is_file():
+            found.append(candidate)
+    return sorted(found, key=lambda p: (p / "data.mdb").stat().st_mtime_ns, reverse=True)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        with open(folder / MANIFEST, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+# --------------------------------------------------------------------------- the output
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot; fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_temporaries_of_old(output: Path) -> None:
+    """What an interrupted publish left: `.NAME.old.tmp-PID` (the LMDB it was replacing)."""
+    for candidate in output.parent.glob(f".{output.name}.old{TMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            _remove(candidate)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy in the kernel (`copy_file_range`: a reflink on file systems that have them)."""
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        copied = 0
+        if hasattr(os, "copy_file_range"):
+            with contextlib.suppress(OSError):
+                while copied < size:
+                    done = os.copy_file_range(src.fileno(), dst.fileno(), size - copied, copied, copied)
+                    if done == 0:
+                        break
+                    copied += done
+        if copied < size:
+            src.seek(copied)
+            dst.seek(copied)
+            while chunk := src.read(16 << 20):
+                dst.write(chunk)
+
+
+class ConversionLmdb(AtomicLmdb):
+    """`AtomicLmdb` for conversions: keeps a resume manifest in its temporary, and can append or resume.
+
+    Args:
+        manifest: what this conversion converts (`conversion_manifest`), kept in the temporary
+            until it is published, so that a killed run can be resumed.
+        previous: append to this published LMDB (`read_previous`): its records come first.
+        resume: take over a killed run's temporary with an equal manifest (none: start afresh).
+
+    After opening, `keys` holds the keys already in the LMDB (previous or resumed) and `resumed`
+    the number of records a resumed temporary held.
+    """
+
+    def __init__(self, output: str | os.PathLike, keys_path: str | os.PathLike | None = None, *,
+                 manifest: dict[str, Any] | None = None, previous: Previous | None = None, resume: bool = False,
+                 **kwargs: Any) -> None:
+        self.manifest, self.previous, self.resume = manifest, previous, resume
+        self.resumed = 0
+        super().__init__(output, keys_path, **kwargs)
+
+    def _open(self, overwrite: bool, map_size: int) -> None:
+        if self.previous is None and not self.resume:
+            super()._open(overwrite, map_size)
+            self._write_manifest()
+            return
+        for folder in sorted({self.output.parent, self.keys_path.parent}):
+            self._os(folder.mkdir, folder, parents=True, exist_ok=True)
+        self._lock = self._os(TargetLock, self.output.parent, self.output)
+        taken = self._take_leftover() if self.resume else None
+        if self.previous is not None:
+            if _identity(self.output, self.keys_path) != self.previous.identity:
+                raise InputError(f"{self.output}: changed while the append was prepared; run it again")
+        else:
+            check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
+        self.tmp = temporary_name(self.output)
+        for target in (self.keys_path, *self.side_paths.values()):
+            _remove_temporaries_of(target)
+        for leftover in self.output.parent.glob(f".{self.output.name}{TMP_MARK}*"):
+            if leftover.name.rsplit(TMP_MARK, 1)[-1].isdigit() and leftover != taken:  # taken: our name now
+                with contextlib.suppress(OSError):
+                    _remove(leftover)
+        _remove_temporaries_of_old(self.output)
+        self._keys_tmp = self._reserve_temporary(self.keys_path)
+        self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
+        self._temporaries.append(self.tmp)
+        if taken is None:
+            self._os(self.tmp.mkdir, self.output)
+            if self.previous is not None:
+                self._os(_copy_file, self.output, self.output / "data.mdb", self.tmp / "data.mdb")
+        if taken is not None or self.previous is not None:
+            map_size = 0  # LMDB then takes the size the file's meta page records: growth goes on as it went
+        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=map_size, subdir=True, sync=False,
+                              metasync=False, max_dbs=0, readahead=False)
+        self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
+        with self.env.begin() as txn:
+            self.keys = list(txn.cursor().iternext(values=False))
+        self.resumed = len(self.keys) - (len(self.previous.keys) if self.previous is not None else 0)
+        if self.previous is not None and self.keys[:len(self.previous.keys)] != self.previous.keys:
+            raise InputError(f"{self.output}: its records do not match its keys file {self.keys_path}")
+        if taken is None:
+            self._write_manifest()
+
+    def _take_leftover(self) -> Path | None:
+        """Rename the newest leftover temporary with our manifest to our own temporary name."""
+        for leftover in _leftovers(self.output):
+            manifest = _read_manifest(leftover)
+            if manifest is None:
+                continue
+            different = _differs(manifest, self.manifest or {})
+            if different is not None:
+                raise InputError(f"{self.output}: cannot resume {leftover.name}: {_DIFFERS[different]} from the "
+                                 "interrupted run's (run with the same arguments, or without --resume to start over)")
+            mine = temporary_name(self.output)
+            if leftover != mine:
+                self._os(os.replace, self.output, leftover, mine)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mine / "lock.mdb")  # the killed writer's lock table
+            log.info("%s: resuming %s", self.output, leftover.name)
+            return mine
+        log.info("%s: no interrupted conversion to resume; starting from the beginning", self.output)
+        return None
+
+    def _write_manifest(self) -> None:
+        if self.manifest is None:
+            return
+        path = self.tmp / MANIFEST
+
+        def write() -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(self.manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+        self._os(write, self.output)
+
+    def _publish(self, output: Path, contents: dict[str, bytes | None]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp / MANIFEST)  # a published LMDB is not resumable
+        if self.previous is None:
+            super()._publish(output, contents)
+            return
+        # Old keys out, LMDBs swapped, new keys in: never one LMDB's records beside the other's keys.
+        os.unlink(self.keys_path)
+        if not _exchange(self.tmp, output):
+            trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
+            os.replace(output, trash)
+            os.replace(self.tmp, output)
+            os.replace(trash, self.tmp)
+        os.replace(self._keys_tmp, self.keys_path)
+        for name, data in contents.items():
+            if data is not None:
+                os.replace(self._side_tmps[name], self.side_paths[name])
+            else:
+                os.unlink(self._side_tmps[name])
+                if name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
+                    os.unlink(self.side_paths[name])
+        _fsync_folder(output.parent)
+        _remove(self.tmp)  # the old LMDB
+

@@ -1,0 +1,420 @@
+"""Any Python dataset of `(image, target)` samples to a Caffe Datum LMDB, with `convert`'s guarantees.
+
+The recipe this project grew from wrote a torch `Dataset` through a `DataLoader` with a collate
+function that returns the samples as they are; `write_dataset(dataset, "out.lmdb")` does the same
+job with the converter's pipeline: each sample becomes one serialized Datum in a worker process
+(a map-style dataset is indexed there, after `fork`, so neither the dataset nor its samples are
+ever pickled), the bytes come back through the workers' shared-memory rings in index order, and
+one writer puts them into an `AtomicLmdb` (locked, built aside, published whole with its keys file).
+
+Record i is sample i, with key `"%08d_%s" % (i, name)`; a sample that cannot be stored leaves a
+gap in the keys, as an unreadable image does in `convert`, and is listed by index in
+`<out>_skipped.txt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import workers as _workers
+from .allocator import set_heap_retention
+from .continuing import ConversionLmdb, merged_classes, read_previous
+from .conversion import RING_BYTES, ConvertResult, default_workers
+from .datum import (
+    DatumError,
+    checked_label,
+    encode_image,
+    encoded_to_datum,
+    normalize_image,
+    raw_datum_parts,
+    serialize_datum,
+)
+from .encode import ConvertOptions, build_record, resize_image
+from .errors import ConversionError, InputError, os_error_reason
+from .output import COMMIT_BYTES, INITIAL_MAP_SIZE
+from .progress import progress_bar
+from .sources import read_image_file
+from .workers import Record, RingPool
+
+log = logging.getLogger(__name__)
+
+#: LMDB refuses longer keys (MDB_MAXKEYSIZE).
+MAX_KEY_BYTES = 511
+
+_NAME_HEAD = struct.Struct("<I")  # a worker's record is: name length, name (UTF-8), serialized Datum
+
+
+# --------------------------------------------------------------------------- one sample, one record
+
+def sample_targets(target: Any) -> tuple[int, tuple[float, ...]]:
+    """(label, float_data) of a sample's target: the list-file rule for numeric columns.
+
+    * an int (or a 0-d array/tensor of one): the label, no `float_data`;
+    * a sequence, array or tensor of numbers: all of them in `float_data`, and the first, which
+      must then be a whole number, as the label (one number alone is just the label), exactly as
+      a list file's `path l1 l2 ...` columns;
+    * `(label, floats)`: that label, and those floats (any first value).
+
+    Raises:
+        ValueError: a target of another kind, a label that is not a whole number or does not fit
+            Datum's int32, or a value that does not fit a finite 32-bit float.
+    """
+    if isinstance(target, tuple) and len(target) == 2 and _is_scalar(target[0]) and not _is_scalar(target[1]):
+        label, floats = _whole(target[0], "label"), _floats(target[1])
+        return label, floats
+    if _is_scalar(target):
+        return _whole(target, "target"), ()
+    values = _floats(target)
+    if not values:
+        raise ValueError("target is an empty sequence")
+    label = _whole(values[0], "target[0] (the label, by the list-file rule; pass (label, floats) otherwise)")
+    return label, values if len(values) > 1 else ()
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, np.integer, np.floating)):
+        return True
+    return getattr(value, "ndim", None) == 0 and hasattr(value, "item")
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not _is_scalar(value):
+        raise ValueError(f"{what} must be an integer, got {type(value).__name__}")
+    number = value.item() if hasattr(value, "item") else value
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ValueError(f"{what} {number!r} is not a whole number")
+        number = int(number)
+    try:
+        return checked_label(number)
+    except (DatumError, ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _floats(values: Any) -> tuple[float, ...]:
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"target must be numbers, got {type(values).__name__}")
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"target must be an int, numbers, or (label, numbers); got {type(values).__name__}") from None
+    if array.ndim != 1:
+        raise ValueError(f"target numbers must be one-dimensional, got shape {tuple(array.shape)}")
+    stored = array.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(stored))
+    if bad.size:
+        raise ValueError(f"target value {array[bad[0]]!r} (at {bad[0]}) does not fit a finite 32-bit float")
+    return tuple(stored.astype(np.float64).tolist())
+
+
+def _image_from_array(array: np.ndarray, what: str) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array), mode="L")
+    if array.ndim == 3 and array.shape[2] == 3:
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+    raise ValueError(f"{what} must be H x W x 3 (RGB) or H x W, got shape {tuple(array.shape)}")
+
+
+def _tensor_type() -> type | None:
+    torch = sys.modules.get("torch")  # no tensor can exist unless torch was imported
+    return getattr(torch, "Tensor", None) if torch is not None else None
+
+
+def sample_record(image: Any, label: int, floats: Sequence[float], options: ConvertOptions) -> Record:
+    """The Datum of one image of any supported kind (see `write_dataset`), as `convert` builds it.
+
+    Paths and file bytes go through `encode.build_record` (the pass-through rule); decoded images
+    (PIL, numpy, torch) are stored raw, or with `encoded` encoded as `encode_type` (PNG by default:
+    lossless, since there are no file bytes to keep).
+
+    Raises:
+        DatumError: the image cannot be converted (the message says why).
+        OSError: a path cannot be read.
+        ValueError: an image of an unsupported kind, dtype or shape.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return build_record(read_image_file(image), label, floats, options)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return build_record(bytes(image), label, floats, options)
+    tensor = _tensor_type()
+    if tensor is not None and isinstance(image, tensor):
+        array = image.detach().cpu().numpy()
+        if array.ndim == 3:
+            if array.shape[0] not in (1, 3):
+                raise ValueError(f"a tensor image must be C x H x W with C = 3 (RGB) or 1, got shape {array.shape}")
+            array = array.transpose(1, 2, 0)  # torchvision's C x H x W to H x W x C
+        pil = _image_from_array(array, "a tensor image")
+    elif isinstance(image, np.ndarray):
+        pil = _image_from_array(image, "an array image")
+    elif isinstance(image, Image.Image):
+        pil = image
+    else:
+        raise ValueError(f"unsupported image type {type(image).__name__} (PIL image, uint8 array or tensor, "
+                         "encoded file bytes, or a path)")
+    pil = _normalised(pil, options)
+    if options.resize:
+        pil = resize_image(pil, options)
+    width, height = pil.size
+    if options.stores_encoded:
+        datum = encoded_to_datum(encode_image(pil, options.encode_type or "png"), label)
+        datum.float_data.extend(floats)
+        return Record((serialize_datum(datum),), (1 if options.gray else 3, height, width))
+    return Record(tuple(raw_datum_parts(pil, label, gray=options.gray, float_data=floats)),
+                  (1 if options.gray else 3, height, width))
+
+
+def _normalised(image: Image.Image, options: ConvertOptions) -> Image.Image:
+    target = "L" if options.gray else "RGB"
+    return image if image.mode == target else normalize_image(image, gray=options.gray)
+
+
+def _sample_name(index: int, sample: Any, key: Callable[[int, Any], str] | None) -> str:
+    if key is not None:
+        name = key(index, sample)
+        if not isinstance(name, str):
+            raise ValueError(f"key() must return a str, got {type(name).__name__}")
+        return name
+    image = sample[0]
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).as_posix()
+    return str(index)
+
+
+def encode_sample(index: int, sample: Any, options: ConvertOptions,
+                  key: Callable[[int, Any], str] | None = None) -> Record:
+    """The sample of line id `index` as one record: its key name and serialized Datum, or why it cannot be stored.
+
+    The record's bytes are the name's length (4 bytes), the name in UTF-8, then the Datum: the
+    name is made where the sample is (a worker process) and travels with the bytes.
+    """
+    try:
+        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+            raise ValueError(f"expected an (image, target) pair, got {type(sample).__name__}"
+                             + (f" of length {len(sample)}" if isinstance(sample, (tuple, list)) else ""))
+        name = _sample_name(index, sample, key).encode("utf-8")
+        if len(name) + 9 > MAX_KEY_BYTES:
+            raise ValueError(f"key name is {len(name)} bytes; LMDB keys hold at most {MAX_KEY_BYTES}")
+        label, floats = sample_targets(sample[1])
+        record = sample_record(sample[0], label, floats, options)
+    except DatumError as exc:
+        return Record(error=str(exc))
+    except OSError as exc:
+        return Record(error=os_error_reason(exc))
+    except (ValueError, TypeError, UnicodeError) as exc:
+        return Record(error=str(exc))
+    return Record((_NAME_HEAD.pack(len(name)), name, *record.parts), record.shape)
+
+
+def _encode_index(index: int, dataset: Any, options: ConvertOptions,
+                  key: Callable[[int, Any], str] | None, line_offset: int = 0) -> Record:
+    try:
+        sample = dataset[index]
+    except Exception as exc:  # the user's __getitem__: any failure is this sample's, named by index
+        return Record(error=f"dataset[{index}] raised {type(exc).__name__}: {exc}")
+    return encode_sample(line_offset + index, sample, options, key)
+
+
+def split_record(value: bytes | memoryview) -> tuple[str, memoryview]:
+    """(name, Datum bytes) of a record made by `encode_sample`."""
+    view = memoryview(value)
+    (length,) = _NAME_HEAD.unpack_from(view)
+    return bytes(view[4:4 + length]).decode("utf-8"), view[4 + length:]
+
+
+# --------------------------------------------------------------------------- reading the dataset
+
+def is_map_style(dataset: Any) -> bool:
+    """A dataset indexed 0..len-1 (a torch map-style `Dataset`, a list); else it is iterated."""
+    torch = sys.modules.get("torch")
+    iterable_dataset = getattr(getattr(getattr(torch, "utils", None), "data", None), "IterableDataset", None)
+    if iterable_dataset is not None and isinstance(dataset, iterable_dataset):
+        return False
+    if isinstance(dataset, (str, bytes, dict)):
+        return False
+    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+@contextmanager
+def _indexed_records(dataset: Any, count: int, options: ConvertOptions, key, workers: int,
+                     ring_bytes: int, line_offset: int) -> Iterator[Any]:
+    """The records of `dataset[0..count)`, in order, encoded here (0 workers) or in worker processes."""
+    work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
+    if workers == 0 or count < 2 * workers:
+        yield map(work, range(count))
+    elif _workers.AVAILABLE:
+        with RingPool(range(count), work, workers, ring_bytes=ring_bytes) as pool:
+            yield pool
+    elif "fork" in multiprocessing.get_all_start_methods():  # a dataset need not be picklable under fork
+        with multiprocessing.get_context("fork").Pool(workers, initializer=set_heap_retention) as pool:
+            yield pool.imap(work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+    else:
+        log.info("no fork on this platform: reading the dataset in this process")
+        yield map(work, range(count))
+
+
+def _iterated_records(dataset: Iterable[Any], options: ConvertOptions, key, line_offset: int) -> Iterator[Record]:
+    for index, sample in enumerate(dataset):
+        yield encode_sample(line_offset + index, sample, options, key)
+
+
+def write_dataset(
+    dataset: Sequence[Any] | Iterable[Any],
+    output: str | os.PathLike,
+    *,
+    keys_path: str | os.PathLike | None = None,
+    encoded: bool = False,
+    encode_type: str = "",
+    workers: int | None = None,
+    key: Callable[[int, Any], str] | None = None,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+    append: bool = False,
+    extend_classes: bool = False,
+    options: ConvertOptions | None = None,
+    commit_every: int = 1000,
+    commit_bytes: int = COMMIT_BYTES,
+    initial_map_size: int = INITIAL_MAP_SIZE,
+    ring_bytes: int = RING_BYTES,
+) -> ConvertResult:
+    """Write a dataset of `(image, target)` samples to a Caffe Datum LMDB, as `convert` writes files.
+
+    Images may be a PIL image; an H x W x 3 (RGB) or H x W uint8 numpy array; a C x H x W uint8
+    torch tensor with RGB channels (torchvision's `ToTensor`/`PILToTensor` layout, C = 3 or 1);
+    the bytes of an encoded image file; or a path. Paths and file bytes follow `convert`'s rules
+    (with `encoded`, a file's bytes are stored unchanged when nothing would change them); decoded
+    images are stored raw, or with `encoded` as `encode_type` (default PNG, lossless).
+
+    Targets may be an int (the Datum's `label`); a sequence, array or tensor of numbers (all
+    stored in `float_data`, the first, a whole number, also as `label`: the list-file rule for
+    `path l1 l2 ...`, so an 80-class multi-hot vector reads back with
+    `LmdbDataset_train(target="float")`); or `(label, floats)`.
+
+    A map-style dataset (`__len__` and `__getitem__`, e.g. a torch `Dataset`) is read in `workers`
+    processes forked from this one (so it need not be picklable); record i is sample i and the
+    output is byte-identical for any worker count. Anything else is iterated once, in this
+    process, in its own order: record i is the i-th sample it yields (an exception raised by the
+    iterator itself ends the run, since an iterator cannot go on after one).
+
+    Args:
+        dataset: the samples.
+        output: the LMDB to create (or, with `append`, to add to).
+        keys_path: the keys file (default `<out>_keys.npy` beside the LMDB).
+        encoded, encode_type: store encoded images (Caffe's `--encoded`, `--encode_type`).
+        workers: processes reading a map-style dataset (default: one per CPU; 0 reads here).
+        key: `key(i, sample) -> str`, the name in key `"%08d_%s" % (i, name)`; default the path
+            when the image is one, else the index `i`.
+        classes: class names, saved as `<out>_classes.txt` (label i is `classes[i]`).
+        overwrite: replace an existing output.
+        strict: fail on the first sample that cannot be stored, instead of skipping it.
+        progress: show a progress bar (default: when stderr is a terminal).
+        append: add the samples after an existing LMDB's records (`convert --append`): sample i
+            gets line id `next + i` (the `i` that `key` and the default name see), so writing a
+            dataset in two appended parts gives what one run gives; `classes` must then keep the
+            LMDB's own classes at their indices.
+        extend_classes: with `append`, allow `classes` to add names after the existing ones.
+        options: the full record layout (gray, resize, ...) instead of `encoded`/`encode_type`.
+        commit_every, commit_bytes, initial_map_size, ring_bytes: as in `conversion.write_lmdb`.
+
+    Returns:
+        The summary; bad samples are in `skipped_files` as (index, reason).
+
+    Raises:
+        InputError: no samples, bad arguments, or an output that exists without `overwrite`.
+        ConversionError: `strict` and a bad sample, no sample could be stored, or the iterator raised.
+    """
+    if options is None:
+        options = ConvertOptions(encoded=encoded, encode_type=encode_type)
+    elif encoded or encode_type:
+        raise InputError("give either options or encoded/encode_type, not both")
+    workers = workers if workers is not None else default_workers()
+    if workers < 0:
+        raise InputError(f"workers must be >= 0 (0 reads in this process), got {workers}")
+    mapped = is_map_style(dataset)
+    count = len(dataset) if mapped else None
+    if count == 0:
+        raise InputError("the dataset has no samples")
+    line_offset, classes, previous = 0, (list(classes) if classes is not None else None), None
+    if append:
+        if overwrite:
+            raise InputError("append adds to the existing LMDB; overwrite would replace it: give one of them")
+        previous = read_previous(output, keys_path)
+        line_offset, classes = previous.next_line_id, merged_classes(previous, classes, extend=extend_classes)
+    start = time.perf_counter()
+    total = count if mapped else _length_hint(dataset)
+    with ConversionLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
+                        initial_map_size=initial_map_size, previous=previous) as out, \
+            (_indexed_records(dataset, count, options, key, workers, max(2 * commit_bytes, ring_bytes), line_offset)
+             if mapped else _nullcontext(_iterated_records(dataset, options, key, line_offset))) as records, \
+            progress_bar(total, out.output.name, progress, unit="sample") as bar:
+        out.after_commit = getattr(records, "release", None)
+        result = ConvertResult(output=out.output, keys_path=out.keys_path)
+        index = -1
+        iterator = iter(records)
+        while True:
+            try:
+                record = next(iterator)
+            except StopIteration:
+                break
+            except ConversionError:
+                raise
+            except Exception as exc:
+                if mapped:
+                    raise
+                raise ConversionError(f"sample {index + 1}: iterating the dataset raised "
+                                      f"{type(exc).__name__}: {exc}") from None
+            index += 1
+            bar.update()
+            if record.error is not None:
+                if strict:
+                    raise ConversionError(f"sample {index}: {record.error} (strict)")
+                log.warning("skipping sample %d: %s", index, record.error)
+                result.skipped_files.append((str(index), record.error))
+                continue
+            name, value = split_record(record.value)
+            out.put(f"{line_offset + index:08d}_{name}".encode(), value)
+        if index < 0:
+            raise InputError("the dataset has no samples")
+        if len(out.keys) == (len(previous.keys) if previous is not None else 0):
+            first_index, first_reason = result.skipped_files[0]
+            raise ConversionError(f"{out.output}: no sample could be stored ({len(result.skipped_files)} skipped; "
+                                  f"the first, sample {first_index}: {first_reason})")
+        out.finish(classes, [*(previous.skipped if previous is not None else ()), *result.skipped_files])
+    result.written = len(out.keys) - (len(previous.keys) if previous is not None else 0)
+    result.skipped = len(result.skipped_files)
+    result.bytes_written, result.seconds = out.bytes_written, time.perf_counter() - start
+    return result
+
+
+@contextmanager
+def _nullcontext(value: Any) -> Iterator[Any]:
+    yield value
+
+
+def _length_hint(dataset: Any) -> int | None:
+    try:
+        hint = len(dataset)
+    except TypeError:
+        return None
+    return hint if isinstance(hint, int) and not math.isnan(hint) else None
