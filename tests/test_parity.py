@@ -161,21 +161,26 @@ def test_raw_conversion_stores_imreads_pixels(tmp_path, gray):
         assert datum.data == expected.tobytes(), name
 
 
-def test_gray_then_resize_in_caffes_order(tmp_path):
-    # ReadImageToCVMat: cv::imread(IMREAD_GRAYSCALE), then cv::resize(INTER_LINEAR)
+@pytest.mark.parametrize("gray", [True, False])
+def test_resize_after_imread_in_caffes_order(tmp_path, gray):
+    # ReadImageToCVMat: cv::imread (IMREAD_GRAYSCALE with --gray), then cv::resize(INTER_LINEAR)
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)
     names = ["rgb.jpg", "rgba.png", "cmyk.jpg", "rgb.webp"]
     for name in names:
         (src / name).write_bytes(VARIANTS[name])
-    out = tmp_path / "gray.lmdb"
-    assert main(["convert", str(src.parent), str(out), "--gray", "--resize_height", "23", "--resize_width", "41",
-                 "--resize-backend", "opencv", "--workers", "0", "-q"]) == 0
+    out = tmp_path / "resized.lmdb"
+    assert main(["convert", str(src.parent), str(out), "--resize_height", "23", "--resize_width", "41",
+                 "--resize-backend", "opencv", "--workers", "0", "-q", *(["--gray"] if gray else [])]) == 0
     with lmdb.open(str(out), readonly=True, lock=False) as env, env.begin() as txn:
         for i, name in enumerate(sorted(names)):
             datum = caffe_pb2.Datum.FromString(txn.get(caffe_key(i, f"a/{name}")))
-            expected = cv2.resize(cv_gray(VARIANTS[name]), (41, 23), interpolation=cv2.INTER_LINEAR)
-            assert (datum.channels, datum.height, datum.width) == (1, 23, 41)
+            if gray:
+                expected = cv2.resize(cv_gray(VARIANTS[name]), (41, 23), interpolation=cv2.INTER_LINEAR)[np.newaxis]
+            else:
+                bgr = cv2.imdecode(np.frombuffer(VARIANTS[name], np.uint8), cv2.IMREAD_COLOR)
+                expected = cv2.resize(bgr, (41, 23), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+            assert (datum.channels, datum.height, datum.width) == expected.shape
             assert datum.data == expected.tobytes(), name
 
 
