@@ -69,7 +69,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.paths, list_file=args.list, root=args.root, keys_path=args.keys, num_shards=args.num_shards,
         shard_index=args.shard_index, options=options, shuffle=args.shuffle, seed=args.seed, workers=args.workers,
         commit_every=args.commit_every, overwrite=args.overwrite, strict=args.strict,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet else None, append=args.append, extend_classes=args.extend_classes,
+        resume=args.resume,
     )
     for result in results:
         print(result)
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "ends at 4 MiB of records, so large raw records commit more often")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("--append", action="store_true",
+                   help="add the images after an existing LMDB's records, line ids continued (needs its keys file)")
+    p.add_argument("--extend-classes", "--extend_classes", action="store_true",
+                   help="with --append, add classes the LMDB lacks to the end of its class list")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run (same arguments) from its last committed record instead of restarting")
     p.add_argument("--num-shards", "--num_shards", metavar="N|auto",
                    help="convert one of N contiguous shards to OUT-IIIII-of-NNNNN.lmdb; 'auto' takes the shard "
                    "from RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or "

@@ -292,12 +292,12 @@ class ConversionLmdb(AtomicLmdb):
         for folder in sorted({self.output.parent, self.keys_path.parent}):
             self._os(folder.mkdir, folder, parents=True, exist_ok=True)
         self._lock = self._os(TargetLock, self.output.parent, self.output)
-        taken = self._take_leftover() if self.resume else None
         if self.previous is not None:
             if _identity(self.output, self.keys_path) != self.previous.identity:
                 raise InputError(f"{self.output}: changed while the append was prepared; run it again")
         else:
             check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
+        taken = self._take_leftover() if self.resume else None
         self.tmp = temporary_name(self.output)
         for target in (self.keys_path, *self.side_paths.values()):
             _remove_temporaries_of(target)
@@ -313,18 +313,32 @@ class ConversionLmdb(AtomicLmdb):
             self._os(self.tmp.mkdir, self.output)
             if self.previous is not None:
                 self._os(_copy_file, self.output, self.output / "data.mdb", self.tmp / "data.mdb")
+        committed = self._committed_keys() if taken is not None else None
         if taken is not None or self.previous is not None:
             map_size = 0  # LMDB then takes the size the file's meta page records: growth goes on as it went
         self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=map_size, subdir=True, sync=False,
                               metasync=False, max_dbs=0, readahead=False)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
-        with self.env.begin() as txn:
-            self.keys = list(txn.cursor().iternext(values=False))
+        if committed is not None:
+            self.keys = committed
+        elif self.previous is not None:
+            self.keys = list(self.previous.keys)  # read_previous checked them against the LMDB's record count
         self.resumed = len(self.keys) - (len(self.previous.keys) if self.previous is not None else 0)
         if self.previous is not None and self.keys[:len(self.previous.keys)] != self.previous.keys:
             raise InputError(f"{self.output}: its records do not match its keys file {self.keys_path}")
         if taken is None:
             self._write_manifest()
+
+    def _committed_keys(self) -> list[bytes]:
+        """The keys the taken-over temporary holds, read through a map closed again before writing.
+
+        The scan maps pages into this process; mapped pages cannot be dropped from the page cache,
+        so each commit's `posix_fadvise(DONTNEED)` would walk all of them (measured: 3x slower commits).
+        """
+        def scan() -> list[bytes]:
+            with lmdb.open(str(self.tmp), readonly=True, lock=False, readahead=False) as env, env.begin() as txn:
+                return list(txn.cursor().iternext(values=False))
+        return self._lmdb(scan)
 
     def _take_leftover(self) -> Path | None:
         """Rename the newest leftover temporary with our manifest to our own temporary name."""

@@ -30,10 +30,12 @@ from pathlib import Path
 
 from . import workers as _workers
 from .allocator import set_heap_retention
+from .continuing import ConversionLmdb, Previous, conversion_manifest, read_previous, relabel_for_append
 from .encode import ConvertOptions, encode_entry
 from .errors import ConversionError, InputError
+from .files import default_keys_path
 from .keys import make_key
-from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
+from .output import COMMIT_BYTES, INITIAL_MAP_SIZE
 from .progress import progress_bar
 from .shards import resolve_shard, shard_name, shard_range
 from .sources import Entry, PackedEntries, find_splits, load_entries, shuffle_entries
@@ -57,14 +59,16 @@ class ConvertResult:
     bytes_written: int = 0
     seconds: float = 0.0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    resumed: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        resumed = f" (the first {self.resumed} by the interrupted run)" if self.resumed else ""
         return (
-            f"{self.output}: {self.written} records written, {self.skipped} skipped, "
+            f"{self.output}: {self.written} records written{resumed}, {self.skipped} skipped, "
             f"{self.bytes_written / 2**20:.1f} MiB, {self.seconds:.2f} s, {self.images_per_second:.0f} images/s"
         )
 
@@ -118,6 +122,8 @@ def write_lmdb(
     line_offset: int = 0,
     inputs: Sequence[str | os.PathLike] = (),
     scanned_inputs: bool = True,
+    resume: bool = False,
+    previous: Previous | None = None,
 ) -> ConvertResult:
     """Convert `entries` (in this order; line ids are their positions) into a Datum LMDB.
 
@@ -144,6 +150,9 @@ def write_lmdb(
             shards get the same global keys as an unsharded conversion.
         inputs: the folders and files the entries come from: an output equal to one, containing
             one or (with `scanned_inputs`, for folders whose files are listed) inside one is refused.
+        resume: continue the temporary a killed run with the same arguments left (`--resume`),
+            from its last committed record; without one, start from the beginning.
+        previous: append after this published LMDB (`continuing.read_previous`; `convert(append=True)`).
 
     Returns:
         The summary of what was written.
@@ -159,39 +168,83 @@ def write_lmdb(
     if not entries:
         raise InputError("no input images")
     start = time.perf_counter()
-    first_shape: tuple[int, int, int] | None = None
+    manifest = conversion_manifest(
+        entries, options, line_offset=line_offset, classes=classes,
+        keys_path=Path(keys_path) if keys_path is not None else default_keys_path(output),
+        commit_every=commit_every, commit_bytes=commit_bytes, previous=previous)
     # The output is checked and its temporary created (AtomicLmdb) before any worker is forked.
-    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
-                    initial_map_size=initial_map_size, grow_ahead=grow_ahead, inputs=inputs,
-                    scanned_inputs=scanned_inputs) as out, \
-            _converted(entries, options, workers, max(2 * commit_bytes, ring_bytes)) as records, \
-            progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
-        out.after_commit = getattr(records, "release", None)
-        result = ConvertResult(output=out.output, keys_path=out.keys_path)
-        for position, (entry, record) in enumerate(zip(entries, records, strict=True)):
-            bar.update()
-            if record.error is not None:
-                if strict:
-                    raise ConversionError(f"{entry.path}: {record.error} (--strict)")
-                log.warning("skipping %s: %s", entry.path, record.error)
-                result.skipped_files.append((entry.relpath, record.error))
-                continue
-            if options.check_size:
-                first_shape = first_shape or record.shape
-                if record.shape != first_shape:
-                    raise ConversionError(
-                        f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
-                        f"{_dims(first_shape)} (--check_size)"
-                    )
-            out.put(_key(line_offset + position, entry), record.value)
-        if not out.keys:
-            first_path, first_reason = result.skipped_files[0]
-            raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} skipped; "
-                                  f"the first, {first_path}: {first_reason})")
-        out.finish(classes, result.skipped_files)
-    result.written, result.skipped, result.bytes_written = len(out.keys), len(result.skipped_files), out.bytes_written
+    with ConversionLmdb(output, keys_path, manifest=manifest, previous=previous, resume=resume, overwrite=overwrite,
+                        commit_every=commit_every, commit_bytes=commit_bytes, initial_map_size=initial_map_size,
+                        grow_ahead=grow_ahead, inputs=inputs, scanned_inputs=scanned_inputs) as out:
+        base = len(previous.keys) if previous is not None else 0
+        result = ConvertResult(output=out.output, keys_path=out.keys_path, resumed=out.resumed)
+        done, first_shape = _resumed_entries(out, entries, options, line_offset, base, result.skipped_files)
+        if strict and result.skipped_files:
+            path, reason = result.skipped_files[0]
+            raise ConversionError(f"{path}: {reason} (--strict)")
+        todo = entries[done:]
+        with _converted(todo, options, workers, max(2 * commit_bytes, ring_bytes)) as records, \
+                progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
+            bar.update(done)
+            out.after_commit = getattr(records, "release", None)
+            for position, (entry, record) in enumerate(zip(todo, records, strict=True), start=done):
+                bar.update()
+                if record.error is not None:
+                    if strict:
+                        raise ConversionError(f"{entry.path}: {record.error} (--strict)")
+                    log.warning("skipping %s: %s", entry.path, record.error)
+                    result.skipped_files.append((entry.relpath, record.error))
+                    continue
+                if options.check_size:
+                    first_shape = first_shape or record.shape
+                    if record.shape != first_shape:
+                        raise ConversionError(
+                            f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
+                            f"{_dims(first_shape)} (--check_size)"
+                        )
+                out.put(_key(line_offset + position, entry), record.value)
+            if len(out.keys) == base:
+                first_path, first_reason = result.skipped_files[0]
+                raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} "
+                                      f"skipped; the first, {first_path}: {first_reason})")
+            out.finish(classes, [*(previous.skipped if previous is not None else ()), *result.skipped_files])
+    result.written, result.skipped, result.bytes_written = len(out.keys) - base, len(result.skipped_files), \
+        out.bytes_written
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _resumed_entries(out: ConversionLmdb, entries: Sequence[Entry], options: ConvertOptions, line_offset: int,
+                     base: int, skipped: list[tuple[str, str]]) -> tuple[int, tuple[int, int, int] | None]:
+    """How many entries a resumed temporary already holds, and its first record's C x H x W (for check_size).
+
+    Entries among them without a record were skipped by the interrupted run: they are converted
+    again here, in this process (they are few and fail fast), for the reason the skipped list gives.
+
+    Raises:
+        InputError: the temporary's keys are not those of these entries.
+    """
+    resumed = out.keys[base:]
+    if not resumed:
+        return 0, None
+    done = int(resumed[-1][:8]) + 1 - line_offset
+    present = set(resumed)
+    if not 0 < done <= len(entries) or len(present) != len(resumed):
+        raise InputError(f"{out.output}: the interrupted run's records do not fit this input; run without --resume")
+    matched, first_shape = 0, None
+    for position in range(done):
+        entry = entries[position]
+        if _key(line_offset + position, entry) in present:
+            matched += 1
+            if options.check_size and first_shape is None:
+                first_shape = encode_entry(entry, options).shape
+            continue
+        reason = encode_entry(entry, options).error or "could not be read by the interrupted run"
+        log.warning("skipping %s: %s", entry.path, reason)
+        skipped.append((entry.relpath, reason))
+    if matched != len(resumed):
+        raise InputError(f"{out.output}: the interrupted run's keys are not this input's; run without --resume")
+    return done, first_shape
 
 
 def _key(line_id: int, entry: Entry) -> bytes:
@@ -216,6 +269,8 @@ def convert(
     num_shards: int | None = None,
     shard_index: int = 0,
     keys_path: str | os.PathLike | None = None,
+    append: bool = False,
+    extend_classes: bool = False,
     **kwargs,
 ) -> ConvertResult:
     """Convert an image folder or a Caffe list file into a Datum LMDB (`convert_imageset`'s job).
@@ -228,7 +283,12 @@ def convert(
         num_shards, shard_index: convert only shard `shard_index` of `num_shards` contiguous
             ranges of the (shuffled) input, to `<out>-IIIII-of-NNNNN.lmdb` with global keys.
         keys_path: the keys file (default `<out>_keys.npy`; a shard gets the shard suffix).
-        **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, ...).
+        append: add the images after the records of the existing LMDB `output` (`--append`):
+            line ids go on from its own, so `convert(list1)` then `convert(list2, append=True)`
+            gives what `convert(list1 + list2)` gives, keys file and all. It needs the LMDB's
+            keys file. A folder's classes are matched by name to the LMDB's `_classes.txt`.
+        extend_classes: with `append`, let classes the LMDB lacks join its class list, at the end.
+        **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, resume, ...).
     """
     entries, classes = load_entries(source, list_file=list_file, root=root)
     if list_file is None and source is not None and Path(source).is_file():
@@ -239,7 +299,16 @@ def convert(
         inputs, scanned = [source], True
     if shuffle:
         entries = shuffle_entries(entries, seed)
-    line_offset = 0
+    line_offset, previous = 0, None
+    if append:
+        if num_shards is not None:
+            raise InputError("--append converts into one LMDB: append to the merged LMDB, or to each shard "
+                             "with its own list, without --num-shards")
+        if kwargs.get("overwrite"):
+            raise InputError("--append adds to the existing LMDB; --overwrite would replace it: give one of them")
+        previous = read_previous(output, keys_path)
+        entries, classes = relabel_for_append(previous, entries, classes, extend=extend_classes)
+        line_offset = previous.next_line_id
     if num_shards is not None:
         line_offset, stop = shard_range(len(entries), num_shards, shard_index)
         if stop == line_offset:
@@ -248,7 +317,7 @@ def convert(
         keys_path = shard_name(keys_path, shard_index, num_shards) if keys_path is not None else None
         output = shard_name(output, shard_index, num_shards)
     return write_lmdb(entries, output, classes=classes, keys_path=keys_path, line_offset=line_offset,
-                      inputs=inputs, scanned_inputs=scanned, **kwargs)
+                      inputs=inputs, scanned_inputs=scanned, previous=previous, **kwargs)
 
 
 def convert_splits(root: str | os.PathLike, **kwargs) -> list[ConvertResult]:

@@ -1,0 +1,123 @@
+"""convert --resume: a conversion killed for real (SIGKILL), resumed, equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from conftest import REPO, save_image
+from PIL import Image
+
+from caffe_lmdb import cli, convert
+from caffe_lmdb.errors import InputError
+
+LINES = 700
+
+
+def records(path: Path) -> list[tuple[bytes, bytes]]:
+    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+        return list(txn.cursor())
+
+
+def outputs(folder: Path, stem: str) -> tuple:
+    """Everything a conversion publishes: the records, then the side files' bytes."""
+    sides = {name: (folder / f"{stem}_{name}").read_bytes() for name in ("keys.npy", "skipped.txt", "classes.txt")
+             if (folder / f"{stem}_{name}").exists()}
+    return records(folder / f"{stem}.lmdb"), sides
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    """700 lines (one 120x160 PNG, 56 KiB raw records: 39 MiB) with two unreadable lines early on."""
+    noise = np.random.default_rng(3).integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+    save_image(tmp_path / "src" / "m.png", Image.fromarray(noise))
+    (tmp_path / "src" / "bad.png").write_bytes(b"truncated")
+    lines = [f"m.png {i % 4}\n" for i in range(LINES)]
+    lines[3] = lines[40] = "bad.png 1\n"
+    (tmp_path / "list.txt").write_text("".join(lines))
+    (tmp_path / "other.txt").write_text("".join(lines[:-1]))
+    return tmp_path
+
+
+def _command(work: Path, out: str, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "tools" / "convert.py"), "--list", str(work / "list.txt"), "--root",
+            str(work / "src"), str(work / out), "--commit-every", "5", "-q", *extra]
+
+
+def _kill_when(work: Path, cmd: list[str], leftover: str, size: int) -> None:
+    """Run `cmd` and SIGKILL it once its temporary's data.mdb reaches `size` bytes."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        partial = [p / "data.mdb" for p in work.glob(f".{leftover}.tmp-*")]
+        try:
+            if partial and partial[0].stat().st_size >= size:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the conversion ended before it was killed"
+    assert not (work / leftover).exists() and list(work.glob(f".{leftover}.tmp-*"))
+
+
+@pytest.mark.parametrize("size, workers", [(1, "0"), (6 << 20, "2"), (30 << 20, "0")])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(work, size, workers):
+    convert(None, work / "full.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, commit_every=5)
+    _kill_when(work, _command(work, "out.lmdb", "--workers", workers), "out.lmdb", size)
+    done = subprocess.run(_command(work, "out.lmdb", "--workers", workers, "--resume"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{LINES - 2} records written" in done.stdout
+    assert outputs(work, "out") == outputs(work, "full")
+    assert (work / "out_skipped.txt").read_text().count("bad.png") == 2
+    assert not list(work.glob(".out*.tmp-*"))
+
+
+def test_resume_of_one_shard(work):
+    shard = ["--num-shards", "2", "--shard-index", "1", "--workers", "1"]
+    convert(None, work / "full.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, commit_every=5,
+            num_shards=2, shard_index=1)
+    _kill_when(work, _command(work, "out.lmdb", *shard), "out-00001-of-00002.lmdb", 6 << 20)
+    # another shard never takes this one's leftover: its temporaries have its own name
+    other = ["--num-shards", "2", "--shard-index", "0", "--workers", "1", "--resume"]
+    assert cli.main(["convert", *_command(work, "out.lmdb", *other)[2:]]) == 0
+    assert list(work.glob(".out-00001-of-00002.lmdb.tmp-*"))
+    assert cli.main(["convert", *_command(work, "out.lmdb", *shard, "--resume")[2:]]) == 0
+    assert outputs(work, "out-00001-of-00002") == outputs(work, "full-00001-of-00002")
+
+
+def test_changed_arguments_are_refused_in_one_line(work, capsys):
+    _kill_when(work, _command(work, "out.lmdb", "--workers", "0"), "out.lmdb", 6 << 20)
+    leftover = list(work.glob(".out.lmdb.tmp-*"))
+    base = ["convert", *_command(work, "out.lmdb", "--workers", "0", "--resume")[2:]]
+    for change, what in [(["--gray"], "the flags differ"), (["--commit-every", "7"], "the commit settings differ")]:
+        assert cli.main([*base, *change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{what} from the interrupted run's (run with the same arguments, or without "
+                            "--resume to start over)") and "\n" not in err
+    with pytest.raises(InputError, match="the input list differs"):
+        convert(None, work / "out.lmdb", list_file=work / "other.txt", root=work / "src", workers=0,
+                commit_every=5, resume=True)
+    assert list(work.glob(".out.lmdb.tmp-*")) == leftover  # refused: the leftover is kept for a correct resume
+    # without --resume a run starts over, and clears the leftover
+    assert cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0")[2:]]) == 0
+    assert not list(work.glob(".out.lmdb.tmp-*"))
+    convert(None, work / "full.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, commit_every=5)
+    assert outputs(work, "out") == outputs(work, "full")
+
+
+def test_resume_with_nothing_to_resume_is_a_plain_run(work):
+    convert(None, work / "a.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, resume=True)
+    convert(None, work / "b.lmdb", list_file=work / "list.txt", root=work / "src", workers=0)
+    assert outputs(work, "a") == outputs(work, "b")
+    with pytest.raises(InputError, match="already exists"):  # a finished output is not resumed over
+        convert(None, work / "a.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, resume=True)
