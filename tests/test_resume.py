@@ -15,8 +15,9 @@ import pytest
 from conftest import REPO, save_image
 from PIL import Image
 
-from caffe_lmdb import cli, convert
+from caffe_lmdb import cli, convert, write_lmdb
 from caffe_lmdb.errors import InputError
+from caffe_lmdb.sources import parse_list_file
 
 LINES = 700
 
@@ -107,6 +108,9 @@ def test_changed_arguments_are_refused_in_one_line(work, capsys):
     with pytest.raises(InputError, match="the input list differs"):
         convert(None, work / "out.lmdb", list_file=work / "other.txt", root=work / "src", workers=0,
                 commit_every=5, resume=True)
+    entries = parse_list_file(work / "list.txt", work / "src")
+    with pytest.raises(InputError, match="the shard differs"):  # same output name, another slice's line ids
+        write_lmdb(entries, work / "out.lmdb", workers=0, commit_every=5, line_offset=700, resume=True)
     assert list(work.glob(".out.lmdb.tmp-*")) == leftover  # refused: the leftover is kept for a correct resume
     # without --resume a run starts over, and clears the leftover
     assert cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0")[2:]]) == 0
