@@ -41,8 +41,9 @@ class BenchConfig:
     scale_sizes: Sequence[int] = (1000, 5000, 20000)
     classes: int = 10
     seed: int = 0
-    sections: Sequence[str] = ("reading", "conversion", "scale", "training")
+    sections: Sequence[str] = ("reading", "conversion", "scale", "training", "continuing")
     training_n: int = 2000  # records of the training-path section (raw 256x256, as CaffeNet's LMDBs)
+    continuing_n: int = 12000  # list-file lines of the write_dataset / --resume section
     cold_n: int = 11000  # 11000 raw 256x256 records: 2.1 GB
     cold_count: int = 4000
     results: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, workdir: Path, n: int = 500) -> BenchConfig:
         return cls(workdir=workdir, n=n, passes=3, scale_sizes=(max(n // 5, 10), max(n // 2, 20), n),
-                   training_n=n)
+                   training_n=n, continuing_n=max(n, 40))
 
 
 # --------------------------------------------------------------------------- data
@@ -544,6 +545,10 @@ def format_report(results: dict[str, Any]) -> str:
         from benchmarks.training import format_report as training_report
 
         lines += ["", training_report(results["training"])]
+    if "continuing" in results:
+        from benchmarks.continuing import format_report as continuing_report
+
+        lines += ["", continuing_report(results["continuing"])]
     return "\n".join(lines)
 
 
@@ -585,6 +590,11 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = print) -> d
         from benchmarks.training import bench_training  # it builds on this module's helpers
 
         results["training"] = bench_training(workdir, config.training_n, max(config.passes, 3), config.seed, log=log)
+    if "continuing" in config.sections:
+        from benchmarks.continuing import bench_continuing
+
+        log(f"write_dataset and --resume ({config.continuing_n} images) ...")
+        results["continuing"] = bench_continuing(workdir, config.continuing_n, config.passes)
     return results
 
 
@@ -604,8 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1 minute run (N=500) instead of the full one")
     parser.add_argument("--n", type=int, help="images to generate (default 5000, --quick 500)")
     parser.add_argument("--passes", type=int, help="passes per measurement (median; default 3)")
-    parser.add_argument("--sections", default="reading,conversion,scale,training",
-                        help="comma-separated: reading, conversion, scale, training, cold")
+    parser.add_argument("--sections", default="reading,conversion,scale,training,continuing",
+                        help="comma-separated: reading, conversion, scale, training, continuing, cold")
     parser.add_argument("--cold", action="store_true",
                         help="add the cold-read section: a >= 2 GB LMDB evicted from the page cache before each pass")
     parser.add_argument("--cold-n", type=int, default=11000,
@@ -627,7 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.cold_count = min(config.cold_count, args.cold_n)
     if args.n is not None:
         config.training_n = min(args.n, config.training_n)
-    unknown = set(config.sections) - {"reading", "conversion", "scale", "training", "cold"}
+        config.continuing_n = args.n
+    unknown = set(config.sections) - {"reading", "conversion", "scale", "training", "continuing", "cold"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     results = run_benchmarks(config)

@@ -30,3 +30,7 @@ def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "D/C" in table and "raw w2/w1" in table and "epoch 2" in table
     assert "training path: N=40" in table and "float32 / today" in table
+    continuing = results["continuing"]
+    assert continuing["images"] == 40 and len(continuing["resume / full run"]["runs"]) == 1
+    assert continuing["write_dataset / convert"]["median"] > 0 and continuing["resume / full run"]["median"] > 0
+    assert "killed at 60% + --resume" in table
