@@ -121,3 +121,11 @@ def test_each_command_has_a_library_call_of_the_same_name():
 
     for name in ("convert", "merge", "migrate", "info", "verify", "compute_mean", "export", "grid"):
         assert callable(getattr(caffe_lmdb, name)) and name in caffe_lmdb.__all__
+
+
+def test_the_readme_layout_lists_every_module_and_no_other():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    listed = set(re.findall(r"^  (\w+)\.py\b", layout, flags=re.MULTILINE))
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - GENERATED
+    assert listed == modules, f"missing: {sorted(modules - listed)}, gone: {sorted(listed - modules)}"
