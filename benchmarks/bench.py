@@ -224,7 +224,7 @@ def bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: in
 
 
 def _bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: int) -> dict[str, Any]:
-    from caffe_lmdb.files import default_keys_path
+    from caffe_lmdb.files import SIDE_FILES, sidecar_path
 
     def decode_only() -> int:
         for path in files:
@@ -237,7 +237,8 @@ def _bench_conversion(src: Path, workdir: Path, files: Sequence[Path], passes: i
 
         def remove_previous() -> None:  # not timed: deleting a 1 GB LMDB is not converting
             shutil.rmtree(out, ignore_errors=True)
-            default_keys_path(out).unlink(missing_ok=True)
+            for name in SIDE_FILES:  # a side file left beside no LMDB is refused, as a user's file would be
+                sidecar_path(out, name).unlink(missing_ok=True)
 
         def run() -> int:
             return convert(src, out, progress=False, **kwargs).written

@@ -17,6 +17,9 @@ def test_make_images_is_deterministic(tmp_path):
 def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert main(["--quick", "--n", "40", "--passes", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    # a second run in the same workdir, two passes each: every repeated conversion starts from a clean slate
+    assert main(["--quick", "--n", "40", "--passes", "2", "--sections", "conversion", "--workdir", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "again.json")]) == 0
     results = json.loads(out.read_text())
     assert results["n"] == 40
     ratios = {**results["reading"]["ratios"], **results["conversion"]["ratios"]}
