@@ -162,6 +162,29 @@ def run_cli(*args, drop_file_caps: bool = False, timeout: float = 120, cwd=None)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
+def kill_when_temporary_reaches(cmd: list[str], folder: Path, output: str, size: int):
+    """Run `cmd` and SIGKILL it once the data.mdb of `folder/.OUTPUT.tmp-*` (its unfinished output) holds
+    `size` bytes, or after 60 s, or not at all if it ended first; returns the finished Popen."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        partial = [p / "data.mdb" for p in folder.glob(f".{output}.tmp-*")]
+        try:
+            if partial and partial[0].stat().st_size >= size:
+                break
+        except FileNotFoundError:  # the temporary was renamed or removed between glob and stat
+            pass
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return proc
+
+
 def assert_one_line_error(result, exit_code: int, *names) -> str:
     """The run failed with `exit_code`, printed no traceback, and its error line names each of `names`."""
     output = result.stdout + result.stderr

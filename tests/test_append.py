@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
-from conftest import REPO, save_image
+from conftest import REPO, kill_when_temporary_reaches, save_image
 from PIL import Image
 
 from caffe_lmdb import cli, convert, load_keys, scan_keys, verify, write_dataset
@@ -149,19 +145,8 @@ def test_kill_during_append_leaves_old_or_new(tmp_path, point):
     old_keys, old_size = load_keys(tmp_path / "out_keys.npy").tolist(), (out / "data.mdb").stat().st_size
     cmd = [sys.executable, str(REPO / "tools" / "convert.py"), "--list", str(new_list), "--root", str(tmp_path / "src"),
            str(out), "--append", "--workers", "0", "--commit-every", "5", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     threshold = {"copying": 1, "appending": old_size + (4 << 20), "late": old_size + (40 << 20)}[point]
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        partial = [p / "data.mdb" for p in tmp_path.glob(".out.lmdb.tmp-*")]
-        try:
-            if partial and partial[0].stat().st_size >= threshold:
-                break
-        except FileNotFoundError:
-            pass
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    kill_when_temporary_reaches(cmd, tmp_path, "out.lmdb", threshold)
     report = verify(out)
     assert report.ok, report
     lmdb_keys = scan_keys(out).tolist()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
-from conftest import REPO, save_image
+from conftest import REPO, kill_when_temporary_reaches, save_image
 from PIL import Image
 
 from caffe_lmdb import cli, convert, write_lmdb
@@ -54,18 +52,7 @@ def _command(work: Path, out: str, *extra: str) -> list[str]:
 
 def _kill_when(work: Path, cmd: list[str], leftover: str, size: int) -> None:
     """Run `cmd` and SIGKILL it once its temporary's data.mdb reaches `size` bytes."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        partial = [p / "data.mdb" for p in work.glob(f".{leftover}.tmp-*")]
-        try:
-            if partial and partial[0].stat().st_size >= size:
-                break
-        except FileNotFoundError:
-            pass
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc = kill_when_temporary_reaches(cmd, work, leftover, size)
     assert proc.returncode == -signal.SIGKILL, "the conversion ended before it was killed"
     assert not (work / leftover).exists() and list(work.glob(f".{leftover}.tmp-*"))
 
