@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import gc
 import math
 import mmap
 import multiprocessing
@@ -59,6 +58,7 @@ from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, LmdbF
 from .keys import get_value
 from .records import keys_file_for
 from .transform import CaffeTransform
+from .workers import start_processes
 
 Output = Literal["float32", "uint8"]
 _OUTPUTS = ("float32", "uint8")
@@ -488,26 +488,16 @@ class _WorkerPool:
         self.free: list[deque[int]] = [deque(range(rings.layout.slots)) for _ in rings.fds]
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)  # at exit, or when dropped
         fork = context.get_start_method() == "fork"
-        freeze = fork and gc.get_freeze_count() == 0  # a forked worker's GC must not touch (copy) our objects
-        if freeze:
-            gc.freeze()
+
+        def worker_args(worker: int, there: Any, inherited: list) -> tuple:
+            return (worker, there, _SharedFd(rings.fds[worker]), rings.layout, maker, inherited if fork else [])
+
         try:
-            for worker, fd in enumerate(rings.fds):
-                here, there = context.Pipe(duplex=True)
-                proc = context.Process(
-                    target=_worker_main, name=f"caffe-lmdb-loader-{worker}", daemon=True,
-                    args=(worker, there, _SharedFd(fd), rings.layout, maker, [*self.conns, here] if fork else []),
-                )
-                proc.start()
-                there.close()
-                self.conns.append(here)
-                self.procs.append(proc)
+            start_processes(context, len(rings.fds), "caffe-lmdb-loader", _worker_main, worker_args, self.procs,
+                            self.conns)
         except BaseException:
             self.close()
             raise
-        finally:
-            if freeze:
-                gc.unfreeze()
 
     def submit(self, worker: int, batch: int, indices: Sequence[int], epoch: int) -> int:
         slot = self.free[worker].popleft()

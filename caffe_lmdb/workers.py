@@ -110,6 +110,34 @@ def _worker_main(index: int, count: int, items: Sequence[Any], convert: Callable
         raise SystemExit(1) from None
 
 
+def start_processes(context: Any, count: int, name: str, target: Callable[..., None],
+                    args_for: Callable[[int, Any, list], tuple], procs: list, conns: list) -> None:
+    """Start `count` daemon processes `target(*args_for(index, their_pipe_end, our_ends))`, one duplex pipe each.
+
+    `our_ends` are the parent's pipe ends so far, this one's included: a forked child should close
+    them, or it keeps its siblings' pipes (and its own) open after the parent dies. `procs` and
+    `conns` are filled as processes start, so a caller's cleanup after a failure stops those
+    already running. Under fork, the parent's objects are frozen out of the garbage collector while
+    the children start, so that a child's collector does not touch (and so copy) them; a caller
+    that froze objects itself keeps its own arrangement.
+    """
+    freeze = context.get_start_method() == "fork" and gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    try:
+        for index in range(count):
+            here, there = context.Pipe(duplex=True)
+            proc = context.Process(target=target, name=f"{name}-{index}", daemon=True,
+                                   args=args_for(index, there, [*conns, here]))
+            proc.start()
+            there.close()
+            conns.append(here)
+            procs.append(proc)
+    finally:
+        if freeze:
+            gc.unfreeze()
+
+
 class RingPool:
     """Converts `items` with `convert` in `workers` processes; iterate for the results in order.
 
@@ -128,30 +156,17 @@ class RingPool:
         self.procs: list = []
         self._taken: deque[tuple[int, int]] = deque()  # (worker, ring end) of each result not given back yet
         self._given = 0  # results given back so far
-        # The workers' garbage collector must not touch (and so copy) the parent's objects; a
-        # caller that froze objects itself keeps its own arrangement.
-        freeze = gc.get_freeze_count() == 0
-        if freeze:
-            gc.freeze()
+
+        def worker_args(index: int, there: Any, inherited: list) -> tuple:
+            ring = mmap.mmap(-1, ring_bytes)
+            self.views.append(memoryview(ring))
+            return (index, workers, items, convert, there, ring, inherited)
+
         try:
-            for index in range(workers):
-                ring = mmap.mmap(-1, ring_bytes)
-                here, there = context.Pipe(duplex=True)
-                proc = context.Process(
-                    target=_worker_main, name=f"caffe-lmdb-worker-{index}", daemon=True,
-                    args=(index, workers, items, convert, there, ring, [*self.conns, here]),
-                )
-                proc.start()
-                there.close()
-                self.conns.append(here)
-                self.views.append(memoryview(ring))
-                self.procs.append(proc)
+            start_processes(context, workers, "caffe-lmdb-worker", _worker_main, worker_args, self.procs, self.conns)
         except BaseException:
             self.close()
             raise
-        finally:
-            if freeze:
-                gc.unfreeze()
 
     def __enter__(self) -> RingPool:
         return self
