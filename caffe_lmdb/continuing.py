@@ -16,7 +16,8 @@ aside, published whole):
 * **Resume**: every conversion writes `resume.json` (what it converts, how, which shard) into its
   temporary before the first record. A run killed by `SIGKILL`, the OOM killer or preemption leaves
   that temporary behind; `convert --resume` with the same arguments takes it over, reads its
-  committed keys, and converts only the entries after the last committed one. Commits fall where
+  committed keys (from the journal each commit appends to, checked against the LMDB), and converts
+  only the entries after the last committed one. Commits fall where
   they would have fallen (a transaction always ends at a commit), so the result is the same as an
   uninterrupted run's. Different arguments are refused in one line naming what differs.
 """
@@ -26,14 +27,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import os
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 
@@ -48,6 +51,11 @@ log = logging.getLogger(__name__)
 
 #: The manifest a conversion keeps in its temporary LMDB folder until it publishes.
 MANIFEST = "resume.json"
+#: Beside it, the keys committed so far, appended after each commit (a length and the key's bytes each):
+#: a resume reads them sequentially instead of walking the B-tree's leaf pages, which the writer's
+#: writeback has dropped from the page cache and would come back as random reads.
+JOURNAL = "committed-keys"
+_LENGTH = struct.Struct("<I")
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -194,6 +202,26 @@ _DIFFERS = {"input list": "the input list differs", "flags": "the flags differ",
             "commit settings": "the commit settings differ", "append": "the LMDB appended to differs"}
 
 
+def _journal_bytes(keys: Sequence[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(key)) + key for key in keys)
+
+
+def _read_journal(path: Path) -> list[bytes]:
+    """The keys of a journal, up to a last entry a kill cut short (none: no journal)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    keys, at = [], 0
+    while at + _LENGTH.size <= len(data):
+        (length,), start = _LENGTH.unpack_from(data, at), at + _LENGTH.size
+        if start + length > len(data):
+            break
+        keys.append(data[start:start + length])
+        at = start + length
+    return keys
+
+
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for name, value in new.items():
         if json.loads(json.dumps(value)) != old.get(name):
@@ -282,12 +310,15 @@ class ConversionLmdb(AtomicLmdb):
                  **kwargs: Any) -> None:
         self.manifest, self.previous, self.resume = manifest, previous, resume
         self.resumed = 0
+        self._journal: BinaryIO | None = None
+        self._journaled = self._journal_base = 0
         super().__init__(output, keys_path, **kwargs)
 
     def _open(self, overwrite: bool, map_size: int) -> None:
         if self.previous is None and not self.resume:
             super()._open(overwrite, map_size)
             self._write_manifest()
+            self._start_journal()
             return
         for folder in sorted({self.output.parent, self.keys_path.parent}):
             self._os(folder.mkdir, folder, parents=True, exist_ok=True)
@@ -328,17 +359,61 @@ class ConversionLmdb(AtomicLmdb):
             raise InputError(f"{self.output}: its records do not match its keys file {self.keys_path}")
         if taken is None:
             self._write_manifest()
+        self._start_journal()
 
     def _committed_keys(self) -> list[bytes]:
-        """The keys the taken-over temporary holds, read through a map closed again before writing.
+        """The keys the taken-over temporary holds: its journal, checked against the LMDB and completed from it.
 
-        The scan maps pages into this process; mapped pages cannot be dropped from the page cache,
-        so each commit's `posix_fadvise(DONTNEED)` would walk all of them (measured: 3x slower commits).
+        The journal is a prefix of the LMDB's keys (it is written after each commit; a kill can
+        cut its last entry or miss the last commit). Its last key is looked up, the keys after it
+        are read from the LMDB, and the total must be the LMDB's entry count; otherwise (no
+        journal, a damaged one) all keys are read from the LMDB. The map is closed again before
+        writing: mapped pages cannot be dropped from the page cache, so each commit's
+        `posix_fadvise(DONTNEED)` would walk all of them.
         """
+        journal = _read_journal(self.tmp / JOURNAL)
+
         def scan() -> list[bytes]:
             with lmdb.open(str(self.tmp), readonly=True, lock=False, readahead=False) as env, env.begin() as txn:
-                return list(txn.cursor().iternext(values=False))
+                entries, cursor = txn.stat()["entries"], txn.cursor()
+                if journal and len(journal) <= entries and cursor.set_key(journal[-1]):
+                    keys = journal + list(cursor.iternext(values=False))[1:]  # iternext starts at journal[-1]
+                    if len(keys) == entries and all(a < b for a, b in itertools.pairwise(journal)):
+                        return keys
+                    log.info("%s: the interrupted run's key journal does not match its LMDB; reading the keys "
+                             "from the LMDB", self.output)
+                return list(cursor.iternext(values=False)) if cursor.first() else []
         return self._lmdb(scan)
+
+    def _start_journal(self) -> None:
+        """(Re)write the journal with the keys already in the temporary; each commit appends to it."""
+        def start() -> BinaryIO:
+            journal = open(self.tmp / JOURNAL, "wb")  # noqa: SIM115 (closed by _close)
+            try:
+                journal.write(_journal_bytes(self.keys))
+                journal.flush()
+            except BaseException:
+                journal.close()
+                raise
+            return journal
+        self._journal = self._os(start, self.output)
+        self._journaled = self._journal_base = len(self.keys)
+
+    def _committed(self, written: int) -> None:
+        committed = self._journal_base + written
+        if self._journal is not None and committed > self._journaled:
+            def append() -> None:
+                self._journal.write(_journal_bytes(self.keys[self._journaled:committed]))
+                self._journal.flush()  # in the kernel now: a kill -9 after this keeps it
+            self._os(append, self.output)
+            self._journaled = committed
+        super()._committed(written)
+
+    def _close(self) -> None:
+        super()._close()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def _take_leftover(self) -> Path | None:
         """Rename the newest leftover temporary with our manifest to our own temporary name."""
@@ -373,8 +448,9 @@ class ConversionLmdb(AtomicLmdb):
         self._os(write, self.output)
 
     def _publish(self, output: Path, contents: dict[str, bytes | None]) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp / MANIFEST)  # a published LMDB is not resumable
+        for name in (MANIFEST, JOURNAL):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp / name)  # a published LMDB is not resumable
         if self.previous is None:
             super()._publish(output, contents)
             return

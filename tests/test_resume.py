@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -112,3 +113,53 @@ def test_resume_with_nothing_to_resume_is_a_plain_run(work):
     assert outputs(work, "a") == outputs(work, "b")
     with pytest.raises(InputError, match="already exists"):  # a finished output is not resumed over
         convert(None, work / "a.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, resume=True)
+
+
+def _cut_last_entry(data: bytes) -> bytes:
+    return data[:-3]  # a kill in the middle of the journal's last write
+
+
+def _drop_last_keys(data: bytes) -> bytes:
+    keys = _read_journal_bytes(data)
+    return _journal_of(keys[:-7])  # a kill between a commit and its journal entry (and more)
+
+
+def _scramble(data: bytes) -> bytes:
+    keys = _read_journal_bytes(data)
+    return _journal_of([keys[0], keys[-1]])  # not the LMDB's keys: counts disagree
+
+
+def _read_journal_bytes(data: bytes) -> list[bytes]:
+    keys, at = [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 4], "little")
+        keys.append(data[at + 4:at + 4 + length])
+        at += 4 + length
+    return keys
+
+
+def _journal_of(keys: list[bytes]) -> bytes:
+    return b"".join(len(key).to_bytes(4, "little") + key for key in keys)
+
+
+@pytest.mark.parametrize("damage", [None, "remove", _cut_last_entry, _drop_last_keys, _scramble])
+def test_resume_reads_the_key_journal_and_survives_a_damaged_one(work, damage, caplog):
+    """The journal lists the committed keys; one that a kill cut short, lost or garbled falls back to the LMDB."""
+    caplog.set_level(logging.INFO, logger="caffe_lmdb.continuing")
+    convert(None, work / "full.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, commit_every=5)
+    _kill_when(work, _command(work, "out.lmdb", "--workers", "0"), "out.lmdb", 12 << 20)
+    [leftover] = work.glob(".out.lmdb.tmp-*")
+    journal = leftover / "committed-keys"
+    with lmdb.open(str(leftover), readonly=True, lock=False) as env, env.begin() as txn:
+        in_lmdb = list(txn.cursor().iternext(values=False))
+    written = _read_journal_bytes(journal.read_bytes())
+    assert written == in_lmdb[:len(written)] and len(in_lmdb) - len(written) <= 5  # at most the last commit
+    if damage == "remove":
+        journal.unlink()
+    elif damage is not None:
+        journal.write_bytes(damage(journal.read_bytes()))
+    assert cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0", "--resume")[2:]]) == 0
+    assert outputs(work, "out") == outputs(work, "full")
+    assert sorted(p.name for p in (work / "out.lmdb").iterdir()) == ["data.mdb", "lock.mdb"]
+    fell_back = "key journal does not match" in caplog.text
+    assert fell_back == (damage is _scramble)  # a missing journal is read from the LMDB without a word
