@@ -347,8 +347,7 @@ class ConversionLmdb(AtomicLmdb):
         committed = self._committed_keys() if taken is not None else None
         if taken is not None or self.previous is not None:
             map_size = 0  # LMDB then takes the size the file's meta page records: growth goes on as it went
-        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=map_size, subdir=True, sync=False,
-                              metasync=False, max_dbs=0, readahead=False)
+        self._open_env(map_size)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
         if committed is not None:
             self.keys = committed

@@ -412,11 +412,19 @@ class AtomicLmdb:
         self._keys_tmp = self._reserve_temporary(self.keys_path)
         self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
         self._temporaries.append(self.tmp)
-        # Not writemap: LMDB then copies records into malloc'd pages (reused, see allocator.py) and
-        # writes them with pwritev; with writemap every fresh 4 KiB page of the file costs a page fault.
-        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=map_size, subdir=True, sync=False,
-                              metasync=False, max_dbs=0, readahead=False)
+        self._open_env(map_size)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
+
+    def _open_env(self, map_size: int, *, lock: bool = True) -> None:
+        """Open the temporary for writing (`map_size` 0: the size its meta page records).
+
+        Not writemap: LMDB then copies records into malloc'd pages (reused, see allocator.py) and
+        writes them with pwritev; with writemap every fresh 4 KiB page of the file costs a page fault.
+        `lock=False` skips LMDB's reader table, which the first open has created (a published
+        LMDB has its `lock.mdb`, as Caffe's do); nothing else opens a temporary (`TargetLock`).
+        """
+        self.env = self._lmdb(lmdb.open, str(self.tmp), map_size=map_size, subdir=True, sync=False,
+                              metasync=False, max_dbs=0, readahead=False, lock=lock)
 
     def _reserve_temporary(self, target: Path) -> Path:
         tmp = temporary_name(target)
@@ -532,8 +540,23 @@ class AtomicLmdb:
 
     def _committed(self, written: int) -> None:
         self._start_writeback()
+        self._reopen()
         if self.after_commit is not None:
             self.after_commit(written)
+
+    def _reopen(self) -> None:
+        """Give the next transaction an environment of its own, so that the file depends only on the records.
+
+        An environment hands a transaction the page buffers of earlier ones without clearing them,
+        so the unused bytes of its pages would hold whatever the process wrote before: a resumed
+        run would not be byte-identical to an uninterrupted one. A fresh environment's buffers are
+        zeroed by LMDB. Reopening costs a fraction of a millisecond per commit.
+        """
+        map_size = self.env.info()["map_size"]
+        self.env.close()
+        self.env = None
+        self._open_env(map_size, lock=False)
+        self.writer.env = self.env
 
     def _start_writeback(self) -> None:
         """After a commit, start writing the new pages to disk and let the page cache drop them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import subprocess
@@ -27,10 +28,11 @@ def records(path: Path) -> list[tuple[bytes, bytes]]:
 
 
 def outputs(folder: Path, stem: str) -> tuple:
-    """Everything a conversion publishes: the records, then the side files' bytes."""
+    """Everything a conversion publishes: the records, the LMDB file's bytes, the side files' bytes."""
     sides = {name: (folder / f"{stem}_{name}").read_bytes() for name in ("keys.npy", "skipped.txt", "classes.txt")
              if (folder / f"{stem}_{name}").exists()}
-    return records(folder / f"{stem}.lmdb"), sides
+    data = folder / f"{stem}.lmdb" / "data.mdb"
+    return records(folder / f"{stem}.lmdb"), hashlib.sha256(data.read_bytes()).hexdigest(), sides
 
 
 @pytest.fixture
