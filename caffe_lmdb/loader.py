@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import ConcatDataset, Sampler
 
 from .dataset import LmdbDataset_train
-from .datum import parse_datum_view
+from .datum import RawRecordLayout, parse_datum_view
 from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, LmdbFormatError, LoaderError
 from .keys import get_value
 from .records import keys_file_for
@@ -171,9 +171,13 @@ class _BatchMaker:
             self._decoder = CaffeTransform()  # Caffe's own reading: BGR planes, encoded records decoded natively
         self._one_pass = output == "float32" and hasattr(transform, "transform_into")
         self._scratch: np.ndarray | None = None  # the uint8 crops of a float32 batch, before normalize
+        # Raw records skip the full parse only where reading them is known to be plain: Caffe's own
+        # decoder (a custom one may treat raw records its own way).
+        self._raw_fast_path = type(self._decoder) is CaffeTransform
+        self._layouts: dict[int, RawRecordLayout] = {}  # per part: the layout of its raw records, once seen
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_scratch": None}
+        return {**self.__dict__, "_scratch": None, "_layouts": {}}
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -220,32 +224,30 @@ class _BatchMaker:
                 the LMDB, the key and the index. Other exceptions of the transform become a
                 `LoaderError` with the same names.
         """
-        by_part: dict[int, list[tuple[int, int, int]]] = {}
-        for position, index in enumerate(indices):
-            part, local = self.locate(int(index))
-            by_part.setdefault(part, []).append((position, local, int(index)))
+        count = len(indices)
         pixels_out = images
         if self.output == "float32" and self.transform is not None and not self._one_pass:
             if self._scratch is None or self._scratch.shape != images.shape:
                 self._scratch = np.empty(images.shape, np.uint8)
             pixels_out = self._scratch
-        for part, items in by_part.items():
+        for part, positions, locals_, items in self._by_part(indices):
             dataset = self.parts[part]
             env = dataset.environment()
             if dataset.prefetch and len(items) > 1:
-                dataset.prefetch_records([local for _, local, _ in items])
+                dataset.prefetch_records(locals_)
             with env.begin(buffers=True) as txn:
-                records = [self._read(txn, dataset, local, index) for _, local, index in items]
-                draws = self._draws(records, [index for _, _, index in items], epoch, dataset)
-                for (position, _, index), (key, view, pixels), draw in zip(items, records, draws, strict=True):
+                records = [self._read(txn, part, dataset, local, index) for local, index in items]
+                draws = self._draws(records, [index for _, index in items], epoch, dataset)
+                copy = self._copy
+                for position, (_, index), (key, _, pixels), draw in zip(positions, items, records, draws,
+                                                                           strict=True):
                     try:
-                        self._copy(pixels, pixels_out[position], draw)
+                        copy(pixels, pixels_out[position], draw)
                     except Exception as exc:
                         raise _named(exc, dataset, key, index) from _cause(exc)
-                    labels[position] = view.label
-                    params[position] = draw
+            labels[positions] = [label for _, label, _ in records]
+            params[positions] = draws
         if pixels_out is not images:
-            count = len(indices)
             try:
                 normalized = self.transform.normalize(torch.from_numpy(pixels_out[:count]),
                                                       torch.from_numpy(params[:count]))
@@ -256,19 +258,50 @@ class _BatchMaker:
                 raise LoaderError(f"{self.describe(int(indices[0]))}: normalizing the batch of {count} from it "
                                   f"failed: {type(exc).__name__}: {exc}") from exc
 
-    def _read(self, txn: Any, dataset: LmdbDataset_train, local: int, index: int) -> tuple[Any, Any, np.ndarray]:
-        """(key, parsed record, C x H x W pixels) of one record: a view on the memory map, or decoded."""
+    def _by_part(self, indices: Sequence[int]) -> list[tuple[int, list[int], list[int], list[tuple[int, int]]]]:
+        """The batch grouped by LMDB: (part, batch positions, local indices, (local, dataset index) pairs)."""
+        indices = [int(index) for index in indices]
+        if len(self.parts) == 1:
+            if indices and not (min(indices) >= 0 and max(indices) < len(self)):
+                bad = next(index for index in indices if not 0 <= index < len(self))
+                raise IndexError(f"index {bad} out of range for {len(self)} records")
+            return [(0, list(range(len(indices))), indices, list(zip(indices, indices, strict=True)))]
+        grouped: dict[int, tuple[list[int], list[int], list[tuple[int, int]]]] = {}
+        for position, index in enumerate(indices):
+            part, local = self.locate(index)
+            positions, locals_, items = grouped.setdefault(part, ([], [], []))
+            positions.append(position)
+            locals_.append(local)
+            items.append((local, index))
+        return [(part, *group) for part, group in grouped.items()]
+
+    def _read(self, txn: Any, part: int, dataset: LmdbDataset_train, local: int,
+              index: int) -> tuple[Any, int, np.ndarray]:
+        """(key, label, C x H x W pixels) of one record: a view on the memory map, or decoded.
+
+        Raw uint8 records of the shape the part's first one had are read through its
+        `RawRecordLayout` (no full parse, no repeated checks); any other record is parsed and
+        checked in full.
+        """
         key = dataset.keys[local]
         value = get_value(txn, key, dataset.root)  # names the LMDB and the key itself
         if value is None:
             raise KeysFileError(f"{dataset.root}: key {bytes(key)!r} (index {index}) is not in the LMDB")
+        layout = self._layouts.get(part)
+        if layout is not None:
+            hit = layout.read(value)
+            if hit is not None:
+                return key, hit[1], np.frombuffer(hit[0], np.uint8).reshape(layout.shape)
         try:
             view = parse_datum_view(value)
             pixels = self._decoder.record_pixels(view)
             self._check(pixels)
         except Exception as exc:
             raise _named(exc, dataset, key, index) from _cause(exc)
-        return key, view, pixels
+        if (layout is None and self._raw_fast_path and not view.encoded and pixels.dtype == np.uint8
+                and part not in self._layouts):
+            self._layouts[part] = RawRecordLayout(*pixels.shape)
+        return key, view.label, pixels
 
     def _check(self, pixels: np.ndarray) -> None:
         channels, height, width = pixels.shape

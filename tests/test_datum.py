@@ -27,7 +27,7 @@ from caffe_lmdb import (
     parse_datum_view,
     serialize_datum,
 )
-from caffe_lmdb.datum import read_encoded_header
+from caffe_lmdb.datum import RawRecordLayout, image_to_datum_bytes, read_encoded_header
 
 
 def roundtrip(datum: Datum) -> Datum:
@@ -479,3 +479,55 @@ def test_png_header_read_decodes_nothing_and_keeps_exif_orientation(rgb_image):
     buf = io.BytesIO()
     rgb_image.save(buf, format="PNG", exif=exif)  # Pillow writes eXIf before IDAT
     assert read_encoded_header(buf.getvalue())[1:] == (3, 7, 5, 6)
+
+
+# ---------------------------------------------------------------- the loader's raw-record fast path
+
+
+def _raw_record_tail(rng: np.random.Generator) -> bytes:
+    """What may follow a raw record's pixels: Caffe's label and `encoded: false`, or anything else."""
+    kind = rng.random()
+    label = int(rng.choice([0, 1, 9, 300, -1, -2**31, 2**31 - 1, 2**40 + 3]))
+    if kind < 0.3:
+        return field_varint(5, label) + field_varint(7, 0)  # what Caffe writes
+    if kind < 0.4:
+        return field_varint(5, label)
+    if kind < 0.45:
+        return b""
+    if kind < 0.5:
+        return field_varint(7, 0)
+    return random_datum_bytes(rng)  # float_data, repeated or unknown fields, damage
+
+
+def test_raw_layout_answers_only_what_protobuf_reads_the_same(rng):
+    layout = RawRecordLayout(3, 2, 4)
+    header = field_varint(1, 3) + field_varint(2, 2) + field_varint(3, 4) + tag(4, 2) + varint(24)
+    assert layout.header == header
+    hits = misses = 0
+    for _ in range(4000):
+        buf = bytearray(header + rng.bytes(24) + _raw_record_tail(rng))
+        if rng.random() < 0.1:  # a damaged header or pixels, or another shape
+            buf[int(rng.integers(0, len(header) + 1))] ^= int(rng.integers(1, 256))
+        buf = bytes(buf)
+        answer = layout.read(memoryview(buf))
+        expected = parsed_fields(parse_datum, buf)
+        if answer is None:
+            misses += 1
+            continue
+        hits += 1
+        data, label = answer
+        assert expected == (3, 2, 4, bytes(data), label, b"", False), buf.hex()
+        assert np.shares_memory(np.frombuffer(data, np.uint8), np.frombuffer(buf, np.uint8))
+    assert hits > 1500 and misses > 1000
+
+
+@pytest.mark.parametrize("label", [0, 9, -1, -2**31, 2**31 - 1])
+def test_raw_layout_reads_every_record_the_converter_writes(rgb_image, label):
+    buf = image_to_datum_bytes(rgb_image, label=label)
+    view = parse_datum_view(buf)
+    layout = RawRecordLayout(view.channels, view.height, view.width)
+    data, read_label = layout.read(buf)
+    assert bytes(data) == bytes(view.data) and read_label == label
+    assert layout.read(serialize_datum(image_to_datum(rgb_image, label=label))) is not None  # protobuf's bytes
+    assert RawRecordLayout(view.channels, view.height + 1, view.width).read(buf) is None
+    assert layout.read(buf[:-1]) is None

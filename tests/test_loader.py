@@ -23,6 +23,7 @@ from conftest import REPO, caffe_key, caffe_raw_datum, save_image, write_lmdb
 from PIL import Image
 from toollmdbs import converted
 from torch.utils.data import DistributedSampler
+from wire import field_bytes, field_float, field_varint
 
 from caffe_lmdb import caffe_pb2
 from caffe_lmdb.dataset import LmdbDataset_train
@@ -469,3 +470,25 @@ def test_pin_memory_without_cuda_warns_and_still_loads(data):
     with pytest.warns(UserWarning, match="pin_memory"):
         loader = CaffeLoader(data["raw"], BATCH, num_workers=0, pin_memory=True, output="uint8")
     assert len(run(loader)) == 7
+
+
+def test_records_in_any_wire_layout_load_as_protobuf_reads_them(tmp_path, clean):
+    """The loader reads plain raw records without a full parse; every other layout still reads exactly."""
+    rng = np.random.default_rng(5)
+    planes = [rng.integers(0, 256, (3, 5, 7), dtype=np.uint8) for _ in range(7)]
+    head = field_varint(1, 3) + field_varint(2, 5) + field_varint(3, 7)
+    layouts = [
+        head + field_bytes(4, planes[0].tobytes()) + field_varint(5, 4) + field_varint(7, 0),  # Caffe's
+        head + field_bytes(4, planes[1].tobytes()) + field_varint(5, -3),  # MNIST-style, no encoded
+        field_varint(5, 6) + head + field_bytes(4, planes[2].tobytes()),  # label first
+        head + field_bytes(4, planes[3].tobytes()) + field_varint(5, 1) + field_float(6, 2.5),  # float_data too
+        head + field_bytes(4, b"\0" * 105) + field_varint(5, 2) + field_bytes(4, planes[4].tobytes()),  # last wins
+        head + field_bytes(4, planes[5].tobytes()) + field_varint(5, 1) + field_varint(5, 8),  # last label wins
+        head + field_bytes(4, planes[6].tobytes()),  # no label: 0
+    ]
+    path = write_lmdb(tmp_path / "layouts.lmdb", {caffe_key(i, f"{i}.png"): value for i, value in enumerate(layouts)})
+    expected = [parse_datum(value) for value in layouts]
+    for workers in (0, 1):
+        [(images, labels)] = run(CaffeLoader(path, len(layouts), num_workers=workers, output="uint8"))
+        assert labels.tolist() == [datum.label for datum in expected] == [4, -3, 6, 1, 2, 8, 0]
+        assert all(np.array_equal(image.numpy(), plane) for image, plane in zip(images, planes, strict=True))
