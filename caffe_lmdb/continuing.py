@@ -25,14 +25,12 @@ aside, published whole):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import itertools
 import json
 import logging
 import os
 import struct
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,7 +42,16 @@ from .encode import ConvertOptions
 from .errors import InputError, KeysFileError
 from .files import TMP_MARK, default_keys_path, sidecar_path, temporary_name
 from .keys import file_identity, load_keys
-from .output import AtomicLmdb, TargetLock, _fsync_folder, _remove, _remove_temporaries_of, check_replaceable, is_lmdb
+from .output import (
+    AtomicLmdb,
+    TargetLock,
+    check_replaceable,
+    exchange_paths,
+    fsync_folder,
+    is_lmdb,
+    remove_path,
+    remove_temporaries_of,
+)
 from .sources import Entry
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,6 @@ MANIFEST = "resume.json"
 JOURNAL = "committed-keys"
 _LENGTH = struct.Struct("<I")
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 # --------------------------------------------------------------------------- append
@@ -249,28 +254,11 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- the output
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot; fall back
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
 def _remove_temporaries_of_old(output: Path) -> None:
     """What an interrupted publish left: `.NAME.old.tmp-PID` (the LMDB it was replacing)."""
     for candidate in output.parent.glob(f".{output.name}.old{TMP_MARK}*"):
         with contextlib.suppress(OSError):
-            _remove(candidate)
+            remove_path(candidate)
 
 
 def _copy_file(source: Path, target: Path) -> None:
@@ -331,11 +319,11 @@ class ConversionLmdb(AtomicLmdb):
         taken = self._take_leftover() if self.resume else None
         self.tmp = temporary_name(self.output)
         for target in (self.keys_path, *self.side_paths.values()):
-            _remove_temporaries_of(target)
+            remove_temporaries_of(target)
         for leftover in self.output.parent.glob(f".{self.output.name}{TMP_MARK}*"):
             if leftover.name.rsplit(TMP_MARK, 1)[-1].isdigit() and leftover != taken:  # taken: our name now
                 with contextlib.suppress(OSError):
-                    _remove(leftover)
+                    remove_path(leftover)
         _remove_temporaries_of_old(self.output)
         self._keys_tmp = self._reserve_temporary(self.keys_path)
         self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
@@ -455,7 +443,7 @@ class ConversionLmdb(AtomicLmdb):
             return
         # Old keys out, LMDBs swapped, new keys in: never one LMDB's records beside the other's keys.
         os.unlink(self.keys_path)
-        if not _exchange(self.tmp, output):
+        if not exchange_paths(self.tmp, output):
             trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
             os.replace(output, trash)
             os.replace(self.tmp, output)
@@ -468,6 +456,6 @@ class ConversionLmdb(AtomicLmdb):
                 os.unlink(self._side_tmps[name])
                 if name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
                     os.unlink(self.side_paths[name])
-        _fsync_folder(output.parent)
-        _remove(self.tmp)  # the old LMDB
+        fsync_folder(output.parent)
+        remove_path(self.tmp)  # the old LMDB
 

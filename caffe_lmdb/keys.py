@@ -294,7 +294,8 @@ _NODE_HEADER = 8  # lo u16, hi u16, flags u16, ksize u16
 _P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META, _P_LEAF2 = 0x01, 0x02, 0x04, 0x08, 0x20
 _F_BIGDATA = 0x01
 _MDB_DUPSORT = 0x04
-_MAGIC, _DATA_VERSION = 0xBEEFC0DE, 1
+#: The magic number at byte 16 of an LMDB's meta pages, after the page header.
+LMDB_MAGIC, _DATA_VERSION = 0xBEEFC0DE, 1
 _P_INVALID = 2**64 - 1
 
 
@@ -365,7 +366,7 @@ def _read_tree(opened: _Opened, fd: int, txnid: int | None = None) -> _Tree | No
             return None
         flags = struct.unpack_from("<H", page, 10)[0]
         magic, version = struct.unpack_from("<II", page, 16)
-        if not flags & _P_META or magic != _MAGIC or version != _DATA_VERSION:
+        if not flags & _P_META or magic != LMDB_MAGIC or version != _DATA_VERSION:
             return None
         db_flags, depth = struct.unpack_from("<HH", page, 92)
         entries, root = struct.unpack_from("<QQ", page, 120)

@@ -12,9 +12,11 @@ Conversion, merge and migration all write through `AtomicLmdb`, so they share it
 * **Nothing half-done is visible.** The LMDB is written under `.NAME.tmp-PID`, the side files under
   temporaries beside their targets; every location is created before the first record, so an
   unwritable `--keys` folder fails before any work. At the end the side files are renamed into
-  place, then the LMDB, and the keys file last: its presence means complete. A failure (full
-  disk, Ctrl-C, an exception) removes the temporaries and leaves any earlier output as it was;
-  a temporary left by `kill -9` is removed by the next run on that target.
+  place, then the LMDB (swapped with the one it replaces in one `renameat2(RENAME_EXCHANGE)` where
+  the file system has it, so a reader opening the path always finds an LMDB), and the keys file
+  last: its presence means complete. A failure (full disk, Ctrl-C, an exception) removes the
+  temporaries and leaves any earlier output as it was; a temporary left by `kill -9` is removed
+  by the next run on that target.
 * LMDB's map starts small and doubles on `MDB_MAP_FULL`, replaying the *whole* uncommitted batch
   (re-putting only the failing record silently loses the rest of the batch).
 """
@@ -22,11 +24,13 @@ Conversion, merge and migration all write through `AtomicLmdb`, so they share it
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -35,7 +39,7 @@ import numpy as np
 
 from .errors import InputError, OutputError, describe_os_error
 from .files import SIDE_FILES, TMP_MARK, default_keys_path, sidecar_path, temporary_name
-from .keys import keys_to_array
+from .keys import LMDB_MAGIC, keys_to_array
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,6 @@ COMMIT_BYTES = 4 << 20
 #: The files LMDB itself keeps in an LMDB folder: a folder holding anything else is not only an LMDB.
 LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
 
-_LMDB_MAGIC = 0xBEEFC0DE  # at byte 16 of an LMDB's first meta page, after the page header
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -62,7 +65,7 @@ def _has_lmdb_magic(path: Path) -> bool:
             head = f.read(20)
     except OSError:
         return False
-    return len(head) == 20 and int.from_bytes(head[16:20], "little") == _LMDB_MAGIC
+    return len(head) == 20 and int.from_bytes(head[16:20], "little") == LMDB_MAGIC
 
 
 def is_lmdb(path: str | os.PathLike) -> bool:
@@ -316,7 +319,7 @@ def _check_commit_limits(commit_every: int, commit_bytes: int) -> None:
 
 # --------------------------------------------------------------------------- the atomic output
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     """Remove a file, a link or a folder tree we made (never follows a link into a folder)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -325,15 +328,15 @@ def _remove(path: Path) -> None:
             os.unlink(path)
 
 
-def _remove_temporaries_of(target: Path) -> None:
+def remove_temporaries_of(target: Path) -> None:
     """Remove temporaries earlier runs on `target` left (`kill -9`): under the target's lock, none is live."""
     for candidate in target.parent.glob(f".{target.name}{TMP_MARK}*"):
         if candidate.name.rsplit(TMP_MARK, 1)[-1].isdigit():
             with contextlib.suppress(OSError):
-                _remove(candidate)
+                remove_path(candidate)
     for candidate in target.parent.glob(f".{target.name}.old{TMP_MARK}*"):
         with contextlib.suppress(OSError):
-            _remove(candidate)
+            remove_path(candidate)
 
 
 def _no_space_hint(exc: BaseException, where: Path) -> str:
@@ -406,7 +409,7 @@ class AtomicLmdb:
         self._lock = self._os(TargetLock, self.output.parent, self.output)
         check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
         for target in (self.output, self.keys_path, *self.side_paths.values()):
-            _remove_temporaries_of(target)
+            remove_temporaries_of(target)
         self.tmp = temporary_name(self.output)
         # Every side file's temporary is made now: an unwritable location fails before any work.
         self._keys_tmp = self._reserve_temporary(self.keys_path)
@@ -503,13 +506,18 @@ class AtomicLmdb:
                 os.unlink(self.side_paths[name])  # an old run's list does not describe this one
         trash = None
         if os.path.lexists(output):
-            trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
-            os.replace(output, trash)
-        os.replace(self.tmp, output)
+            if exchange_paths(self.tmp, output):  # never a moment with nothing at `output`
+                trash = self.tmp
+            else:
+                trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
+                os.replace(output, trash)
+                os.replace(self.tmp, output)
+        else:
+            os.replace(self.tmp, output)
         os.replace(self._keys_tmp, self.keys_path)
-        _fsync_folder(output.parent)
+        fsync_folder(output.parent)
         if trash is not None:
-            _remove(trash)
+            remove_path(trash)
         for name, data in contents.items():
             if data is None:
                 os.unlink(self._side_tmps[name])  # reserved, not needed: this run has no such list
@@ -519,7 +527,7 @@ class AtomicLmdb:
         self._close()
         for tmp in self._temporaries:
             with contextlib.suppress(OSError):
-                _remove(tmp)
+                remove_path(tmp)
         self._release()
 
     def _release(self) -> None:
@@ -569,7 +577,28 @@ class AtomicLmdb:
             os.posix_fadvise(self._data_fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def _fsync_folder(folder: Path) -> None:
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def fsync_folder(folder: Path) -> None:
     """Make the renames durable (a crash right after publishing must not bring the old names back)."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

@@ -18,7 +18,7 @@ from test_migration import folder2lmdb_pickle
 
 from caffe_lmdb import load_keys
 from caffe_lmdb.conversion import convert
-from caffe_lmdb.output import OutputError, is_lmdb
+from caffe_lmdb.output import AtomicLmdb, OutputError, is_lmdb
 from caffe_lmdb.sources import InputError
 
 
@@ -265,3 +265,41 @@ def test_write_errors_are_output_errors_naming_the_output(tmp_path, small_fs):
     _fill(small_fs, leave=100 << 10)
     with pytest.raises(OutputError, match=r"out.lmdb: cannot write the LMDB: .*no space left on device"):
         convert(src, small_fs / "out.lmdb", workers=0)
+
+
+_WATCH = """
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+checks = missing = 0
+while checks % 256 or not os.path.exists(stop):
+    checks += 1
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        missing += 1
+print(checks, missing)
+"""
+
+
+def test_overwriting_never_leaves_a_moment_without_the_output(tmp_path):
+    """The new LMDB is swapped in (`RENAME_EXCHANGE`): a reader opening the path always finds one."""
+    out = tmp_path / "out.lmdb"
+
+    def publish(value: bytes) -> None:
+        with AtomicLmdb(out, overwrite=True) as lmdb_out:
+            lmdb_out.put(b"00000000_a", value)
+            lmdb_out.finish()
+
+    publish(b"first")
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCH, str(out), str(tmp_path / "stop")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.2)  # the watcher is looking
+        for i in range(40):
+            publish(b"v%d" % i)
+    finally:
+        (tmp_path / "stop").touch()
+        checks, missing = map(int, watcher.communicate(timeout=30)[0].split())
+    assert checks > 1000 and missing == 0
+    assert read_all(out) == [(b"00000000_a", b"v39")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.lmdb", "out_keys.npy", "stop"]
