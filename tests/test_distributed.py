@@ -40,7 +40,8 @@ def test_open_shards_is_the_unsharded_dataset(tmp_path):
 def test_torchrun_two_ranks_read_every_index_once_per_epoch(tmp_path):
     pattern = _shards(tmp_path)
     out = tmp_path / "seen.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    (tmp_path / "tmp").mkdir()  # torchrun's own log folder (torchelastic_*) goes there, not into /tmp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "dist_reader.py"), pattern, str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
