@@ -75,14 +75,31 @@ def loader_check(
     dataset = LmdbDataset_train(lmdb_path, transform=ResizeToHWC(size), keys_path=keys_file_for(lmdb_path, keys_path))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     index = 0
+    batches = iter(loader)
     try:
-        for images, _labels in loader:
+        for images, _labels in batches:
             for _ in range(len(images)):
                 yield f"key {index}"
                 index += 1
             yield str(images.shape)
     except CaffeLmdbError as exc:
         raise _worker_error(exc) from None
+    finally:
+        _stop_workers(batches)
+
+
+def _stop_workers(batches: Iterator) -> None:
+    """Stop a DataLoader iterator's workers now, so that they exit normally and clean up after themselves.
+
+    torch stops them only when the iterator is collected. After a worker's exception the iterator
+    sits in a reference cycle (through the exception's traceback), so that happens in the garbage
+    collector or at the interpreter's exit, which terminates the workers: each left behind the
+    folder in /tmp that it passed batches through (`pymp-*`, torch's file-descriptor sharing).
+    There is no public call for this; where torch has none of that name, collection does it.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
 
 
 def _worker_error(exc: CaffeLmdbError) -> CaffeLmdbError:

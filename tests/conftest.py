@@ -149,8 +149,11 @@ def without_file_caps() -> None:
         pytest.skip("cannot drop root's file capabilities here (no setpriv)")
 
 
-def run_cli(*args, drop_file_caps: bool = False, timeout: float = 120, cwd=None):
-    """Run `caffe-lmdb ARGS...` in a fresh process, as a user would; returns the CompletedProcess (text)."""
+def run_cli(*args, drop_file_caps: bool = False, timeout: float = 120, cwd=None, env: dict | None = None):
+    """Run `caffe-lmdb ARGS...` in a fresh process, as a user would; returns the CompletedProcess (text).
+
+    `env`: variables to set on top of this process's environment (e.g. a private TMPDIR).
+    """
     import os
     import subprocess
     import sys
@@ -158,7 +161,7 @@ def run_cli(*args, drop_file_caps: bool = False, timeout: float = 120, cwd=None)
     command = [sys.executable, "-m", "caffe_lmdb.cli", *map(str, args)]
     if drop_file_caps and os.geteuid() == 0:
         command = ["setpriv", f"--inh-caps={_DROP_FILE_CAPS}", f"--bounding-set={_DROP_FILE_CAPS}", *command]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 

@@ -333,8 +333,10 @@ COMMANDS = ["info", "mean", "export", "grid", "merge", "loader"]
 def test_command_on_damaged_lmdb_prints_one_line(damaged, tmp_path, command):
     path, keys, pgno, first = damaged
     (tmp_path / "out").mkdir()
-    result = run_cli(*_command(command, path, tmp_path))
+    (tmp_path / "tmp").mkdir()
+    result = run_cli(*_command(command, path, tmp_path), env={"TMPDIR": str(tmp_path / "tmp")})
     stderr = assert_one_line_error(result, 1, path)
+    assert not list((tmp_path / "tmp").iterdir())  # the loader's DataLoader workers left their pymp-* there
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert "corrupt LMDB" in stderr
     if command in ("grid", "loader"):  # they read by key (the keys file beside it): the key they could not read
