@@ -17,9 +17,10 @@ aside, published whole):
   temporary before the first record. A run killed by `SIGKILL`, the OOM killer or preemption leaves
   that temporary behind; `convert --resume` with the same arguments takes it over, reads its
   committed keys (from the journal each commit appends to, checked against the LMDB), and converts
-  only the entries after the last committed one. Commits fall where
-  they would have fallen (a transaction always ends at a commit), so the result is the same as an
-  uninterrupted run's. Different arguments are refused in one line naming what differs.
+  only the entries after the last committed one. Commits fall where they would have fallen (a
+  transaction always ends at a commit), and each transaction gets a fresh environment
+  (`AtomicLmdb._reopen`), so the file is byte for byte an uninterrupted run's. Different
+  arguments are refused in one line naming what differs.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ MANIFEST = "resume.json"
 #: writeback has dropped from the page cache and would come back as random reads.
 JOURNAL = "committed-keys"
 _LENGTH = struct.Struct("<I")
-
 
 
 # --------------------------------------------------------------------------- append
