@@ -2,7 +2,9 @@
 
 * `write_dataset` over a torch `Dataset` returning paths, against `convert` of the same list (target >= 0.9x);
 * a conversion killed (SIGKILL) at ~60% of its output and finished with `--resume`, against a full run
-  (target <= 0.5x). The page cache is flushed after the kill, as a preempted machine's would be.
+  (target <= 0.5x). Dirty pages are written out (`os.sync`) after the kill; the writer's
+  `DONTNEED` writeback has already dropped most of the leftover's pages from the page cache, so
+  the resume finds them mostly on disk, as after a preempted machine restarts.
 
     python benchmarks/continuing.py [--images 12000] [--dir /tmp]
 """
