@@ -258,8 +258,7 @@ class RawRecordLayout:
     def __init__(self, channels: int, height: int, width: int) -> None:
         self.shape = (channels, height, width)
         self.size = channels * height * width
-        self.header = b"".join((b"\x08", encode_varint(channels), b"\x10", encode_varint(height), b"\x18",
-                                encode_varint(width), b"\x22", encode_varint(self.size)))
+        self.header = raw_datum_header(channels, height, width)
 
     def read(self, value: bytes | memoryview) -> tuple[memoryview, int] | None:
         """(the pixel bytes, a view on `value`; the label) of a record of this shape, or None."""
@@ -819,6 +818,12 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
+def raw_datum_header(channels: int, height: int, width: int) -> bytes:
+    """The bytes a raw record starts with, up to its pixels: channels, height, width, then `data`'s tag and length."""
+    return b"".join((b"\x08", encode_varint(channels), b"\x10", encode_varint(height), b"\x18", encode_varint(width),
+                     b"\x22", encode_varint(channels * height * width)))
+
+
 def raw_datum_parts(
     image: Image.Image, label: int = 0, gray: bool = False, float_data: Sequence[float] = ()
 ) -> list[bytes]:
@@ -836,8 +841,7 @@ def raw_datum_parts(
         image = normalize_image(image, gray=gray)
     width, height = image.size
     channels = 1 if gray else 3
-    head = b"".join((b"\x08", encode_varint(channels), b"\x10", encode_varint(height), b"\x18", encode_varint(width),
-                     b"\x22", encode_varint(channels * height * width)))
+    head = raw_datum_header(channels, height, width)
     floats = b"".join(b"\x35" + struct.pack("<f", value) for value in float_data)
     tail = b"\x28" + encode_varint(int(label)) + floats + b"\x38\x00"
     planes = [image.tobytes()] if gray else [image.tobytes("raw", band) for band in "BGR"]
