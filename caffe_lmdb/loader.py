@@ -230,17 +230,18 @@ class _BatchMaker:
             if self._scratch is None or self._scratch.shape != images.shape:
                 self._scratch = np.empty(images.shape, np.uint8)
             pixels_out = self._scratch
-        for part, positions, locals_, items in self._by_part(indices):
+        for part, positions, locals_, part_indices in self._by_part(indices):
             dataset = self.parts[part]
             env = dataset.environment()
-            if dataset.prefetch and len(items) > 1:
+            if dataset.prefetch and len(locals_) > 1:
                 dataset.prefetch_records(locals_)
             with env.begin(buffers=True) as txn:
-                records = [self._read(txn, part, dataset, local, index) for local, index in items]
-                draws = self._draws(records, [index for _, index in items], epoch, dataset)
+                records = [self._read(txn, part, dataset, local, index)
+                           for local, index in zip(locals_, part_indices, strict=True)]
+                draws = self._draws(records, part_indices, epoch, dataset)
                 copy = self._copy
-                for position, (_, index), (key, _, pixels), draw in zip(positions, items, records, draws,
-                                                                           strict=True):
+                for position, index, (key, _, pixels), draw in zip(positions, part_indices, records, draws,
+                                                                   strict=True):
                     try:
                         copy(pixels, pixels_out[position], draw)
                     except Exception as exc:
@@ -258,21 +259,21 @@ class _BatchMaker:
                 raise LoaderError(f"{self.describe(int(indices[0]))}: normalizing the batch of {count} from it "
                                   f"failed: {type(exc).__name__}: {exc}") from exc
 
-    def _by_part(self, indices: Sequence[int]) -> list[tuple[int, list[int], list[int], list[tuple[int, int]]]]:
-        """The batch grouped by LMDB: (part, batch positions, local indices, (local, dataset index) pairs)."""
+    def _by_part(self, indices: Sequence[int]) -> list[tuple[int, list[int], list[int], list[int]]]:
+        """The batch grouped by LMDB: (part, batch positions, indices within the part, dataset indices)."""
         indices = [int(index) for index in indices]
         if len(self.parts) == 1:
             if indices and not (min(indices) >= 0 and max(indices) < len(self)):
                 bad = next(index for index in indices if not 0 <= index < len(self))
                 raise IndexError(f"index {bad} out of range for {len(self)} records")
-            return [(0, list(range(len(indices))), indices, list(zip(indices, indices, strict=True)))]
-        grouped: dict[int, tuple[list[int], list[int], list[tuple[int, int]]]] = {}
+            return [(0, list(range(len(indices))), indices, indices)]
+        grouped: dict[int, tuple[list[int], list[int], list[int]]] = {}
         for position, index in enumerate(indices):
             part, local = self.locate(index)
-            positions, locals_, items = grouped.setdefault(part, ([], [], []))
+            positions, locals_, part_indices = grouped.setdefault(part, ([], [], []))
             positions.append(position)
             locals_.append(local)
-            items.append((local, index))
+            part_indices.append(index)
         return [(part, *group) for part, group in grouped.items()]
 
     def _read(self, txn: Any, part: int, dataset: LmdbDataset_train, local: int,
@@ -298,8 +299,7 @@ class _BatchMaker:
             self._check(pixels)
         except Exception as exc:
             raise _named(exc, dataset, key, index) from _cause(exc)
-        if (layout is None and self._raw_fast_path and not view.encoded and pixels.dtype == np.uint8
-                and part not in self._layouts):
+        if layout is None and self._raw_fast_path and not view.encoded and pixels.dtype == np.uint8:
             self._layouts[part] = RawRecordLayout(*pixels.shape)
         return key, view.label, pixels
 
