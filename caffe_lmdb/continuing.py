@@ -47,11 +47,11 @@ from .output import (
     AtomicLmdb,
     TargetLock,
     check_replaceable,
-    exchange_paths,
     fsync_folder,
     is_lmdb,
     remove_path,
     remove_temporaries_of,
+    swap_in,
 )
 from .sources import Entry
 
@@ -443,11 +443,7 @@ class ConversionLmdb(AtomicLmdb):
             return
         # Old keys out, LMDBs swapped, new keys in: never one LMDB's records beside the other's keys.
         os.unlink(self.keys_path)
-        if not exchange_paths(self.tmp, output):
-            trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
-            os.replace(output, trash)
-            os.replace(self.tmp, output)
-            os.replace(trash, self.tmp)
+        old = swap_in(self.tmp, output)
         os.replace(self._keys_tmp, self.keys_path)
         for name, data in contents.items():
             if data is not None:
@@ -457,5 +453,5 @@ class ConversionLmdb(AtomicLmdb):
                 if name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
                     os.unlink(self.side_paths[name])
         fsync_folder(output.parent)
-        remove_path(self.tmp)  # the old LMDB
+        remove_path(old)
 

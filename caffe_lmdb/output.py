@@ -504,20 +504,15 @@ class AtomicLmdb:
                 os.replace(self._side_tmps[name], self.side_paths[name])
             elif name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
                 os.unlink(self.side_paths[name])  # an old run's list does not describe this one
-        trash = None
+        old = None
         if os.path.lexists(output):
-            if exchange_paths(self.tmp, output):  # never a moment with nothing at `output`
-                trash = self.tmp
-            else:
-                trash = output.with_name(f".{output.name}.old{TMP_MARK}{os.getpid()}")
-                os.replace(output, trash)
-                os.replace(self.tmp, output)
+            old = swap_in(self.tmp, output)
         else:
             os.replace(self.tmp, output)
         os.replace(self._keys_tmp, self.keys_path)
         fsync_folder(output.parent)
-        if trash is not None:
-            remove_path(trash)
+        if old is not None:
+            remove_path(old)
         for name, data in contents.items():
             if data is None:
                 os.unlink(self._side_tmps[name])  # reserved, not needed: this run has no such list
@@ -558,7 +553,7 @@ class AtomicLmdb:
         An environment hands a transaction the page buffers of earlier ones without clearing them,
         so the unused bytes of its pages would hold whatever the process wrote before: a resumed
         run would not be byte-identical to an uninterrupted one. A fresh environment's buffers are
-        zeroed by LMDB. Reopening costs a fraction of a millisecond per commit.
+        zeroed by LMDB (its cost per commit: README, "Appending and resuming").
         """
         map_size = self.env.info()["map_size"]
         self.env.close()
@@ -596,6 +591,21 @@ def exchange_paths(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot: fall back
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(new: Path, target: Path) -> Path:
+    """Put `new` at `target`, which exists; returns where the old one now is, for the caller to remove.
+
+    One `exchange_paths` where the file system has it, so that `target` is never missing;
+    elsewhere the old one is renamed aside first (`.NAME.old.tmp-PID`, which a later run removes
+    if this one is killed in between).
+    """
+    if exchange_paths(new, target):
+        return new
+    aside = target.with_name(f".{target.name}.old{TMP_MARK}{os.getpid()}")
+    os.replace(target, aside)
+    os.replace(new, target)
+    return aside
 
 
 def fsync_folder(folder: Path) -> None:
