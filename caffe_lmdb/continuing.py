@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -39,20 +40,13 @@ from typing import Any, BinaryIO
 
 import lmdb
 
+from .datum import DatumError, parse_datum
 from .encode import ConvertOptions
 from .errors import InputError, KeysFileError
-from .files import TMP_MARK, default_keys_path, sidecar_path, temporary_name
-from .keys import file_identity, load_keys
-from .output import (
-    AtomicLmdb,
-    TargetLock,
-    check_replaceable,
-    fsync_folder,
-    is_lmdb,
-    remove_path,
-    remove_temporaries_of,
-    swap_in,
-)
+from .files import default_keys_path, sidecar_path, temporaries_of, temporary_name
+from .keys import file_identity, load_keys, make_key
+from .output import AtomicLmdb, TargetLock, check_replaceable, is_lmdb
+from .publish import complete_pending, pending_publish
 from .sources import Entry
 
 log = logging.getLogger(__name__)
@@ -109,6 +103,18 @@ def read_previous(output: str | os.PathLike, keys_path: str | os.PathLike | None
     """
     output = Path(output)
     keys_path = Path(keys_path) if keys_path is not None else default_keys_path(output)
+    if pending_publish(output) is not None:  # a killed run's publish: finish it, under the lock, before reading
+        lock = TargetLock(output)
+        try:
+            complete_pending(output)
+        finally:
+            lock.release()
+    if output.is_symlink():
+        raise InputError(f"{output}: is a symbolic link (to {os.readlink(output)}); --append writes a new LMDB in "
+                         f"its place, so give the LMDB itself: {os.path.realpath(output)}")
+    if output.is_file() and is_lmdb(output):
+        raise InputError(f"{output}: is a single-file LMDB; --append continues an LMDB folder (data.mdb), as "
+                         "convert writes it")
     if not is_lmdb(output):
         raise InputError(f"{output}: no LMDB to append to" + (" (it is not an LMDB)" if os.path.lexists(output) else
                                                              "; convert without --append first"))
@@ -187,12 +193,18 @@ def conversion_manifest(entries: Sequence[Entry], options: ConvertOptions, *, li
                         classes: Sequence[str] | None, keys_path: Path, commit_every: int, commit_bytes: int,
                         previous: Previous | None = None) -> dict[str, Any]:
     """What a conversion's output depends on, by the name a mismatch is reported under."""
-    digest = hashlib.sha256()
+    digest, files = hashlib.sha256(), hashlib.sha256()
     for entry in entries:
         digest.update(f"{entry.relpath}\0{os.fspath(entry.path)}\0{entry.label}\0{entry.targets!r}\n"
                       .encode("utf-8", "surrogateescape"))
+        try:
+            st = os.stat(entry.path)
+            files.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+        except OSError:
+            files.update(b"-\n")
     return {
         "input list": [len(entries), digest.hexdigest()],
+        "input files": files.hexdigest(),
         "flags": repr(options),
         "shard": line_offset,
         "classes": list(classes) if classes is not None else None,
@@ -202,7 +214,9 @@ def conversion_manifest(entries: Sequence[Entry], options: ConvertOptions, *, li
     }
 
 
-_DIFFERS = {"input list": "the input list differs", "flags": "the flags differ", "shard": "the shard differs",
+_DIFFERS = {"input list": "the input list differs",
+            "input files": "input files changed (size or modification time) since the interrupted run",
+            "flags": "the flags differ", "shard": "the shard differs",
             "classes": "the classes differ", "keys file": "the keys file differs",
             "commit settings": "the commit settings differ", "append": "the LMDB appended to differs"}
 
@@ -234,13 +248,37 @@ def _differs(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+#: What a conversion's temporary holds: LMDB's two files, the manifest and the key journal.
+_LEFTOVER_FILES = frozenset({"data.mdb", "lock.mdb", MANIFEST, JOURNAL})
+
+
 def _leftovers(output: Path) -> list[Path]:
-    """Temporaries of `output` that killed runs left, newest first."""
+    """Temporaries of `output` that killed runs left (by exact name; links too, which are refused), newest first."""
     found = []
-    for candidate in output.parent.glob(f".{output.name}{TMP_MARK}*"):
-        if candidate.name.rsplit(TMP_MARK, 1)[-1].isdigit() and (candidate / "data.mdb").is_file():
-            found.append(candidate)
-    return sorted(found, key=lambda p: (p / "data.mdb").stat().st_mtime_ns, reverse=True)
+    for candidate in temporaries_of(output):
+        with contextlib.suppress(OSError):
+            if not candidate.name.endswith(".old"):
+                found.append((os.lstat(candidate).st_mtime_ns, candidate))
+    return [candidate for _, candidate in sorted(found, reverse=True)]
+
+
+def _foreign_part(leftover: Path) -> str | None:
+    """What in a leftover caffe-lmdb did not make, or None: it is taken over only if it is a folder of this user,
+    writable by no one else, holding only regular files of its own (no link, planted or hard, to write through)."""
+    st = os.lstat(leftover)
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return "it is not a folder of this user that only this user can write"
+    for name in sorted(os.listdir(leftover)):
+        entry = os.lstat(leftover / name)
+        if name not in _LEFTOVER_FILES:
+            return f"it holds {name!r}, which caffe-lmdb does not write there"
+        if stat.S_ISLNK(entry.st_mode):
+            return f"its {name} is a symbolic link"
+        if not stat.S_ISREG(entry.st_mode) or entry.st_nlink != 1 or entry.st_uid != os.getuid():
+            return f"its {name} is not a regular file of its own (a hard link, or another user's)"
+    return None
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -252,13 +290,32 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-# --------------------------------------------------------------------------- the output
+def _open_nofollow(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
-def _remove_temporaries_of_old(output: Path) -> None:
-    """What an interrupted publish left: `.NAME.old.tmp-PID` (the LMDB it was replacing)."""
-    for candidate in output.parent.glob(f".{output.name}.old{TMP_MARK}*"):
-        with contextlib.suppress(OSError):
-            remove_path(candidate)
+
+class AlreadyComplete(Exception):  # noqa: N818 (an outcome, not an error)
+    """`--resume` of a conversion that an earlier run already published: nothing to do."""
+
+    def __init__(self, output: Path, records: int) -> None:
+        super().__init__(f"{output}: already complete ({records} records, published by an earlier run with these "
+                         "arguments); nothing to do")
+        self.output, self.records = output, records
+
+
+def _layout(encoded: bool, channels: int, height: int, width: int) -> tuple[bool, int, int, int]:
+    return (True, 0, 0, 0) if encoded else (False, channels, height, width)
+
+
+def _describe(layout: tuple[bool, int, int, int]) -> str:
+    encoded, channels, height, width = layout
+    if encoded:
+        return "encoded (image file bytes)"
+    kind = "gray" if channels == 1 else f"{channels}-channel"
+    return f"raw {kind} {height}x{width}" if height else f"raw {kind}"
+
+
+# --------------------------------------------------------------------------- the output
 
 
 def _copy_file(source: Path, target: Path) -> None:
@@ -287,6 +344,10 @@ class ConversionLmdb(AtomicLmdb):
         manifest: what this conversion converts (`conversion_manifest`), kept in the temporary
             until it is published, so that a killed run can be resumed.
         previous: append to this published LMDB (`read_previous`): its records come first.
+        options: the layout of the records to come: an append with another layout than the
+            LMDB's first record is refused.
+        planned, line_offset: the relative paths this run converts and its first line id: with
+            `resume`, an LMDB whose last lines are already these is reported `AlreadyComplete`.
         resume: take over a killed run's temporary with an equal manifest (none: start afresh).
 
     After opening, `keys` holds the keys already in the LMDB (previous or resumed) and `resumed`
@@ -295,9 +356,12 @@ class ConversionLmdb(AtomicLmdb):
 
     def __init__(self, output: str | os.PathLike, keys_path: str | os.PathLike | None = None, *,
                  manifest: dict[str, Any] | None = None, previous: Previous | None = None, resume: bool = False,
+                 options: ConvertOptions | None = None, planned: Sequence[str] = (), line_offset: int = 0,
                  **kwargs: Any) -> None:
-        self.manifest, self.previous, self.resume = manifest, previous, resume
+        self.manifest, self.previous, self.resume, self.options = manifest, previous, resume, options
+        self.planned, self.line_offset = list(planned), line_offset
         self.resumed = 0
+        self._taken: Path | None = None
         self._journal: BinaryIO | None = None
         self._journaled = self._journal_base = 0
         super().__init__(output, keys_path, **kwargs)
@@ -308,25 +372,19 @@ class ConversionLmdb(AtomicLmdb):
             self._write_manifest()
             self._start_journal()
             return
-        for folder in sorted({self.output.parent, self.keys_path.parent}):
-            self._os(folder.mkdir, folder, parents=True, exist_ok=True)
-        self._lock = self._os(TargetLock, self.output.parent, self.output)
+        self._lock_target()
+        if self.resume and self.planned:
+            self._check_not_finished()
         if self.previous is not None:
             if _identity(self.output, self.keys_path) != self.previous.identity:
                 raise InputError(f"{self.output}: changed while the append was prepared; run it again")
+            self._check_layout()
         else:
             check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
-        taken = self._take_leftover() if self.resume else None
+        taken = self._taken = self._take_leftover() if self.resume else None
         self.tmp = temporary_name(self.output)
-        for target in (self.keys_path, *self.side_paths.values()):
-            remove_temporaries_of(target)
-        for leftover in self.output.parent.glob(f".{self.output.name}{TMP_MARK}*"):
-            if leftover.name.rsplit(TMP_MARK, 1)[-1].isdigit() and leftover != taken:  # taken: our name now
-                with contextlib.suppress(OSError):
-                    remove_path(leftover)
-        _remove_temporaries_of_old(self.output)
-        self._keys_tmp = self._reserve_temporary(self.keys_path)
-        self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
+        self._remove_leftovers(keep=taken)  # taken: our name now
+        self._reserve_side_temporaries()
         self._temporaries.append(self.tmp)
         if taken is None:
             self._os(self.tmp.mkdir, self.output)
@@ -375,7 +433,8 @@ class ConversionLmdb(AtomicLmdb):
     def _start_journal(self) -> None:
         """(Re)write the journal with the keys already in the temporary; each commit appends to it."""
         def start() -> BinaryIO:
-            journal = open(self.tmp / JOURNAL, "wb")  # noqa: SIM115 (closed by _close)
+            fd = _open_nofollow(self.tmp / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            journal = os.fdopen(fd, "wb")
             try:
                 journal.write(_journal_bytes(self.keys))
                 journal.flush()
@@ -405,6 +464,10 @@ class ConversionLmdb(AtomicLmdb):
     def _take_leftover(self) -> Path | None:
         """Rename the newest leftover temporary with our manifest to our own temporary name."""
         for leftover in _leftovers(self.output):
+            foreign = _foreign_part(leftover)
+            if foreign is not None:
+                raise InputError(f"{self.output}: cannot resume {leftover.name}: {foreign}; caffe-lmdb did not make "
+                                 "it, so it is left alone (remove it, or run without --resume)")
             manifest = _read_manifest(leftover)
             if manifest is None:
                 continue
@@ -428,7 +491,7 @@ class ConversionLmdb(AtomicLmdb):
         path = self.tmp / MANIFEST
 
         def write() -> None:
-            with open(path, "w", encoding="utf-8") as f:
+            with os.fdopen(_open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as f:
                 json.dump(self.manifest, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -438,20 +501,72 @@ class ConversionLmdb(AtomicLmdb):
         for name in (MANIFEST, JOURNAL):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp / name)  # a published LMDB is not resumable
-        if self.previous is None:
-            super()._publish(output, contents)
-            return
-        # Old keys out, LMDBs swapped, new keys in: never one LMDB's records beside the other's keys.
-        os.unlink(self.keys_path)
-        old = swap_in(self.tmp, output)
-        os.replace(self._keys_tmp, self.keys_path)
-        for name, data in contents.items():
-            if data is not None:
-                os.replace(self._side_tmps[name], self.side_paths[name])
-            else:
-                os.unlink(self._side_tmps[name])
-                if name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
-                    os.unlink(self.side_paths[name])
-        fsync_folder(output.parent)
-        remove_path(old)
+        super()._publish(output, contents)
 
+    def discard(self) -> None:
+        """As `AtomicLmdb.discard`, but a leftover taken over by `--resume` is kept: it stays resumable."""
+        if self._taken is not None and self.tmp in self._temporaries:
+            self._temporaries.remove(self.tmp)
+        super().discard()
+
+    def _check_not_finished(self) -> None:
+        """`--resume` after the run it resumes had finished (a restarted job): raise AlreadyComplete.
+
+        Finished means the LMDB's last lines are this run's: its keys (line ids and paths, from
+        where the run started) and skipped list end with exactly this input's, in records laid out
+        as these flags lay them out. An append started `len(planned)` lines before the LMDB's next
+        line id; a fresh conversion at its own first line.
+        """
+        planned = self.planned
+        if self.previous is not None:
+            keys, skipped = self.previous.keys, self.previous.skipped
+            start = self.previous.next_line_id - len(planned)
+        elif is_lmdb(self.output) and self.keys_path.is_file() and self.output.is_dir():
+            try:
+                keys = load_keys(self.keys_path).tolist()
+            except KeysFileError:
+                return
+            skipped = [tuple(row.split("\t", 1)) for row in _read_lines(self.side_paths["skipped.txt"]) or []]
+            start = self.line_offset
+        else:
+            return
+        if start < 0 or not keys:
+            return
+        expected = [make_key(start + i, relpath) for i, relpath in enumerate(planned)]
+        tail = [key for key in keys[-len(planned):] if key[:8].isdigit() and int(key[:8]) >= start]
+        present = set(tail)
+        missing = [relpath for key, relpath in zip(expected, planned, strict=True) if key not in present]
+        if (tail != [key for key in expected if key in present] or len(tail) + len(missing) != len(planned)
+                or [row[0] for row in skipped[len(skipped) - len(missing):]] != missing or len(skipped) < len(missing)
+                or self._layout_mismatch(keys[0]) is not None):
+            return
+        raise AlreadyComplete(self.output, len(tail))
+
+    def _check_layout(self) -> None:
+        """Refuse an append whose records would be laid out unlike the LMDB's (another --gray, --resize, --encoded)."""
+        if self.previous.keys:
+            mismatch = self._layout_mismatch(self.previous.keys[0])
+            if mismatch is not None:
+                raise InputError(f"{self.output}: {mismatch}; append with the flags it was converted with")
+
+    def _layout_mismatch(self, key: bytes) -> str | None:
+        """How the record `key` of the published LMDB is laid out unlike these options' records, or None."""
+        options = self.options
+        if options is None:
+            return None
+        with lmdb.open(str(self.output), readonly=True, lock=False) as env, env.begin() as txn:
+            value = txn.get(key)
+        try:
+            datum = parse_datum(value) if value is not None else None
+        except DatumError:
+            return None
+        if datum is None:
+            return None
+        found = _layout(datum.encoded, datum.channels, datum.height, datum.width)
+        wanted = _layout(options.encoded or bool(options.encode_type), 1 if options.gray else 3,
+                         options.resize_height, options.resize_width)
+        if found[0] or wanted[0]:
+            differs = found[0] != wanted[0]
+        else:  # raw: the channels, and the size where the flags fix one
+            differs = found[1] != wanted[1] or (wanted[2] > 0 and found[2:] != wanted[2:])
+        return f"its records are {_describe(found)}, but these flags make {_describe(wanted)}" if differs else None

@@ -30,11 +30,18 @@ from pathlib import Path
 
 from . import workers as _workers
 from .allocator import set_heap_retention
-from .continuing import ConversionLmdb, Previous, conversion_manifest, read_previous, relabel_for_append
+from .continuing import (
+    AlreadyComplete,
+    ConversionLmdb,
+    Previous,
+    conversion_manifest,
+    read_previous,
+    relabel_for_append,
+)
 from .encode import ConvertOptions, encode_entry
 from .errors import ConversionError, InputError
 from .files import default_keys_path
-from .keys import make_key
+from .keys import MAX_KEY_BYTES, make_key
 from .output import COMMIT_BYTES, INITIAL_MAP_SIZE
 from .progress import progress_bar
 from .shards import resolve_shard, shard_name, shard_range
@@ -60,12 +67,16 @@ class ConvertResult:
     seconds: float = 0.0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     resumed: int = 0
+    already_complete: bool = False  # `--resume` of a conversion an earlier run had published: nothing done
 
     @property
     def images_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        if self.already_complete:
+            return (f"{self.output}: already complete ({self.written} records, published by an earlier run with these "
+                    "arguments); nothing to do")
         resumed = f" (the first {self.resumed} by the interrupted run)" if self.resumed else ""
         return (
             f"{self.output}: {self.written} records written{resumed}, {self.skipped} skipped, "
@@ -173,9 +184,16 @@ def write_lmdb(
         keys_path=Path(keys_path) if keys_path is not None else default_keys_path(output),
         commit_every=commit_every, commit_bytes=commit_bytes, previous=previous)
     # The output is checked and its temporary created (AtomicLmdb) before any worker is forked.
-    with ConversionLmdb(output, keys_path, manifest=manifest, previous=previous, resume=resume, overwrite=overwrite,
-                        commit_every=commit_every, commit_bytes=commit_bytes, initial_map_size=initial_map_size,
-                        grow_ahead=grow_ahead, inputs=inputs, scanned_inputs=scanned_inputs) as out:
+    try:
+        opened = ConversionLmdb(output, keys_path, manifest=manifest, previous=previous, resume=resume,
+                                options=options, overwrite=overwrite, commit_every=commit_every,
+                                commit_bytes=commit_bytes, initial_map_size=initial_map_size, grow_ahead=grow_ahead,
+                                inputs=inputs, scanned_inputs=scanned_inputs, line_offset=line_offset,
+                                planned=[entry.relpath for entry in entries] if resume else ())
+    except AlreadyComplete as done:
+        return ConvertResult(output=done.output, keys_path=Path(manifest["keys file"]), written=done.records,
+                             already_complete=True, seconds=time.perf_counter() - start)
+    with opened as out:
         base = len(previous.keys) if previous is not None else 0
         result = ConvertResult(output=out.output, keys_path=out.keys_path, resumed=out.resumed)
         done, first_shape = _resumed_entries(out, entries, options, line_offset, base, result.skipped_files)
@@ -189,11 +207,13 @@ def write_lmdb(
             out.after_commit = getattr(records, "release", None)
             for position, (entry, record) in enumerate(zip(todo, records, strict=True), start=done):
                 bar.update()
-                if record.error is not None:
+                key = _key(line_offset + position, entry)
+                error = record.error if record.error is not None else _key_error(key)
+                if error is not None:
                     if strict:
-                        raise ConversionError(f"{entry.path}: {record.error} (--strict)")
-                    log.warning("skipping %s: %s", entry.path, record.error)
-                    result.skipped_files.append((entry.relpath, record.error))
+                        raise ConversionError(f"{entry.path}: {error} (--strict)")
+                    log.warning("skipping %s: %s", entry.path, error)
+                    result.skipped_files.append((entry.relpath, error))
                     continue
                 if options.check_size:
                     first_shape = first_shape or record.shape
@@ -202,7 +222,7 @@ def write_lmdb(
                             f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
                             f"{_dims(first_shape)} (--check_size)"
                         )
-                out.put(_key(line_offset + position, entry), record.value)
+                out.put(key, record.value)
             if len(out.keys) == base:
                 first_path, first_reason = result.skipped_files[0]
                 raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} "
@@ -252,6 +272,12 @@ def _key(line_id: int, entry: Entry) -> bytes:
         return make_key(line_id, entry.relpath)
     except UnicodeEncodeError:
         raise InputError(f"{entry.path}: file name is not valid UTF-8, cannot make a key") from None
+
+
+def _key_error(key: bytes) -> str | None:
+    if len(key) > MAX_KEY_BYTES:
+        return f"its key is {len(key)} bytes, over LMDB's limit of {MAX_KEY_BYTES} (the path is too long)"
+    return None
 
 
 def _dims(shape: tuple[int, int, int] | None) -> str:

@@ -364,7 +364,7 @@ def write_dataset(
     start = time.perf_counter()
     total = count if mapped else _length_hint(dataset)
     with ConversionLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
-                        initial_map_size=initial_map_size, previous=previous) as out, \
+                        initial_map_size=initial_map_size, previous=previous, options=options) as out, \
             (_indexed_records(dataset, count, options, key, workers, max(2 * commit_bytes, ring_bytes), line_offset)
              if mapped else _nullcontext(_iterated_records(dataset, options, key, line_offset))) as records, \
             progress_bar(total, out.output.name, progress, unit="sample") as bar:

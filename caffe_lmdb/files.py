@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 #: Marks the name of a temporary: `.NAME.tmp-PID`, beside the target.
@@ -36,6 +37,43 @@ def temporary_name(path: str | os.PathLike) -> Path:
     """Where `path` is built before it is renamed into place: a hidden name beside it, with our pid."""
     path = Path(path)
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def aside_name(temporary: str | os.PathLike) -> Path:
+    """Where a publish without `RENAME_EXCHANGE` moves the LMDB it replaces: `.NAME.tmp-PID.old`."""
+    temporary = Path(temporary)
+    return temporary.with_name(f"{temporary.name}.old")
+
+
+#: `.NAME.tmp-PID` and `.NAME.tmp-PID.old`: NAME is what precedes the last `.tmp-PID`.
+_TEMPORARY = re.compile(rf"\.(?P<target>.+){re.escape(TMP_MARK)}\d+(?:\.old)?", re.DOTALL)
+
+
+def is_temporary_of(path: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """True when `path` is a temporary name of `target` (beside it), compared as strings, never as a pattern."""
+    path, target = Path(path), Path(target)
+    match = _TEMPORARY.fullmatch(path.name)
+    return match is not None and match["target"] == target.name and path.parent == target.parent
+
+
+def temporaries_of(*targets: str | os.PathLike) -> list[Path]:
+    """The temporaries (`.NAME.tmp-PID`, `.NAME.tmp-PID.old`) any run left for these targets.
+
+    Names are matched exactly: an output named `o[ab].lmdb` or `*.lmdb` is a name, not a pattern,
+    and never matches another output's temporaries.
+    """
+    found = []
+    for folder in sorted({Path(t).parent for t in targets}):
+        names = {Path(t).name for t in targets if Path(t).parent == folder}
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry)
+            if match is not None and match["target"] in names:
+                found.append(folder / entry)
+    return sorted(found)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview, *, sync: bool = True) -> Path:

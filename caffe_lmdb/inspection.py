@@ -24,6 +24,7 @@ from .datum import check_datum, datum_to_image, parse_datum_view, read_encoded_h
 from .errors import CorruptLmdbError, DatumError, InputError, KeysFileError
 from .keys import get_value, lmdb_errors_named, load_keys, txn_keys
 from .progress import progress_bar
+from .publish import pending_publish
 from .records import (
     class_names,
     disk_bytes,
@@ -333,7 +334,14 @@ def verify(
     """
     path = Path(lmdb_path)
     report = VerifyReport(path=path, keys_path=keys_file_for(path, keys_path))
+    if pending_publish(path) is not None:
+        report.problems.append((None, "a run was killed while publishing it: the LMDB and its side files may be from "
+                                      "different runs; the next caffe-lmdb run writing it finishes the publish (e.g. "
+                                      "the same command with --resume)"))
+        if not os.path.lexists(path):  # killed before the LMDB itself was renamed in
+            return report
     file_keys = load_keys(report.keys_path) if report.keys_path is not None else None
+    classes = class_names(path)
     lmdb_keys: list[bytes] = []
     try:
         with read_txn(path) as txn:
@@ -345,6 +353,9 @@ def verify(
                     try:
                         datum = parse_datum_view(value)
                         check_datum(datum)
+                        if classes is not None and not 0 <= datum.label < len(classes):
+                            raise DatumError(f"label {datum.label} has no class in the class file "
+                                             f"({len(classes)} classes)")
                         if decode and datum.encoded:
                             datum_to_image(datum)
                             report.decoded += 1

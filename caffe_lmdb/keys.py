@@ -33,6 +33,9 @@ import numpy as np
 from .errors import CorruptLmdbError, KeysFileError, LmdbFormatError, describe_os_error
 from .files import write_bytes_atomic
 
+#: LMDB refuses longer keys (MDB_MAXKEYSIZE).
+MAX_KEY_BYTES = 511
+
 
 def make_key(line_id: int, relpath: str) -> bytes:
     """Caffe's key: zero-padded so that byte order (LMDB's order) equals line order below 10^8.

@@ -11,12 +11,11 @@ Conversion, merge and migration all write through `AtomicLmdb`, so they share it
   output inside, equal to or containing an input.
 * **Nothing half-done is visible.** The LMDB is written under `.NAME.tmp-PID`, the side files under
   temporaries beside their targets; every location is created before the first record, so an
-  unwritable `--keys` folder fails before any work. At the end the side files are renamed into
-  place, then the LMDB (swapped with the one it replaces in one `renameat2(RENAME_EXCHANGE)` where
-  the file system has it, so a reader opening the path always finds an LMDB), and the keys file
-  last: its presence means complete. A failure (full disk, Ctrl-C, an exception) removes the
-  temporaries and leaves any earlier output as it was; a temporary left by `kill -9` is removed
-  by the next run on that target.
+  unwritable `--keys` folder fails before any work. At the end they are renamed into place as
+  `publish.Publish` does it: the renames are written down first, so a kill at any step leaves a
+  publish the next run on the target finishes. A failure (full disk, Ctrl-C, an exception)
+  removes the temporaries and leaves any earlier output as it was; a temporary left by `kill -9`
+  is removed by the next run on that target (matched by exact name, never as a pattern).
 * LMDB's map starts small and doubles on `MDB_MAP_FULL`, replaying the *whole* uncommitted batch
   (re-putting only the failing record silently loses the rest of the batch).
 """
@@ -24,13 +23,10 @@ Conversion, merge and migration all write through `AtomicLmdb`, so they share it
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import logging
 import os
-import shutil
-import sys
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -38,8 +34,9 @@ import lmdb
 import numpy as np
 
 from .errors import InputError, OutputError, describe_os_error
-from .files import SIDE_FILES, TMP_MARK, default_keys_path, sidecar_path, temporary_name
+from .files import SIDE_FILES, TMP_MARK, default_keys_path, sidecar_path, temporaries_of, temporary_name
 from .keys import LMDB_MAGIC, keys_to_array
+from .publish import Publish, complete_pending, publish_log_path, removal_step, remove_path, rename_step
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +109,25 @@ def check_replaceable(output: Path, side_files: Iterable[Path], overwrite: bool)
             raise InputError(f"{path}: is not a .npy keys file; refusing to overwrite it")
 
 
+def check_side_files_are_its_own(output: Path) -> None:
+    """Refuse an output whose side files would be another LMDB's: `train` and `train.lmdb` share `train_keys.npy`.
+
+    Raises:
+        InputError: naming the LMDB that owns them.
+    """
+    name = output.name
+    other = output.with_name(name[:-len(".lmdb")] if name.endswith(".lmdb") else f"{name}.lmdb")
+    if other.name and is_lmdb(other):
+        keys = sidecar_path(output, "keys.npy").name
+        raise InputError(f"{output}: its side files ({keys}, ...) are also those of the LMDB {other}, which is "
+                         "there; choose an output name of its own")
+
+
+def single_file_lock(output: Path) -> Path | None:
+    """The `NAME-lock` file LMDB keeps beside a single-file LMDB (None for a folder)."""
+    return output.with_name(f"{output.name}-lock") if output.is_file() and not output.is_symlink() else None
+
+
 def _starts_with(path: Path, magic: bytes) -> bool:
     with open(path, "rb") as f:
         return f.read(len(magic)) == magic
@@ -164,7 +180,12 @@ class TargetLock:
             except FileNotFoundError:
                 same = False
             if same:
-                break
+                mine = os.fstat(fd)
+                if stat.S_ISREG(mine.st_mode) and mine.st_nlink == 1:
+                    break
+                os.close(fd)  # a hard link to another file (or not a file): writing our pid would change it
+                raise InputError(f"{self.path}: is not a lock file caffe-lmdb made (a hard link to another file, "
+                                 "or not a regular file); remove it, then run again")
             os.close(fd)
         self._fd = fd
         os.ftruncate(fd, 0)
@@ -319,24 +340,12 @@ def _check_commit_limits(commit_every: int, commit_bytes: int) -> None:
 
 # --------------------------------------------------------------------------- the atomic output
 
-def remove_path(path: Path) -> None:
-    """Remove a file, a link or a folder tree we made (never follows a link into a folder)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def remove_temporaries_of(target: Path) -> None:
-    """Remove temporaries earlier runs on `target` left (`kill -9`): under the target's lock, none is live."""
-    for candidate in target.parent.glob(f".{target.name}{TMP_MARK}*"):
-        if candidate.name.rsplit(TMP_MARK, 1)[-1].isdigit():
+def remove_temporaries_of(*targets: Path, keep: Path | None = None) -> None:
+    """Remove temporaries earlier runs on these targets left (`kill -9`): under the target's lock, none is live."""
+    for candidate in temporaries_of(*targets):
+        if candidate != keep:
             with contextlib.suppress(OSError):
                 remove_path(candidate)
-    for candidate in target.parent.glob(f".{target.name}.old{TMP_MARK}*"):
-        with contextlib.suppress(OSError):
-            remove_path(candidate)
 
 
 def _no_space_hint(exc: BaseException, where: Path) -> str:
@@ -403,20 +412,31 @@ class AtomicLmdb:
             raise
 
     def _open(self, overwrite: bool, map_size: int) -> None:
-        parents = {self.output.parent, self.keys_path.parent}
-        for folder in sorted(parents):
-            self._os(folder.mkdir, folder, parents=True, exist_ok=True)
-        self._lock = self._os(TargetLock, self.output.parent, self.output)
+        self._lock_target()
         check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
-        for target in (self.output, self.keys_path, *self.side_paths.values()):
-            remove_temporaries_of(target)
         self.tmp = temporary_name(self.output)
-        # Every side file's temporary is made now: an unwritable location fails before any work.
-        self._keys_tmp = self._reserve_temporary(self.keys_path)
-        self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
+        self._remove_leftovers()
+        self._reserve_side_temporaries()
         self._temporaries.append(self.tmp)
         self._open_env(map_size)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
+
+    def _lock_target(self) -> None:
+        """Make the folders, take the target's lock, and finish a publish a killed run left half done."""
+        for folder in sorted({self.output.parent, self.keys_path.parent}):
+            self._os(folder.mkdir, folder, parents=True, exist_ok=True)
+        self._lock = self._os(TargetLock, self.output.parent, self.output)
+        self._os(complete_pending, self.output, self.output)
+        check_side_files_are_its_own(self.output)
+
+    def _remove_leftovers(self, keep: Path | None = None) -> None:
+        targets = (self.output, self.keys_path, *self.side_paths.values(), publish_log_path(self.output))
+        remove_temporaries_of(*targets, keep=keep)
+
+    def _reserve_side_temporaries(self) -> None:
+        """Every side file's temporary is made now: an unwritable location fails before any work."""
+        self._keys_tmp = self._reserve_temporary(self.keys_path)
+        self._side_tmps = {name: self._reserve_temporary(path) for name, path in self.side_paths.items()}
 
     def _open_env(self, map_size: int, *, lock: bool = True) -> None:
         """Open the temporary for writing (`map_size` 0: the size its meta page records).
@@ -496,23 +516,21 @@ class AtomicLmdb:
         self._os(run, target)
 
     def _publish(self, output: Path, contents: dict[str, bytes | None]) -> None:
-        """Renames only, nothing left to fail for lack of space: old keys out, sides, the LMDB, new keys last."""
-        if os.path.lexists(self.keys_path):
-            os.unlink(self.keys_path)  # never let an old keys file sit beside a new LMDB
+        """Renames only, logged first (`publish.Publish`): old keys out, sides, the LMDB, new keys last.
+
+        A side file this run has no contents for is removed: an old run's list does not describe
+        this LMDB.
+        """
+        steps = [removal_step(self.keys_path)]
         for name, data in contents.items():
-            if data is not None:
-                os.replace(self._side_tmps[name], self.side_paths[name])
-            elif name == "skipped.txt" and os.path.lexists(self.side_paths[name]):
-                os.unlink(self.side_paths[name])  # an old run's list does not describe this one
-        old = None
-        if os.path.lexists(output):
-            old = swap_in(self.tmp, output)
-        else:
-            os.replace(self.tmp, output)
-        os.replace(self._keys_tmp, self.keys_path)
-        fsync_folder(output.parent)
-        if old is not None:
-            remove_path(old)
+            steps.append(removal_step(self.side_paths[name]) if data is None
+                         else rename_step(self._side_tmps[name], self.side_paths[name]))
+        lock_file = single_file_lock(output)
+        steps.append(rename_step(self.tmp, output, lmdb=True))
+        if lock_file is not None and lock_file.is_file() and not lock_file.is_symlink():
+            steps.append(removal_step(lock_file))  # the replaced single-file LMDB's lock table
+        steps.append(rename_step(self._keys_tmp, self.keys_path))
+        Publish(output, steps).run()
         for name, data in contents.items():
             if data is None:
                 os.unlink(self._side_tmps[name])  # reserved, not needed: this run has no such list
@@ -570,54 +588,3 @@ class AtomicLmdb:
         """
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._data_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot: fall back
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def swap_in(new: Path, target: Path) -> Path:
-    """Put `new` at `target`, which exists; returns where the old one now is, for the caller to remove.
-
-    One `exchange_paths` where the file system has it, so that `target` is never missing;
-    elsewhere the old one is renamed aside first (`.NAME.old.tmp-PID`, which a later run removes
-    if this one is killed in between).
-    """
-    if exchange_paths(new, target):
-        return new
-    aside = target.with_name(f".{target.name}.old{TMP_MARK}{os.getpid()}")
-    os.replace(target, aside)
-    os.replace(new, target)
-    return aside
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the renames durable (a crash right after publishing must not bring the old names back)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)

@@ -161,3 +161,43 @@ def test_kill_during_append_leaves_old_or_new(tmp_path, point):
         convert(None, out, list_file=new_list, root=tmp_path / "src", workers=0, append=True)
         assert scan_keys(out).tolist() == new_keys
     assert not list(tmp_path.glob(".out.lmdb.tmp-*"))
+
+
+# ---------------------------------------------------------------- restarted jobs, other layouts, odd targets
+
+def test_append_resume_after_the_append_finished_is_a_no_op(tmp_path, listed, capsys):
+    base = ["convert", "--workers", "0", "--root", str(listed)]
+    assert cli.main([*base, "-q", "--list", str(tmp_path / "first.txt"), str(tmp_path / "a.lmdb")]) == 0
+    append = [*base, "--list", str(tmp_path / "second.txt"), str(tmp_path / "a.lmdb"), "--append", "--resume"]
+    assert cli.main(append) == 0  # nothing to resume: a plain append
+    done = records(tmp_path / "a.lmdb"), side_files(tmp_path, "a")
+    capsys.readouterr()
+    assert cli.main(append) == 0  # the preempted job restarted after it had finished
+    assert "already complete" in capsys.readouterr().out
+    assert (records(tmp_path / "a.lmdb"), side_files(tmp_path, "a")) == done
+    assert cli.main([*append[:-1]]) == 0  # without --resume, appending the same images again is what was asked
+    assert len(records(tmp_path / "a.lmdb")) == len(done[0]) + 5
+
+
+def test_append_with_another_record_layout_is_refused(tmp_path, listed, capsys):
+    convert(None, tmp_path / "a.lmdb", list_file=tmp_path / "first.txt", root=listed, workers=0)
+    before = records(tmp_path / "a.lmdb")
+    base = ["convert", "--workers", "0", "-q", "--root", str(listed), "--list", str(tmp_path / "second.txt"),
+            str(tmp_path / "a.lmdb"), "--append"]
+    for flags, said in [(["--gray"], "raw gray"), (["--encoded"], "encoded"),
+                        (["--resize_height", "3", "--resize_width", "3"], "raw 3-channel 3x3")]:
+        assert cli.main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "its records are raw 3-channel" in err and "\n" not in err, err
+    assert records(tmp_path / "a.lmdb") == before
+
+
+def test_append_to_a_link_or_a_single_file_lmdb_says_so(tmp_path, listed):
+    convert(None, tmp_path / "a.lmdb", list_file=tmp_path / "first.txt", root=listed, workers=0)
+    (tmp_path / "link.lmdb").symlink_to(tmp_path / "a.lmdb")
+    with pytest.raises(InputError, match=r"link.lmdb: is a symbolic link .*give the LMDB itself: .*a\.lmdb"):
+        convert(None, tmp_path / "link.lmdb", list_file=tmp_path / "second.txt", root=listed, append=True)
+    with lmdb.open(str(tmp_path / "single.lmdb"), subdir=False) as env, env.begin(write=True) as txn:
+        txn.put(b"00000000_x.png", b"")
+    with pytest.raises(InputError, match="single.lmdb: is a single-file LMDB"):
+        convert(None, tmp_path / "single.lmdb", list_file=tmp_path / "second.txt", root=listed, append=True)

@@ -195,3 +195,12 @@ def test_info_on_a_class_file_that_is_not_utf8(train_lmdb, tmp_path, capsys):
     assert main(["info", str(train_lmdb)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"caffe-lmdb info: error: {tmp_path / 'train_classes.txt'}: not UTF-8 text (invalid start byte at byte 4)"
+
+
+def test_verify_finds_labels_the_class_file_does_not_name(train_lmdb):
+    classes = train_lmdb.with_name(train_lmdb.name.removesuffix(".lmdb") + "_classes.txt")
+    names = classes.read_text().splitlines()
+    assert verify(train_lmdb).ok and len(names) > 1
+    classes.write_text(names[0] + "\n")  # a class file from another run, as a kill between renames once left
+    report = verify(train_lmdb)
+    assert not report.ok and any("has no class in the class file (1 classes)" in why for _, why in report.problems)

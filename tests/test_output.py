@@ -303,3 +303,64 @@ def test_overwriting_never_leaves_a_moment_without_the_output(tmp_path):
     assert checks > 1000 and missing == 0
     assert read_all(out) == [(b"00000000_a", b"v39")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.lmdb", "out_keys.npy", "stop"]
+
+
+# ---------------------------------------------------------------- names, not patterns; files that are not ours
+
+@pytest.mark.parametrize("name", ["*.lmdb", "o?.lmdb", "o[ab].lmdb"])
+def test_an_output_name_is_never_a_pattern_for_other_outputs_temporaries(tmp_path, name):
+    src = _tree(tmp_path / "src")
+    theirs = tmp_path / ".oa.lmdb.tmp-999999"
+    theirs.mkdir()
+    (theirs / "data.mdb").write_bytes(b"another run's records")
+    (tmp_path / ".oa_keys.npy.tmp-999999").write_bytes(b"another run's keys")
+    (tmp_path / ".oa.lmdb.tmp-999999.old").write_bytes(b"another run's old LMDB")
+    before = tree_snapshot(tmp_path / ".oa.lmdb.tmp-999999"), (tmp_path / ".oa_keys.npy.tmp-999999").read_bytes()
+    convert(src, tmp_path / name, workers=0)
+    convert(src, tmp_path / name, workers=0, overwrite=True)
+    assert (tree_snapshot(theirs), (tmp_path / ".oa_keys.npy.tmp-999999").read_bytes()) == before
+    assert (tmp_path / ".oa.lmdb.tmp-999999.old").exists()
+    assert len(read_all(tmp_path / name)) == 6
+
+
+def test_side_files_of_another_lmdb_are_not_replaced(tmp_path):
+    src = _tree(tmp_path / "src")
+    convert(src, tmp_path / "train.lmdb", workers=0)
+    mine = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("train_")}
+    result = run_cli("convert", src, tmp_path / "train", "--overwrite", "--workers", "0", "-q")
+    assert_one_line_error(result, 2, tmp_path / "train", "train.lmdb", "train_keys.npy")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("train_")} == mine
+    assert not (tmp_path / "train").exists()
+
+
+def test_overwriting_a_single_file_lmdb_removes_its_lock_file(tmp_path):
+    src = _tree(tmp_path / "src")
+    single = tmp_path / "b.lmdb"
+    with lmdb.open(str(single), subdir=False) as env, env.begin(write=True) as txn:
+        txn.put(b"k", b"v")
+    assert (tmp_path / "b.lmdb-lock").exists()
+    convert(src, single, overwrite=True, workers=0)
+    assert single.is_dir() and not (tmp_path / "b.lmdb-lock").exists()
+
+
+def test_a_hard_link_at_the_lock_path_is_refused_not_truncated(tmp_path):
+    src = _tree(tmp_path / "src")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("do not truncate\n")
+    os.link(precious, tmp_path / ".o.lmdb.lock")
+    result = run_cli("convert", src, tmp_path / "o.lmdb", "--workers", "0", "-q")
+    assert_one_line_error(result, 2, ".o.lmdb.lock", "hard link")
+    assert precious.read_text() == "do not truncate\n" and not (tmp_path / "o.lmdb").exists()
+
+
+def test_a_key_over_lmdbs_limit_is_skipped_and_listed(tmp_path):
+    root = tmp_path / "src"
+    long_name = "n" * 250
+    save_image(root / long_name / long_name / "x.png", Image.new("RGB", (4, 3)))
+    save_image(root / "short.png", Image.new("RGB", (4, 3)))
+    (tmp_path / "list.txt").write_text(f"{long_name}/{long_name}/x.png 0\nshort.png 1\n")
+    result = run_cli("convert", "--list", tmp_path / "list.txt", "--root", root, tmp_path / "o.lmdb", "--workers", "0")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [key for key, _ in read_all(tmp_path / "o.lmdb")] == [b"00000001_short.png"]
+    skipped = (tmp_path / "o_skipped.txt").read_text()
+    assert skipped.startswith(f"{long_name}/{long_name}/x.png\t") and "over LMDB's limit of 511" in skipped

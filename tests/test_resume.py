@@ -113,8 +113,12 @@ def test_resume_with_nothing_to_resume_is_a_plain_run(work):
     convert(None, work / "a.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, resume=True)
     convert(None, work / "b.lmdb", list_file=work / "list.txt", root=work / "src", workers=0)
     assert outputs(work, "a") == outputs(work, "b")
-    with pytest.raises(InputError, match="already exists"):  # a finished output is not resumed over
-        convert(None, work / "a.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, resume=True)
+    before = outputs(work, "a")
+    again = convert(None, work / "a.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, resume=True)
+    assert again.already_complete and "already complete" in str(again)  # a restarted job: nothing to do
+    assert outputs(work, "a") == before
+    with pytest.raises(InputError, match="already exists"):  # other input: a finished output is not resumed over
+        convert(None, work / "a.lmdb", list_file=work / "other.txt", root=work / "src", workers=0, resume=True)
 
 
 def _cut_last_entry(data: bytes) -> bytes:
@@ -165,3 +169,50 @@ def test_resume_reads_the_key_journal_and_survives_a_damaged_one(work, damage, c
     assert sorted(p.name for p in (work / "out.lmdb").iterdir()) == ["data.mdb", "lock.mdb"]
     fell_back = "key journal does not match" in caplog.text
     assert fell_back == (damage is _scramble)  # a missing journal is read from the LMDB without a word
+
+
+# ---------------------------------------------------------------- leftovers that are not what they seem
+
+@pytest.mark.parametrize("plant", ["journal", "data.mdb", "folder"])
+def test_resume_never_follows_links_planted_in_the_leftover(work, plant, capsys):
+    import os
+
+    _kill_when(work, _command(work, "out.lmdb", "--workers", "0"), "out.lmdb", 6 << 20)
+    (leftover,) = work.glob(".out.lmdb.tmp-*")
+    outside = work / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"not yours")
+    if plant == "folder":
+        leftover.rename(outside / "moved")
+        leftover.symlink_to(outside / "moved")
+    else:
+        name = {"journal": "committed-keys", "data.mdb": "data.mdb"}[plant]
+        (leftover / name).rename(outside / "victim2")
+        (leftover / name).symlink_to(outside / "victim")
+    before = sorted((p.name, p.read_bytes() if p.is_file() else None) for p in outside.rglob("*"))
+    assert cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0", "--resume")[2:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot resume" in err and "symbolic link" in err and "\n" not in err, err
+    assert sorted((p.name, p.read_bytes() if p.is_file() else None) for p in outside.rglob("*")) == before
+    assert not os.path.lexists(work / "out.lmdb") and os.path.lexists(leftover)
+
+
+def test_resume_after_the_images_changed_is_refused(work, capsys):
+    _kill_when(work, _command(work, "out.lmdb", "--workers", "0"), "out.lmdb", 6 << 20)
+    noise = np.random.default_rng(4).integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+    save_image(work / "src" / "m.png", Image.fromarray(noise))  # same name, other pixels
+    assert cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0", "--resume")[2:]]) == 2
+    assert "input files changed" in capsys.readouterr().err
+    assert list(work.glob(".out.lmdb.tmp-*"))
+
+
+def test_a_resume_that_fails_keeps_the_leftover_for_the_next(work, small_fs, capsys):
+    out = small_fs / "out.lmdb"  # 39 MiB of records on a 4 MiB disk
+    command = [str(a) for a in _command(work, "out.lmdb", "--workers", "0")]
+    command[6] = str(out)
+    proc = kill_when_temporary_reaches(command, small_fs, "out.lmdb", 1 << 20)  # after some commits
+    assert proc.returncode == -signal.SIGKILL
+    assert cli.main(["convert", *command[2:], "--resume"]) == 1
+    assert "no space left" in capsys.readouterr().err
+    kept = list(small_fs.glob(".out.lmdb.tmp-*"))
+    assert len(kept) == 1 and (kept[0] / "resume.json").is_file()  # still resumable on a bigger disk
