@@ -564,7 +564,7 @@ def exif_orientation(image: Image.Image) -> int:
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Corrupt EXIF data": the outcome is decided here
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": the outcome is decided here
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except DECODE_ERRORS:
         return 1
