@@ -543,10 +543,13 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErro
 def decode_failure(exc: BaseException) -> str:
     """The reason a decode failed, for a message: Pillow's own words, with the error's kind when they are not enough.
 
-    OSError, SyntaxError and ValueError carry Pillow's explanation ("image file is truncated");
-    the others are internal errors of a decoder that met damaged data ("list index out of
-    range"), which say nothing on their own.
+    OSError, SyntaxError and ValueError carry Pillow's explanation ("image file is truncated"),
+    except `UnidentifiedImageError`, whose message names only the file object Pillow was given
+    (`<_io.BytesIO object at 0x...>`); the others are internal errors of a decoder that met
+    damaged data ("list index out of range"), which say nothing on their own.
     """
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow recognises"
     if isinstance(exc, OSError | SyntaxError | ValueError) and str(exc):
         return str(exc)
     return f"damaged image data (the decoder failed with {type(exc).__name__}: {exc})"

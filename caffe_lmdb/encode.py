@@ -188,12 +188,12 @@ def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[
                     width, height = height, width
                 return data, (channels, height, width), True
             decoded = load_image(image, gray=options.gray)
-    except DatumError:
-        raise
+    except DatumError as exc:
+        raise DatumError(f"cannot decode image bytes ({len(data)} bytes): {exc}") from None
     except Image.DecompressionBombError as exc:
-        raise DatumError(f"cannot decode image: {exc}") from None
+        raise DatumError(f"cannot decode image bytes ({len(data)} bytes): {exc}") from None
     except DECODE_ERRORS as exc:
-        raise DatumError(f"cannot decode image: {decode_failure(exc)}") from None
+        raise DatumError(f"cannot decode image bytes ({len(data)} bytes): {decode_failure(exc)}") from None
     if options.resize:
         decoded = resize_image(decoded, options)
     target_type = options.encode_type or ("png" if not is_passthrough_format(wanted) else wanted.lower())

@@ -678,8 +678,8 @@ def _decode_paths(data: bytes) -> dict[str, tuple[int, ...]]:
     for name, decode in DECODE_PATHS.items():
         try:
             shapes[name] = tuple(decode(data))
-        except DatumError:
-            continue
+        except DatumError as exc:
+            assert "object at 0x" not in str(exc), (name, str(exc))  # what is wrong, not Pillow's file object
     return shapes
 
 
