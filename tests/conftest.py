@@ -315,3 +315,19 @@ def encoded_lmdb_of(path: Path, files: dict[str, bytes]) -> tuple[Path, list[byt
     records = {key: caffe_pb2.Datum(data=data, label=i, encoded=True).SerializeToString()
                for i, (key, data) in enumerate(zip(keys, files.values(), strict=True))}
     return write_lmdb(path, records), keys
+
+
+@pytest.fixture
+def hostile_lmdbs(tmp_path, hostile_files) -> tuple[Path, Path]:
+    """Two encoded LMDBs of `hostile_files`, written as another tool would (convert skips the PNG without IDAT).
+
+    `decodable` holds upright.png and damaged-exif.jpg, which both decode 16 wide x 24 high;
+    `broken` holds all three, the PNG without IDAT under key b'00000002_no-idat.png'.
+    """
+    decodable = {name: hostile_files[name] for name in ("upright.png", "damaged-exif.jpg")}
+    return (encoded_lmdb_of(tmp_path / "decodable.lmdb", decodable)[0],
+            encoded_lmdb_of(tmp_path / "broken.lmdb", hostile_files)[0])
+
+
+#: The key of the PNG without IDAT in `hostile_lmdbs`' broken LMDB, as readers print it.
+NO_IDAT_KEY = "key b'00000002_no-idat.png'"
