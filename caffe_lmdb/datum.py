@@ -23,12 +23,13 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 from collections.abc import Sequence
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import DatumError
 from .foreign import foreign_value_hint
@@ -424,8 +425,7 @@ def normalize_image(image: Image.Image, gray: bool | None = False) -> Image.Imag
     if gray is None:
         gray = image.mode in _GRAY_MODES
     fmt = image.format
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy even when upright
-        image = ImageOps.exif_transpose(image)
+    image = upright(image, exif_orientation(image))
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         samples = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
         image = Image.fromarray((np.clip(samples, 0, 65535) >> 8).astype(np.uint8), mode="L")
@@ -528,6 +528,67 @@ _ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose
                           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
+#: `info` entries Pillow's `getexif()` reads an orientation from; dropped from an image once turned upright.
+_ORIENTATION_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+#: What Pillow raises on hostile bytes. Its decoders and its EXIF/TIFF parser do not keep to
+#: OSError: a PNG without an IDAT chunk gives IndexError, a damaged EXIF tag struct.error,
+#: TypeError or AttributeError (when the block is written back out), a bad length
+#: ZeroDivisionError or OverflowError. At the decode boundary each one means "this file cannot
+#: be decoded", so it becomes a `DatumError` naming what failed, never a traceback.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, AttributeError,
+                 ZeroDivisionError, OverflowError, RuntimeError, struct.error)
+
+
+def decode_failure(exc: BaseException) -> str:
+    """The reason a decode failed, for a message: Pillow's own words, with the error's kind when they are not enough.
+
+    OSError, SyntaxError and ValueError carry Pillow's explanation ("image file is truncated"),
+    except `UnidentifiedImageError`, whose message names only the file object Pillow was given
+    (`<_io.BytesIO object at 0x...>`); the others are internal errors of a decoder that met
+    damaged data ("list index out of range"), which say nothing on their own.
+    """
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow recognises"
+    if isinstance(exc, OSError | SyntaxError | ValueError) and str(exc):
+        return str(exc)
+    return f"damaged image data (the decoder failed with {type(exc).__name__}: {exc})"
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 to 8) OpenCV applies when it decodes `image`; 1 when there is none or it is unreadable.
+
+    OpenCV's EXIF reader gives up on a block it cannot parse and decodes the image as stored,
+    so a damaged EXIF block (a tag pointing past the end, a truncated IFD) must not make an
+    otherwise decodable image fail. Pillow raises many kinds of errors while parsing one, and
+    warns about the tags it skips; here any failure, and any value that is not an orientation,
+    means 1. The header read (`read_encoded_header`) and the pixels (`normalize_image`) both
+    ask this function, so their dims always agree.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": the outcome is decided here
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except DECODE_ERRORS:
+        return 1
+    return orientation if type(orientation) is int and orientation in _ORIENTATION_TRANSPOSE else 1
+
+
+def upright(image: Image.Image, orientation: int) -> Image.Image:
+    """`image` turned as EXIF `orientation` says, as OpenCV's `imread` turns it; `image` itself when 1.
+
+    `ImageOps.exif_transpose` would also write the EXIF block back out without its orientation
+    tag, which raises on a damaged tag; the pixels need only the transpose. The turned image
+    drops the entries its orientation was read from, so normalising it again leaves it as is.
+    """
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    if method is None:
+        return image
+    turned = image.transpose(method)
+    for key in _ORIENTATION_INFO:
+        turned.info.pop(key, None)
+    return turned
+
 
 def _deep_png_gray(image: Image.Image) -> Image.Image:
     """libpng's gray of a 16-bit colour PNG, computed on the 16-bit samples as OpenCV's decode does.
@@ -549,8 +610,21 @@ def _deep_png_gray(image: Image.Image) -> Image.Image:
     samples = (np.asarray(image).astype(np.uint32) << 8) | low_bytes
     r, g, b = samples[:, :, 0], samples[:, :, 1], samples[:, :, 2]
     gray = Image.fromarray((((r * 9797 + g * 19234 + b * 3737 + 16384) >> 15) >> 8).astype(np.uint8), mode="L")
-    method = _ORIENTATION_TRANSPOSE.get(image.getexif().get(_EXIF_ORIENTATION, 1))
-    return gray if method is None else gray.transpose(method)
+    return upright(gray, exif_orientation(image))
+
+
+def require_image_data(image: Image.Image) -> None:
+    """Refuse a freshly opened PNG whose header is followed by no IDAT chunk: it has no pixels.
+
+    Pillow opens one (a 45-byte file), then says only "cannot load this image" when asked for
+    the pixels, and fails with an IndexError in `verify()`. Other formats are left to their
+    decoder (a WebP has no tiles until it is loaded).
+
+    Raises:
+        DatumError: the PNG has no image data.
+    """
+    if image.format == "PNG" and not image.tile:
+        raise DatumError("PNG has no image data (no IDAT chunk)")
 
 
 def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None = False) -> Image.Image:
@@ -568,16 +642,17 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None =
         source = io.BytesIO(source)
     try:
         with Image.open(source) as image:
+            require_image_data(image)
             return load_image(image, gray=gray)
-    except DatumError:
-        raise
+    except DatumError as exc:
+        raise DatumError(f"cannot decode {what}: {exc}") from None
     except UnidentifiedImageError:
         raise DatumError(f"cannot decode {what}: not an image format Pillow recognises") from None
     except _BOMBS as exc:
         data = source.getvalue() if isinstance(source, io.BytesIO) else None
         raise DatumError(f"cannot decode {what}: {_bomb_message(data, exc)}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatumError(f"cannot decode {what}: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise DatumError(f"cannot decode {what}: {decode_failure(exc)}") from None
 
 
 #: What Pillow raises for an image whose header claims more pixels than `Image.MAX_IMAGE_PIXELS`
@@ -885,12 +960,10 @@ def read_encoded_header(data: bytes | memoryview) -> EncodedHeader:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if image.format == "PNG" and "exif" not in image.info:
-                # No eXIf chunk before the pixels (where Pillow writes it): a PNG's getexif() would
-                # decode the whole image to look for one after them, which a header read must not.
-                orientation = 1
-            else:
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            # A PNG with no eXIf chunk before the pixels (where Pillow writes it): its getexif() would
+            # decode the whole image to look for one after them, which a header read must not.
+            png_without_exif = image.format == "PNG" and "exif" not in image.info
+            orientation = 1 if png_without_exif else exif_orientation(image)
             if orientation in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
             channels = 1 if image.mode in _GRAY_MODES else 3
@@ -899,8 +972,8 @@ def read_encoded_header(data: bytes | memoryview) -> EncodedHeader:
         raise DatumError(f"encoded data ({len(data)} bytes) is not an image format Pillow recognises") from None
     except _BOMBS as exc:
         raise DatumError(f"encoded data ({len(data)} bytes): {_bomb_message(data, exc)}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatumError(f"encoded data ({len(data)} bytes) has a bad image header: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise DatumError(f"encoded data ({len(data)} bytes) has a bad image header: {decode_failure(exc)}") from None
 
 
 def image_plane_order(channels: int) -> list[int]:

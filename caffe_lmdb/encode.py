@@ -17,14 +17,18 @@ import numpy as np
 from PIL import Image
 
 from .datum import (
+    DECODE_ERRORS,
     DatumError,
+    decode_failure,
     encode_image,
     encoded_to_datum,
+    exif_orientation,
     is_passthrough_format,
     load_image,
     open_image,
     pil_format,
     raw_datum_parts,
+    require_image_data,
     serialize_datum,
 )
 from .errors import InputError, os_error_reason
@@ -167,6 +171,7 @@ def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[
     channels = 1 if options.gray else 3
     try:
         with Image.open(io.BytesIO(data)) as image:
+            require_image_data(image)
             fmt, (width, height), mode = image.format, image.size, image.mode
             wanted = pil_format(options.encode_type) if options.encode_type else fmt
             keep_bytes = (
@@ -179,14 +184,16 @@ def encoded_payload(data: bytes, options: ConvertOptions) -> tuple[bytes, tuple[
                 _check_structure(image, data)
                 # OpenCV decodes with the EXIF orientation applied: rotated files have swapped dims.
                 # Only --check_size needs the dims, so only then is the EXIF block parsed.
-                if options.check_size and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                if options.check_size and exif_orientation(image) in (5, 6, 7, 8):
                     width, height = height, width
                 return data, (channels, height, width), True
             decoded = load_image(image, gray=options.gray)
-    except DatumError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatumError(f"cannot decode image: {exc}") from None
+    except DatumError as exc:
+        raise DatumError(f"cannot decode image bytes ({len(data)} bytes): {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise DatumError(f"cannot decode image bytes ({len(data)} bytes): {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise DatumError(f"cannot decode image bytes ({len(data)} bytes): {decode_failure(exc)}") from None
     if options.resize:
         decoded = resize_image(decoded, options)
     target_type = options.encode_type or ("png" if not is_passthrough_format(wanted) else wanted.lower())

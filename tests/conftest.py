@@ -231,3 +231,103 @@ def small_fs(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+# ---------------------------------------------------------------- hostile image files (issue 22, defect 6)
+
+def png_without_idat(width: int = 7, height: int = 5) -> bytes:
+    """A 45-byte PNG: signature, IHDR and IEND, no IDAT chunk. Pillow opens it, but there are no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+#: XResolution, a RATIONAL tag, and T4Options, a LONG one: the damage renames the first to the second.
+_X_RESOLUTION, _T4_OPTIONS = 0x011A, 0x0124
+
+
+def jpeg_with_damaged_exif(image: Image.Image, orientation: int = 6) -> bytes:
+    """A JPEG of `image` whose EXIF block says `orientation` and holds one damaged tag.
+
+    The damage: XResolution's tag number is rewritten to T4Options, so the entry holds a RATIONAL
+    where its number says LONG. Pillow still reads the orientation, but writing the block back
+    out (which `ImageOps.exif_transpose` does) fails with `struct.error`. OpenCV decodes the file
+    turned as the orientation says.
+    """
+    import io
+    import struct
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[_X_RESOLUTION] = 72.0
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    tiff = data.index(b"Exif\x00\x00") + 6
+    order = "<" if data[tiff:tiff + 2] == b"II" else ">"
+    entry = data.index(struct.pack(order + "HH", _X_RESOLUTION, 5), tiff)  # tag, type RATIONAL
+    return data[:entry] + struct.pack(order + "H", _T4_OPTIONS) + data[entry + 2:]
+
+
+def unreadable_exif(jpeg: bytes) -> bytes:
+    """`jpeg` with its EXIF block's first-IFD offset pointing past the block: no tag can be read (OpenCV: none)."""
+    tiff = jpeg.index(b"Exif\x00\x00") + 6
+    order = "little" if jpeg[tiff:tiff + 2] == b"II" else "big"
+    return jpeg[:tiff + 4] + (0xFFFFFF00).to_bytes(4, order) + jpeg[tiff + 8:]
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    """A smooth RGB image (JPEG keeps it close), so a wrong turn of it is easy to see in the pixels."""
+    y, x = np.mgrid[0:height, 0:width]
+    planes = [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) * 127 // (width + height) + 60]
+    return Image.fromarray(np.stack(planes, axis=-1).astype(np.uint8), mode="RGB")
+
+
+@pytest.fixture
+def hostile_files() -> dict[str, bytes]:
+    """Image files that once crashed every decode path, plus a good one; names are their roles.
+
+    * `upright.png`: a good 16 wide x 24 high PNG.
+    * `damaged-exif.jpg`: 24 wide x 16 high, EXIF orientation 6 (decodes 16 x 24, as the PNG),
+      with one damaged EXIF tag (`jpeg_with_damaged_exif`).
+    * `no-idat.png`: a 45-byte PNG without image data (`png_without_idat`).
+    """
+    return {
+        "upright.png": png_bytes(gradient_image(16, 24)),
+        "damaged-exif.jpg": jpeg_with_damaged_exif(gradient_image(24, 16)),
+        "no-idat.png": png_without_idat(),
+    }
+
+
+def encoded_lmdb_of(path: Path, files: dict[str, bytes]) -> tuple[Path, list[bytes]]:
+    """An LMDB of encoded Datums holding `files` unchanged, written with py-lmdb as another tool would.
+
+    Returns the path and the keys, in the order of `files`.
+    """
+    from caffe_lmdb import caffe_pb2
+
+    keys = [caffe_key(i, name) for i, name in enumerate(files)]
+    records = {key: caffe_pb2.Datum(data=data, label=i, encoded=True).SerializeToString()
+               for i, (key, data) in enumerate(zip(keys, files.values(), strict=True))}
+    return write_lmdb(path, records), keys
+
+
+@pytest.fixture
+def hostile_lmdbs(tmp_path, hostile_files) -> tuple[Path, Path]:
+    """Two encoded LMDBs of `hostile_files`, written as another tool would (convert skips the PNG without IDAT).
+
+    `decodable` holds upright.png and damaged-exif.jpg, which both decode 16 wide x 24 high;
+    `broken` holds all three, the PNG without IDAT under key b'00000002_no-idat.png'.
+    """
+    decodable = {name: hostile_files[name] for name in ("upright.png", "damaged-exif.jpg")}
+    return (encoded_lmdb_of(tmp_path / "decodable.lmdb", decodable)[0],
+            encoded_lmdb_of(tmp_path / "broken.lmdb", hostile_files)[0])
+
+
+#: The key of the PNG without IDAT in `hostile_lmdbs`' broken LMDB, as readers print it.
+NO_IDAT_KEY = "key b'00000002_no-idat.png'"

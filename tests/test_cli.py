@@ -6,7 +6,7 @@ import runpy
 import sys
 
 import pytest
-from conftest import REPO, SAMPLE_TRAIN, write_lmdb
+from conftest import NO_IDAT_KEY, REPO, SAMPLE_TRAIN, assert_one_line_error, run_cli, write_lmdb
 from lmdbread import read_all
 
 from caffe_lmdb.cli import build_parser, main
@@ -74,3 +74,13 @@ def test_loader_transform_gives_hwc_uint8():
 
     tensor = ResizeToHWC(224)(Image.new("L", (7, 5), 9))
     assert tensor.shape == (224, 224, 3) and tensor.dtype == torch.uint8 and int(tensor[0, 0, 0]) == 9
+
+
+def test_loader_check_on_hostile_payloads_reads_or_names_the_key(hostile_lmdbs):
+    """A damaged EXIF tag once crashed `loader` in its worker (struct.error); a PNG without IDAT is one line."""
+    decodable, broken = hostile_lmdbs
+    result = run_cli("loader", decodable, "--workers", "0", "--size", "8")
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert "key 1" in result.stdout
+    result = run_cli("loader", broken, "--workers", "0", "--size", "8")
+    assert_one_line_error(result, 1, broken, NO_IDAT_KEY, "no IDAT chunk")

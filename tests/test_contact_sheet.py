@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import caffe_key
+from conftest import NO_IDAT_KEY, assert_one_line_error, caffe_key, run_cli
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, raw_value
 
@@ -78,3 +78,14 @@ def test_grid_on_a_full_disk_leaves_no_file_and_names_it(legacy_rgb_lmdb, small_
 def test_grid_checks_the_extension_before_reading_the_lmdb(tmp_path, capsys):
     assert main(["grid", str(tmp_path / "missing.lmdb"), "-o", str(tmp_path / "g.txt")]) == 2
     assert "unknown image extension '.txt'" in capsys.readouterr().err
+
+
+def test_grid_of_hostile_payloads_draws_or_names_the_key(hostile_lmdbs, tmp_path):
+    """A damaged EXIF tag once crashed `grid` (struct.error); a PNG without IDAT is one line naming its key."""
+    decodable, broken = hostile_lmdbs
+    result = run_cli("grid", decodable, "-o", tmp_path / "g.png")
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert (tmp_path / "g.png").stat().st_size > 0
+    result = run_cli("grid", broken, "-o", tmp_path / "b.png", "--n", "3")
+    assert_one_line_error(result, 1, broken, NO_IDAT_KEY, "no IDAT chunk")
+    assert not (tmp_path / "b.png").exists()

@@ -13,7 +13,7 @@ import time
 import lmdb
 import numpy as np
 import pytest
-from conftest import REPO, save_image
+from conftest import REPO, run_cli, save_image
 from lmdbread import raw_rgb, read_all, read_datums
 from PIL import Image
 
@@ -471,3 +471,30 @@ def test_opencv_resize_backend_matches_cv2_or_says_what_to_install(image_tree, t
         relpath = key.decode().split("_", 1)[1]
         expected = cv2.resize(source_rgb(image_tree / relpath), (6, 4), interpolation=cv2.INTER_LINEAR)
         assert np.array_equal(raw_rgb(datum), expected), relpath
+
+
+# ---------------------------------------------------------------- hostile image files (issue 22)
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_hostile_images_are_skipped_or_converted_never_a_traceback(tmp_path, hostile_files, encoded):
+    """A 45-byte PNG without IDAT is skipped and listed; a JPEG with a damaged EXIF tag converts turned upright."""
+    for name, data in hostile_files.items():
+        save_path = tmp_path / "src" / "a" / name
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+        save_path.write_bytes(data)
+    out = tmp_path / "out.lmdb"
+    result = run_cli("convert", tmp_path / "src", out, "--workers", "0", *(["--encoded"] if encoded else []))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in output, output
+    assert "object at 0x" not in output, output
+    warning = [line for line in result.stderr.splitlines() if "no-idat.png" in line]
+    assert len(warning) == 1 and "no IDAT chunk" in warning[0], output
+    skipped = (tmp_path / "out_skipped.txt").read_text().splitlines()
+    assert len(skipped) == 1 and skipped[0].startswith("a/no-idat.png\t") and "no IDAT chunk" in skipped[0]
+    datums = read_datums(out)
+    assert sorted(datums) == [b"00000000_a/damaged-exif.jpg", b"00000002_a/upright.png"]
+    turned = datums[b"00000000_a/damaged-exif.jpg"]
+    if encoded:
+        assert turned.encoded and turned.data == hostile_files["damaged-exif.jpg"]  # bytes kept as Caffe keeps them
+    else:
+        assert (turned.channels, turned.height, turned.width) == (3, 24, 16)  # EXIF orientation 6 applied

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import caffe_key, caffe_raw_datum, png_bytes, write_lmdb
+from conftest import NO_IDAT_KEY, caffe_key, caffe_raw_datum, png_bytes, write_lmdb
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from wire import field_varint
@@ -517,3 +517,18 @@ def test_key_ending_in_nul_names_the_lmdb_and_the_key(tmp_path):
     with pytest.raises(KeysFileError) as excinfo:
         LmdbDataset_train(path)
     assert one_line(excinfo).startswith(f"{path}: key b'00000001_b\\x00' ends with a NUL byte")
+
+
+@pytest.mark.parametrize("output", ["pil", "numpy"])
+def test_hostile_payloads_decode_or_raise_naming_lmdb_and_key(hostile_lmdbs, output):
+    """A damaged EXIF tag once raised a bare struct.error; a PNG without IDAT is a DatumError naming LMDB and key."""
+    _, broken = hostile_lmdbs
+    ds = LmdbDataset_train(broken, output=output)
+    turned, label = ds[1]  # damaged-exif.jpg: 24 wide x 16 high, EXIF orientation 6
+    size = turned.size if output == "pil" else turned.shape[:0:-1]
+    assert label == 1 and tuple(size) == (16, 24)
+    with pytest.raises(DatumError) as raised:
+        ds[2]
+    message = str(raised.value)
+    assert str(broken) in message and NO_IDAT_KEY in message and "no IDAT chunk" in message
+    assert "\n" not in message

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import png_bytes
+from conftest import png_bytes, unreadable_exif
 from PIL import Image
 from wire import field_bytes, field_float, field_varint, packed_floats, tag, varint
 
@@ -28,6 +28,7 @@ from caffe_lmdb import (
     serialize_datum,
 )
 from caffe_lmdb.datum import RawRecordLayout, image_to_datum_bytes, read_encoded_header
+from caffe_lmdb.encode import ConvertOptions, encoded_payload
 
 
 def roundtrip(datum: Datum) -> Datum:
@@ -531,3 +532,184 @@ def test_raw_layout_reads_every_record_the_converter_writes(rgb_image, label):
     assert layout.read(serialize_datum(image_to_datum(rgb_image, label=label))) is not None  # protobuf's bytes
     assert RawRecordLayout(view.channels, view.height + 1, view.width).read(buf) is None
     assert layout.read(buf[:-1]) is None
+
+
+# ---------------------------------------------------------------- hostile files: a DatumError that says why, or pixels
+
+def test_png_without_image_data_is_a_datum_error_that_says_so(hostile_files):
+    data = hostile_files["no-idat.png"]
+    assert len(data) == 45
+    for gray in (False, True, None):
+        with pytest.raises(DatumError, match=r"45 bytes.*PNG has no image data \(no IDAT chunk\)"):
+            open_image(data, gray=gray)
+    with pytest.raises(DatumError, match="no IDAT chunk"):
+        datum_to_image_array(encoded_to_datum(data))
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_damaged_exif_tag_keeps_the_orientation_in_pixels_and_header(hostile_files, gray):
+    """Orientation 6 with a mistyped tag: Pillow cannot write the block back (struct.error), OpenCV turns it."""
+    data = hostile_files["damaged-exif.jpg"]
+    image = open_image(data, gray=gray)
+    assert image.size == (16, 24) and image.mode == ("L" if gray else "RGB")  # stored 24 wide x 16 high
+    assert read_encoded_header(data)[1:] == (3, 24, 16, 6)
+    assert datum_to_image_array(encoded_to_datum(data)).shape == (3, 24, 16)
+    upright = np.asarray(open_image(data)).astype(int)
+    assert upright[-1, :, 0].mean() > upright[0, :, 0].mean() + 200  # red ran left to right; now top to bottom
+
+
+def test_unreadable_exif_means_orientation_one_in_pixels_and_header(hostile_files):
+    """An EXIF block whose first IFD lies past its end cannot be read: orientation 1, as OpenCV decodes it."""
+    data = unreadable_exif(hostile_files["damaged-exif.jpg"])
+    for gray in (False, True, None):
+        assert open_image(data, gray=gray).size == (24, 16)  # as stored
+    assert read_encoded_header(data)[1:] == (3, 16, 24, 1)
+    assert datum_to_image_array(encoded_to_datum(data)).shape == (3, 16, 24)
+
+
+# ---------------------------------------------------------------- fuzzing the decode paths with mutated real files
+
+FUZZ_PHOTOS = ("rocket.jpg", "grace_hopper.jpg", "moon.png", "chelsea.png", "logo.png")
+FUZZ_MUTANTS_PER_FILE = 70
+
+
+def _with_real_exif(jpeg: bytes, exif_jpeg: bytes, orientation: int = 6) -> bytes:
+    """`jpeg` with the APP1 EXIF segment of `exif_jpeg` (a camera's or Photoshop's) spliced in, its orientation set."""
+    start = exif_jpeg.index(b"\xff\xe1")
+    segment = bytearray(exif_jpeg[start:start + 2 + int.from_bytes(exif_jpeg[start + 2:start + 4], "big")])
+    tiff = segment.index(b"Exif\x00\x00") + 6
+    order = "little" if segment[tiff:tiff + 2] == b"II" else "big"
+    entry = segment.index((0x0112).to_bytes(2, order) + (3).to_bytes(2, order), tiff)  # Orientation, SHORT
+    segment[entry + 8:entry + 10] = orientation.to_bytes(2, order)
+    return jpeg[:2] + bytes(segment) + jpeg[2:]
+
+
+def _segments(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each PNG chunk, or of each JPEG marker segment before the scan: the units a mutant drops."""
+    spans = []
+    if data.startswith(b"\x89PNG"):
+        pos = 8
+        while pos + 12 <= len(data):
+            end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
+            spans.append((pos, end))
+            pos = end
+    else:
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # up to start of scan
+            end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            spans.append((pos, end))
+            pos = end
+    return spans
+
+
+#: Tags found in real EXIF blocks (Make, Orientation, XResolution, T4Options, Software, DateTime, Exif and GPS
+#: IFD pointers): a tag number rewritten to another real one makes the entry's type contradict its number.
+_REAL_TAGS = (0x010F, 0x0112, 0x011A, 0x0124, 0x0128, 0x0131, 0x0132, 0x8769, 0x8825)
+
+
+def _corrupt_exif_tag(data: bytes, rng: np.random.Generator) -> bytes:
+    """One field of one EXIF IFD entry damaged: its tag, its type, its count or its value/offset; or the entry count."""
+    tiff = data.find(b"Exif\x00\x00") + 6
+    if tiff < 6:
+        return data
+    order = "little" if data[tiff:tiff + 2] == b"II" else "big"
+    ifd = tiff + int.from_bytes(data[tiff + 4:tiff + 8], order)
+    count = int.from_bytes(data[ifd:ifd + 2], order)
+    mutant = bytearray(data)
+    if count == 0 or rng.random() < 0.1:  # the entry count itself: a truncated or overlong IFD
+        mutant[ifd:ifd + 2] = int(rng.integers(0, 1 << 16)).to_bytes(2, order)
+        return bytes(mutant)
+    entry = ifd + 2 + 12 * int(rng.integers(0, count))
+    field = int(rng.integers(0, 4))
+    if field == 0:  # another real tag's number
+        start, width, value = 0, 2, int(rng.choice(_REAL_TAGS))
+    elif field == 1:  # another TIFF type (1-12 are defined), or none
+        start, width, value = 2, 2, int(rng.integers(0, 14))
+    else:  # a count or a value/offset: small, random, or past any end
+        start, width = (4, 4) if field == 2 else (8, 4)
+        value = int(rng.choice([0, 1, 2, 0xFFFF, 0xFFFFFFFF, int(rng.integers(0, 1 << 32))]))
+    mutant[entry + start:entry + start + width] = value.to_bytes(width, order)
+    return bytes(mutant)
+
+
+def _mutant(data: bytes, rng: np.random.Generator) -> bytes:
+    """One seeded mutation of a real file: byte flips (mostly in the headers), a cut, a dropped segment, an EXIF tag."""
+    has_exif = b"Exif\x00\x00" in data[:2048]
+    kind = 3 if has_exif and rng.random() < 0.5 else int(rng.integers(0, 3))
+    if kind == 0:
+        mutant = bytearray(data)
+        for _ in range(int(rng.integers(1, 9))):
+            pos = int(rng.integers(0, min(len(data), 2048) if rng.random() < 0.8 else len(data)))
+            mutant[pos] = int(rng.integers(0, 256))
+        return bytes(mutant)
+    if kind == 1:
+        return data[:int(rng.integers(0, len(data)))]
+    if kind == 2:  # one chunk or segment, or every one of its kind (each IDAT, each DHT)
+        spans = _segments(data)
+        start, end = spans[int(rng.integers(0, len(spans)))]
+        kind_of = (lambda a: data[a + 4:a + 8]) if data.startswith(b"\x89PNG") else (lambda a: data[a:a + 2])
+        drop = [(a, b) for a, b in spans if kind_of(a) == kind_of(start)] if rng.random() < 0.3 else [(start, end)]
+        for a, b in reversed(drop):
+            data = data[:a] + data[b:]
+        return data
+    return _corrupt_exif_tag(data, rng)
+
+
+def _image_shape(image: Image.Image) -> tuple[int, int, int]:
+    assert image.mode in ("RGB", "L"), image.mode
+    return len(image.getbands()), image.height, image.width
+
+
+#: Each decode path, giving the (C, H, W) it decodes a file's bytes to.
+DECODE_PATHS = {
+    "color": lambda data: _image_shape(open_image(data)),
+    "gray": lambda data: _image_shape(open_image(data, gray=True)),
+    "native": lambda data: _image_shape(open_image(data, gray=None)),
+    "header": lambda data: tuple(read_encoded_header(data)[1:4]),
+    "datum": lambda data: datum_to_image_array(parse_datum(serialize_datum(encoded_to_datum(data)))).shape,
+    # what convert --encoded stores: the bytes after a cheap integrity check, or a re-encoded decode
+    "stored": lambda data: encoded_payload(data, ConvertOptions(encoded=True, check_size=True))[1],
+}
+
+
+def _decode_paths(data: bytes) -> dict[str, tuple[int, ...]]:
+    """The (C, H, W) of each path that decodes `data`; a path that cannot raises DatumError, anything else escapes."""
+    shapes = {}
+    for name, decode in DECODE_PATHS.items():
+        try:
+            shapes[name] = tuple(decode(data))
+        except DatumError as exc:
+            assert "object at 0x" not in str(exc), (name, str(exc))  # what is wrong, not Pillow's file object
+    return shapes
+
+
+def test_mutated_real_files_decode_consistently_or_raise_datum_error(shared_images):
+    """Every decode path on a few hundred seeded mutants: pixels whose dims all paths agree on, or a DatumError.
+
+    Nothing else may escape. Before decode errors were caught at the boundary, about 7% of the
+    damaged EXIF tags ended in struct.error, TypeError or AttributeError (from writing the block
+    back out), and a PNG without IDAT chunks in IndexError (in `encoded_payload`'s check).
+    """
+    rng = np.random.default_rng(22)
+    photos = {name: (shared_images / name).read_bytes() for name in FUZZ_PHOTOS}
+    camera_exif = (shared_images / "hubble_deep_field.jpg").read_bytes()  # Photoshop's EXIF block, orientation 1
+    photos["rocket-exif6.jpg"] = _with_real_exif(photos["rocket.jpg"], camera_exif, orientation=6)
+    photos["grace_hopper-exif8.jpg"] = _with_real_exif(photos["grace_hopper.jpg"], camera_exif, orientation=8)
+    refused = decoded = 0
+    for name, data in photos.items():
+        for i in range(FUZZ_MUTANTS_PER_FILE):
+            mutant = _mutant(data, rng)
+            try:
+                shapes = _decode_paths(mutant)
+            except Exception as exc:  # the finding: report which mutant, reproducibly
+                raise AssertionError(f"{name} mutant {i}: {type(exc).__name__}: {exc}") from exc
+            decoded += "color" in shapes
+            refused += "color" not in shapes
+            sizes = {shape[1:] for shape in shapes.values()}
+            assert len(sizes) <= 1, (name, i, shapes)  # every path that decodes agrees on H x W
+            assert shapes.get("color", (3,))[0] == 3 and shapes.get("gray", (1,))[0] == 1, (name, i, shapes)
+            assert shapes.get("stored", (3,))[0] == 3, (name, i, shapes)
+            if "native" in shapes:
+                assert shapes["native"] == shapes.get("datum", shapes["native"]), (name, i, shapes)
+                assert shapes["native"] == shapes.get("header", shapes["native"]), (name, i, shapes)
+    assert decoded > 100 and refused > 100  # the mutations both break files and leave some decodable

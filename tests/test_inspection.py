@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import caffe_key, png_bytes
+from conftest import NO_IDAT_KEY, caffe_key, png_bytes, run_cli
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, raw_value
 
@@ -204,3 +204,16 @@ def test_verify_finds_labels_the_class_file_does_not_name(train_lmdb):
     classes.write_text(names[0] + "\n")  # a class file from another run, as a kill between renames once left
     report = verify(train_lmdb)
     assert not report.ok and any("has no class in the class file (1 classes)" in why for _, why in report.problems)
+
+
+def test_verify_decode_on_hostile_payloads_names_the_key_never_a_traceback(hostile_lmdbs):
+    """A damaged EXIF tag once crashed `verify --decode` (struct.error); a PNG without IDAT is one finding."""
+    decodable, broken = hostile_lmdbs
+    result = run_cli("verify", decodable, "--decode")
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert "2 encoded images decoded" in result.stdout
+    result = run_cli("verify", broken, "--decode")
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    findings = [line for line in result.stdout.splitlines() if "key b'" in line]
+    assert findings == [f"{broken}: {NO_IDAT_KEY}: cannot decode image bytes (45 bytes): "
+                        "PNG has no image data (no IDAT chunk)"], result.stdout

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import caffe_key
+from conftest import NO_IDAT_KEY, assert_one_line_error, caffe_key, run_cli
 from toollmdbs import bgr_planes, converted, hand_written, legacy_encoded, raw_value, same_size_tree
 
 from caffe_lmdb import DatumError, caffe_pb2
@@ -317,3 +317,14 @@ def test_encoded_bomb_record_names_the_key_and_the_claimed_size(tmp_path, rng):
                caffe_key(1, "bomb.png"): encoded_datum(bomb_png(30000, 30000), 0)}
     with pytest.raises(DatumError, match=r"key b'00000001_bomb.png': .*claims a 30000x30000"):
         lmdb_mean(hand_written(tmp_path / "bomb", records))
+
+
+def test_mean_of_hostile_payloads_decodes_or_names_the_key(hostile_lmdbs, tmp_path):
+    """A damaged EXIF tag once crashed `mean` (struct.error): it decodes turned, 3 x 24 x 16 as the PNG beside it."""
+    decodable, broken = hostile_lmdbs
+    result = run_cli("mean", decodable, "-o", tmp_path / "m.binaryproto", "-q")
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert load_mean(tmp_path / "m.binaryproto").shape == (3, 24, 16)
+    result = run_cli("mean", broken, "-o", tmp_path / "b.binaryproto", "-q")
+    assert_one_line_error(result, 1, broken, NO_IDAT_KEY, "no IDAT chunk")
+    assert not (tmp_path / "b.binaryproto").exists()

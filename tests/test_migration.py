@@ -552,3 +552,17 @@ def test_migrate_applies_converts_pass_through_rule_to_truncated_files(tmp_path,
     ok = folder2lmdb_pickle(tmp_path / "ok.lmdb", [jpeg], [0])
     migrate(ok, tmp_path / "ok_new.lmdb")
     assert parse_datum(read_all(tmp_path / "ok_new.lmdb")[0][1]).data == jpeg  # intact: kept as is
+
+
+def test_hostile_image_bytes_fail_in_one_line_naming_the_key(tmp_path, hostile_files):
+    """A 45-byte PNG without IDAT once ended migrate in an IndexError traceback; the damaged-EXIF JPEG migrates."""
+    files = [hostile_files["upright.png"], hostile_files["damaged-exif.jpg"]]
+    good = folder2lmdb_pickle(tmp_path / "good.lmdb", files, [0, 1])
+    assert main(["migrate", str(good), str(tmp_path / "good-new.lmdb"), "-q"]) == 0
+    assert read_datums(tmp_path / "good-new.lmdb")[b"00000001_1"].data == hostile_files["damaged-exif.jpg"]
+
+    old = folder2lmdb_pickle(tmp_path / "old.lmdb", [*files, hostile_files["no-idat.png"]], [0, 1, 2])
+    result = run_cli("migrate", old, tmp_path / "new.lmdb")
+    error = assert_one_line_error(result, 1, old, "key b'2'", "no IDAT chunk")
+    assert len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "new.lmdb").exists()

@@ -15,7 +15,7 @@ import cv2
 import lmdb
 import numpy as np
 import pytest
-from conftest import SHARED_IMAGES, caffe_key, write_lmdb
+from conftest import SHARED_IMAGES, caffe_key, jpeg_with_damaged_exif, unreadable_exif, write_lmdb
 from PIL import Image
 
 from caffe_lmdb import DatumError, LmdbDataset_train, array_to_datum, caffe_pb2, datum_to_array, open_image
@@ -70,6 +70,8 @@ def variants() -> dict[str, bytes]:
         "gray.jpg": encode(image.convert("L"), "JPEG"),
         "cmyk.jpg": encode(image.convert("CMYK"), "JPEG", quality=90),
         "exif-rotated.jpg": encode(image, "JPEG", quality=90, exif=rotated_exif),
+        "damaged-exif.jpg": jpeg_with_damaged_exif(image),  # orientation 6 beside a mistyped tag: turned
+        "unreadable-exif.jpg": unreadable_exif(jpeg_with_damaged_exif(image)),  # no IFD to read: as stored
         "rgb.png": encode(image, "PNG"),
         "gray.png": encode(image.convert("L"), "PNG"),
         "rgba.png": encode(image.convert("RGBA"), "PNG"),
@@ -234,8 +236,9 @@ def test_reencode_gray_alone_is_a_usage_error(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 3. decoded channel counts in LmdbDataset_train
 
-READER_NAMES = ["rgb.jpg", "gray.jpg", "cmyk.jpg", "exif-rotated.jpg", "rgb.png", "gray.png", "rgba.png",
-                "gray-alpha.png", "palette-transparent.png", "gray16.png", "rgb16-from-8bit.png", "rgb.webp"]
+READER_NAMES = ["rgb.jpg", "gray.jpg", "cmyk.jpg", "exif-rotated.jpg", "damaged-exif.jpg", "rgb.png", "gray.png",
+                "rgba.png", "gray-alpha.png", "palette-transparent.png", "gray16.png", "rgb16-from-8bit.png",
+                "rgb.webp"]
 GRAY_FILES = {"gray.jpg", "gray.png", "gray-alpha.png", "gray16.png"}
 
 
