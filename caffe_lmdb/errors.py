@@ -45,6 +45,18 @@ class OutputError(CaffeLmdbError, RuntimeError):
     """Writing the output failed (full disk, I/O error, permission): the message names the file and the cause."""
 
 
+class OutputPathError(CaffeLmdbError, OSError):
+    """An output path that cannot take a file: a folder, a block device, a socket, a symlink to a special file, a
+    FIFO that no process reads (or whose reader left).
+
+    Also an OSError (errno, strerror, filename), so code that handles a failed write handles this
+    too; `str()` is the one line `PATH: why`.
+    """
+
+    def __str__(self) -> str:
+        return describe_os_error(self)
+
+
 class WorkerError(CaffeLmdbError, RuntimeError):
     """A worker process died or raised something other than a per-entry error."""
 

@@ -16,7 +16,9 @@ component, with separators and control characters replaced.
 
 Nothing already in the output folder is written through or changed unasked: every file is a new
 file renamed into place (a symlink planted at its name is replaced, never followed), a class
-folder that is a symlink stops the export, and only `--overwrite` replaces a file that differs.
+folder that is a symlink stops the export, and only `--overwrite` replaces a file that differs
+(a FIFO or character device at a file's name is written into then, never replaced; a folder or
+other special file there stops the export: see `files.write_bytes_atomic`).
 The list file is written last, after the images are on disk, so its presence means the export
 is complete; a run that stopped before it (a full disk, Ctrl-C, `kill -9`) is continued by
 running the same command again: files that already hold what the export writes are kept.
@@ -44,7 +46,7 @@ from .datum import (
     read_encoded_header,
 )
 from .errors import DatumError, ExportError, InputError, describe_os_error
-from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
+from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .formats import ENCODE_FORMATS, suffix_for
 from .progress import progress_bar
 from .records import class_names, format_key, iter_values, label_name, read_txn
@@ -237,7 +239,8 @@ def export(
     """
     lmdb_path, out_dir = Path(lmdb_path), Path(out_dir)
     list_path = out_dir / LIST_NAME
-    if os.path.lexists(list_path) and not overwrite:
+    list_kind = output_target_kind(list_path)  # a folder or a refused special file fails before any work
+    if list_kind is not None and not overwrite:
         raise InputError(f"{list_path}: already exists (pass --overwrite to replace it)")
     classes = class_names(lmdb_path)
     result = ExportResult(out_dir=out_dir, list_path=list_path)
@@ -250,8 +253,8 @@ def export(
             progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(list_path):  # overwrite: no list of the old export may outlive its files
-                list_path.unlink()
+            if list_kind == "replace":  # overwrite: no list of the old export may outlive its files
+                list_path.unlink()  # (a FIFO or device is written through at the end, never removed)
         except OSError as exc:
             raise ExportError(describe_os_error(exc, out_dir)) from None
         root = out_dir.resolve()
@@ -381,17 +384,22 @@ def _write(target: Path, payload: bytes, overwrite: bool) -> bool:
 
     An existing path is never opened for writing: a file that already holds exactly `payload`
     (an interrupted export's) is kept, anything else is refused without `overwrite` and replaced
-    by the rename with it, so a symlink at `target` is replaced, not written through.
+    by the rename with it, so a symlink at `target` is replaced, not written through (a FIFO or
+    character device is written into with `overwrite`, as `files.write_bytes_atomic` does).
 
     Raises:
-        InputError: `target` exists with other content (or is a symlink) and `overwrite` is False.
+        InputError: `target` exists with other content (or is a symlink, FIFO or device) and `overwrite`
+            is False.
+        OutputPathError: `target` is a folder or a special file `files.write_bytes_atomic` refuses.
         OSError: the file cannot be written (e.g. no space left).
     """
-    if os.path.lexists(target):
+    kind = output_target_kind(target)
+    if kind is not None:
         if _holds(target, payload):
             return True
         if not overwrite:
-            what = "is a symbolic link" if target.is_symlink() else "already exists with other content"
+            what = ("is a symbolic link" if target.is_symlink() else "is a FIFO or device" if kind == "write through"
+                    else "already exists with other content")
             raise InputError(f"{target}: {what} (pass --overwrite to replace it)")
     target.parent.mkdir(exist_ok=True)
     # Not synced one by one (a sync per image would dominate the export): `export` syncs once
