@@ -105,6 +105,6 @@ def describe_os_error(exc: OSError, path: object = None) -> str:
     reason = os_error_reason(exc)
     if where is None:
         return reason
-    if exc.filename2 is not None:
+    if exc.filename2 is not None and os.fsdecode(exc.filename2) != os.fsdecode(where):  # `a -> a` says it twice
         return f"{where} -> {exc.filename2}: {reason}"
     return f"{where}: {reason}"
