@@ -531,3 +531,17 @@ def test_cli_loader_prototxt_errors_are_one_line(tmp_path, converted_lmdb):
     assert_one_line_error(run_cli("loader", "--prototxt", tmp_path / "missing.prototxt"), 2, "missing.prototxt")
     assert_one_line_error(run_cli("loader"), 2, "--prototxt")
     assert_one_line_error(run_cli("loader", converted_lmdb, "--prototxt", leveldb), 2, "one of them")
+
+
+def test_cli_loader_refuses_a_prototxt_that_is_a_fifo(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "net.prototxt")  # nothing ever writes to it: reading it waited forever
+    result = run_cli("loader", "--prototxt", tmp_path / "net.prototxt", timeout=30)
+    assert_one_line_error(result, 2, f"{tmp_path / 'net.prototxt'}: not a regular file (a FIFO)")
+
+
+def test_cli_loader_refuses_dev_zero_as_a_prototxt():
+    result = run_cli("loader", "--prototxt", "/dev/zero", timeout=30)  # read until memory ran out
+    assert_one_line_error(result, 2, "/dev/zero: not a regular file (a character device)")
+
