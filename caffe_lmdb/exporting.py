@@ -85,7 +85,9 @@ class ExportResult:
         problems: (key, why) for records that could not be exported at all.
         inexact: (key or None, why) for exported records `convert` will not rebuild identically.
         convert_flags: the `convert` flags that rebuild the LMDB from the list (`--encoded`,
-            `--gray`), or None when the records are too mixed for any one conversion.
+            `--gray`), or None when the records are too mixed for any one conversion, or of a
+            kind `convert` does not write (float pixels, 4 channels).
+        kinds: the kinds of record exported, sorted: "encoded", "float", "raw<C>" (C channels).
     """
 
     out_dir: Path
@@ -98,6 +100,7 @@ class ExportResult:
     problems: list[tuple[bytes, str]] = field(default_factory=list)
     inexact: list[tuple[bytes | None, str]] = field(default_factory=list)
     convert_flags: list[str] | None = None
+    kinds: tuple[str, ...] = ()
 
     def report_lines(self, lmdb_path: str | os.PathLike) -> list[str]:
         """One line per record not exported, then one per record that will not convert back identically."""
@@ -122,13 +125,26 @@ class ExportResult:
             lines.append(f"  {self.kept} files were already there with the same bytes (an earlier export's) and kept")
         if command is not None:
             lines.append(f"  rebuild with: {command}")
-        else:
-            lines.append("  the records mix raw and encoded kinds or channel counts: no single convert rebuilds them")
+        elif self.written:
+            lines.append(f"  {_kinds_summary(self.kinds)}")
         if self.inexact:
             lines.append(f"  {len(self.inexact)} records will not convert back identically (listed above)")
         if self.problems:
             lines.append(f"  {len(self.problems)} records could not be exported (listed above)")
         return "\n".join(lines)
+
+
+#: How the summary names each kind of record (`_record_file`).
+_KIND_NAMES = {"encoded": "encoded", "float": "float (float_data pixels)", "raw1": "raw 1-channel",
+               "raw3": "raw 3-channel"}
+
+
+def _kinds_summary(kinds: Iterable[str]) -> str:
+    """Why no single `convert` rebuilds records of these kinds: what they are, one kind or a mix."""
+    names = [_KIND_NAMES.get(kind, f"raw {kind.removeprefix('raw')}-channel") for kind in sorted(kinds)]
+    if len(names) == 1:
+        return f"the records are all {names[0]}, which convert does not write: no convert rebuilds them"
+    return f"the records mix {', '.join(names[:-1])} and {names[-1]} kinds: no single convert rebuilds them"
 
 
 def safe_name(text: str, fallback: str) -> str:
@@ -291,6 +307,7 @@ def export(
     if len(target_counts) > 1:
         result.inexact.append((None, "records carry different numbers of float_data targets; convert keeps "
                                      "the smallest count on every line"))
+    result.kinds = tuple(sorted(kinds))
     result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
                             frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
     try:
@@ -354,7 +371,7 @@ def _incomplete(exc: OSError, target: Path, out_dir: Path) -> str:
 
 
 def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | None]:
-    """The file bytes, name, kind (raw1, raw3, encoded, other) and any reason a rebuild would differ.
+    """The file bytes, name, kind (encoded, float, raw<C>) and any reason a rebuild would differ.
 
     Raises:
         DatumError: the record cannot be written as an image file.
@@ -373,9 +390,9 @@ def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | No
     image.save(buffer, format="PNG", compress_level=_PNG_LEVEL)
     kind, inexact = f"raw{datum.channels}", None
     if not datum.data:
-        kind, inexact = "other", "float pixels: the PNG holds them clipped to 0..255 as 8 bits"
+        kind, inexact = "float", "float pixels: the PNG holds them clipped to 0..255 as 8 bits"
     elif datum.channels not in (1, 3):
-        kind, inexact = "other", f"{datum.channels} channels: convert stores 3 (alpha dropped)"
+        inexact = f"{datum.channels} channels: convert stores 3 (alpha dropped)"
     return buffer.getvalue(), _with_suffix(stem, ".png"), kind, inexact
 
 

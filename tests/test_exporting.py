@@ -108,7 +108,20 @@ def test_mixed_kinds_and_lossy_records_are_reported(tmp_path, rng):
     result = export(hand_written(tmp_path / "mixed", records), tmp_path / "out")
     assert result.written == 3 and result.convert_flags is None and result.convert_command() is None
     assert result.inexact == [(caffe_key(2, "c.png"), "4 channels: convert stores 3 (alpha dropped)")]
-    assert "no single convert rebuilds them" in str(result)
+    assert "the records mix encoded, raw 3-channel and raw 4-channel kinds: no single convert rebuilds them" in str(
+        result)
+    assert result.kinds == ("encoded", "raw3", "raw4")
+
+
+def test_float_only_export_says_what_the_records_are(tmp_path, rng):
+    from caffe_lmdb.datum import array_to_datum, serialize_datum
+
+    records = {caffe_key(i, f"{i}.npy"): serialize_datum(array_to_datum(rng.random((3, 2, 4)), label=i))
+               for i in range(3)}
+    result = run_cli("export", hand_written(tmp_path / "float.lmdb", records), tmp_path / "out", "-q")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr  # exported, with warnings
+    assert "the records are all float (float_data pixels), which convert does not write" in result.stdout
+    assert "mix" not in result.stdout
 
 
 # ---------------------------------------------------------------- names, safety, overwrite
