@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .datum import datum_to_image, parse_datum_view
 from .errors import DatumError, InputError, KeysFileError
-from .files import write_bytes_atomic
+from .files import output_target_kind, write_bytes_atomic
 from .keys import get_value
 from .records import class_names, format_key, keys_file_for, known_keys, label_name, random_subset, read_txn
 
@@ -143,12 +143,14 @@ def grid(
     (a full disk) leaves no half image behind, and an existing file is replaced whole or kept.
 
     Raises:
-        As `make_grid`; InputError if the extension is not an image format Pillow writes.
+        As `make_grid`; InputError if the extension is not an image format Pillow writes;
+        OutputPathError if `output` is a folder or a special file `files.write_bytes_atomic` refuses.
     """
     output = Path(output)
     image_format = Image.registered_extensions().get(output.suffix.lower())
     if image_format is None or image_format not in Image.SAVE:
         raise InputError(f"{output}: cannot save the grid there (unknown image extension {output.suffix!r})")
+    output_target_kind(output)  # a folder or a refused special file: before any record is read
     grid = make_grid(lmdb_path, n=n, seed=seed, keys_path=keys_path, tile=tile)
     buffer = io.BytesIO()
     try:

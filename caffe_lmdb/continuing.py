@@ -298,8 +298,7 @@ class AlreadyComplete(Exception):  # noqa: N818 (an outcome, not an error)
     """`--resume` of a conversion that an earlier run already published: nothing to do."""
 
     def __init__(self, output: Path, records: int) -> None:
-        super().__init__(f"{output}: already complete ({records} records, published by an earlier run with these "
-                         "arguments); nothing to do")
+        super().__init__(output, records)  # reported by ConvertResult
         self.output, self.records = output, records
 
 
@@ -536,9 +535,9 @@ class ConversionLmdb(AtomicLmdb):
         tail = [key for key in keys[-len(planned):] if key[:8].isdigit() and int(key[:8]) >= start]
         present = set(tail)
         missing = [relpath for key, relpath in zip(expected, planned, strict=True) if key not in present]
+        skipped_here = [row[0] for row in skipped[-len(missing):]] if missing else []
         if (tail != [key for key in expected if key in present] or len(tail) + len(missing) != len(planned)
-                or [row[0] for row in skipped[len(skipped) - len(missing):]] != missing or len(skipped) < len(missing)
-                or self._layout_mismatch(keys[0]) is not None):
+                or skipped_here != missing or self._layout_mismatch(keys[0]) is not None):
             return
         raise AlreadyComplete(self.output, len(tail))
 

@@ -45,15 +45,13 @@ from .datum import (
 )
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
+from .keys import MAX_KEY_BYTES
 from .output import COMMIT_BYTES, INITIAL_MAP_SIZE
 from .progress import progress_bar
 from .sources import read_image_file
 from .workers import Record, RingPool
 
 log = logging.getLogger(__name__)
-
-#: LMDB refuses longer keys (MDB_MAXKEYSIZE).
-MAX_KEY_BYTES = 511
 
 _NAME_HEAD = struct.Struct("<I")  # a worker's record is: name length, name (UTF-8), serialized Datum
 
@@ -171,6 +169,8 @@ def sample_record(image: Any, label: int, floats: Sequence[float], options: Conv
     else:
         raise ValueError(f"unsupported image type {type(image).__name__} (PIL image, uint8 array or tensor, "
                          "encoded file bytes, or a path)")
+    if not pil.width or not pil.height:  # Pillow and numpy allow these; a Datum of them is no image (verify flags it)
+        raise DatumError(f"image is {pil.width}x{pil.height} pixels (width x height): a record needs at least 1x1")
     pil = _normalised(pil, options)
     if options.resize:
         pil = resize_image(pil, options)
@@ -189,8 +189,17 @@ def _normalised(image: Image.Image, options: ConvertOptions) -> Image.Image:
 
 
 def _sample_name(index: int, sample: Any, key: Callable[[int, Any], str] | None) -> str:
+    """The name in the sample's key: `key(index, sample)`, else its path, else the index.
+
+    Raises:
+        ValueError: `key` raised (any exception: the user's code, as `__getitem__`'s, fails this
+            sample alone; the message names the exception) or returned something other than a str.
+    """
     if key is not None:
-        name = key(index, sample)
+        try:
+            name = key(index, sample)
+        except Exception as exc:
+            raise ValueError(f"key({index}, sample) raised {type(exc).__name__}: {exc}") from None
         if not isinstance(name, str):
             raise ValueError(f"key() must return a str, got {type(name).__name__}")
         return name
@@ -324,7 +333,8 @@ def write_dataset(
         encoded, encode_type: store encoded images (Caffe's `--encoded`, `--encode_type`).
         workers: processes reading a map-style dataset (default: one per CPU; 0 reads here).
         key: `key(i, sample) -> str`, the name in key `"%08d_%s" % (i, name)`; default the path
-            when the image is one, else the index `i`.
+            when the image is one, else the index `i`. An exception it raises fails that sample
+            alone (skipped and listed, or the run under `strict`), as one from `__getitem__` does.
         classes: class names, saved as `<out>_classes.txt` (label i is `classes[i]`).
         overwrite: replace an existing output.
         strict: fail on the first sample that cannot be stored, instead of skipping it.

@@ -45,6 +45,18 @@ class OutputError(CaffeLmdbError, RuntimeError):
     """Writing the output failed (full disk, I/O error, permission): the message names the file and the cause."""
 
 
+class OutputPathError(CaffeLmdbError, OSError):
+    """An output path that cannot take a file: a folder, a block device, a socket, a symlink to a special file, a
+    FIFO that no process reads (or whose reader left).
+
+    Also an OSError (errno, strerror, filename), so code that handles a failed write handles this
+    too; `str()` is the one line `PATH: why`.
+    """
+
+    def __str__(self) -> str:
+        return describe_os_error(self)
+
+
 class WorkerError(CaffeLmdbError, RuntimeError):
     """A worker process died or raised something other than a per-entry error."""
 
@@ -93,6 +105,6 @@ def describe_os_error(exc: OSError, path: object = None) -> str:
     reason = os_error_reason(exc)
     if where is None:
         return reason
-    if exc.filename2 is not None:
+    if exc.filename2 is not None and os.fsdecode(exc.filename2) != os.fsdecode(where):  # `a -> a` says it twice
         return f"{where} -> {exc.filename2}: {reason}"
     return f"{where}: {reason}"

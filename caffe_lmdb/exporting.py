@@ -16,7 +16,9 @@ component, with separators and control characters replaced.
 
 Nothing already in the output folder is written through or changed unasked: every file is a new
 file renamed into place (a symlink planted at its name is replaced, never followed), a class
-folder that is a symlink stops the export, and only `--overwrite` replaces a file that differs.
+folder that is a symlink stops the export, and only `--overwrite` replaces a file that differs
+(a FIFO or character device at a file's name is written into then, never replaced; a folder or
+other special file there stops the export: see `files.write_bytes_atomic`).
 The list file is written last, after the images are on disk, so its presence means the export
 is complete; a run that stopped before it (a full disk, Ctrl-C, `kill -9`) is continued by
 running the same command again: files that already hold what the export writes are kept.
@@ -44,7 +46,7 @@ from .datum import (
     read_encoded_header,
 )
 from .errors import DatumError, ExportError, InputError, describe_os_error
-from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
+from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .formats import ENCODE_FORMATS, suffix_for
 from .progress import progress_bar
 from .records import class_names, format_key, iter_values, label_name, read_txn
@@ -83,7 +85,9 @@ class ExportResult:
         problems: (key, why) for records that could not be exported at all.
         inexact: (key or None, why) for exported records `convert` will not rebuild identically.
         convert_flags: the `convert` flags that rebuild the LMDB from the list (`--encoded`,
-            `--gray`), or None when the records are too mixed for any one conversion.
+            `--gray`), or None when the records are too mixed for any one conversion, or of a
+            kind `convert` does not write (float pixels, 4 channels).
+        kinds: the kinds of record exported, sorted: "encoded", "float", "raw<C>" (C channels).
     """
 
     out_dir: Path
@@ -96,6 +100,7 @@ class ExportResult:
     problems: list[tuple[bytes, str]] = field(default_factory=list)
     inexact: list[tuple[bytes | None, str]] = field(default_factory=list)
     convert_flags: list[str] | None = None
+    kinds: tuple[str, ...] = ()
 
     def report_lines(self, lmdb_path: str | os.PathLike) -> list[str]:
         """One line per record not exported, then one per record that will not convert back identically."""
@@ -120,13 +125,26 @@ class ExportResult:
             lines.append(f"  {self.kept} files were already there with the same bytes (an earlier export's) and kept")
         if command is not None:
             lines.append(f"  rebuild with: {command}")
-        else:
-            lines.append("  the records mix raw and encoded kinds or channel counts: no single convert rebuilds them")
+        elif self.written:
+            lines.append(f"  {_kinds_summary(self.kinds)}")
         if self.inexact:
             lines.append(f"  {len(self.inexact)} records will not convert back identically (listed above)")
         if self.problems:
             lines.append(f"  {len(self.problems)} records could not be exported (listed above)")
         return "\n".join(lines)
+
+
+#: How the summary names each kind of record (`_record_file`).
+_KIND_NAMES = {"encoded": "encoded", "float": "float (float_data pixels)", "raw1": "raw 1-channel",
+               "raw3": "raw 3-channel"}
+
+
+def _kinds_summary(kinds: Iterable[str]) -> str:
+    """Why no single `convert` rebuilds records of these kinds: what they are, one kind or a mix."""
+    names = [_KIND_NAMES.get(kind, f"raw {kind.removeprefix('raw')}-channel") for kind in sorted(kinds)]
+    if len(names) == 1:
+        return f"the records are all {names[0]}, which convert does not write: no convert rebuilds them"
+    return f"the records mix {', '.join(names[:-1])} and {names[-1]} kinds: no single convert rebuilds them"
 
 
 def safe_name(text: str, fallback: str) -> str:
@@ -237,7 +255,8 @@ def export(
     """
     lmdb_path, out_dir = Path(lmdb_path), Path(out_dir)
     list_path = out_dir / LIST_NAME
-    if os.path.lexists(list_path) and not overwrite:
+    list_kind = output_target_kind(list_path)  # a folder or a refused special file fails before any work
+    if list_kind is not None and not overwrite:
         raise InputError(f"{list_path}: already exists (pass --overwrite to replace it)")
     classes = class_names(lmdb_path)
     result = ExportResult(out_dir=out_dir, list_path=list_path)
@@ -250,8 +269,8 @@ def export(
             progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(list_path):  # overwrite: no list of the old export may outlive its files
-                list_path.unlink()
+            if list_kind == "replace":  # overwrite: no list of the old export may outlive its files
+                list_path.unlink()  # (a FIFO or device is written through at the end, never removed)
         except OSError as exc:
             raise ExportError(describe_os_error(exc, out_dir)) from None
         root = out_dir.resolve()
@@ -288,6 +307,7 @@ def export(
     if len(target_counts) > 1:
         result.inexact.append((None, "records carry different numbers of float_data targets; convert keeps "
                                      "the smallest count on every line"))
+    result.kinds = tuple(sorted(kinds))
     result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
                             frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
     try:
@@ -351,7 +371,7 @@ def _incomplete(exc: OSError, target: Path, out_dir: Path) -> str:
 
 
 def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | None]:
-    """The file bytes, name, kind (raw1, raw3, encoded, other) and any reason a rebuild would differ.
+    """The file bytes, name, kind (encoded, float, raw<C>) and any reason a rebuild would differ.
 
     Raises:
         DatumError: the record cannot be written as an image file.
@@ -370,9 +390,9 @@ def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | No
     image.save(buffer, format="PNG", compress_level=_PNG_LEVEL)
     kind, inexact = f"raw{datum.channels}", None
     if not datum.data:
-        kind, inexact = "other", "float pixels: the PNG holds them clipped to 0..255 as 8 bits"
+        kind, inexact = "float", "float pixels: the PNG holds them clipped to 0..255 as 8 bits"
     elif datum.channels not in (1, 3):
-        kind, inexact = "other", f"{datum.channels} channels: convert stores 3 (alpha dropped)"
+        inexact = f"{datum.channels} channels: convert stores 3 (alpha dropped)"
     return buffer.getvalue(), _with_suffix(stem, ".png"), kind, inexact
 
 
@@ -381,17 +401,22 @@ def _write(target: Path, payload: bytes, overwrite: bool) -> bool:
 
     An existing path is never opened for writing: a file that already holds exactly `payload`
     (an interrupted export's) is kept, anything else is refused without `overwrite` and replaced
-    by the rename with it, so a symlink at `target` is replaced, not written through.
+    by the rename with it, so a symlink at `target` is replaced, not written through (a FIFO or
+    character device is written into with `overwrite`, as `files.write_bytes_atomic` does).
 
     Raises:
-        InputError: `target` exists with other content (or is a symlink) and `overwrite` is False.
+        InputError: `target` exists with other content (or is a symlink, FIFO or device) and `overwrite`
+            is False.
+        OutputPathError: `target` is a folder or a special file `files.write_bytes_atomic` refuses.
         OSError: the file cannot be written (e.g. no space left).
     """
-    if os.path.lexists(target):
+    kind = output_target_kind(target)
+    if kind is not None:
         if _holds(target, payload):
             return True
         if not overwrite:
-            what = "is a symbolic link" if target.is_symlink() else "already exists with other content"
+            what = ("is a symbolic link" if target.is_symlink() else "is a FIFO or device" if kind == "write through"
+                    else "already exists with other content")
             raise InputError(f"{target}: {what} (pass --overwrite to replace it)")
     target.parent.mkdir(exist_ok=True)
     # Not synced one by one (a sync per image would dominate the export): `export` syncs once

@@ -10,14 +10,16 @@ process maps and page-faults in again. Here:
   (encoded records are decoded first, in the worker): `transform_into` with the mean and scale
   for `output="float32"`, `crop_into` for `output="uint8"`, which leaves the mean and scale to
   `loader.normalize`, wherever the batch is by then (a GPU: a quarter of the bytes to copy).
-* Slots allocated once. Each worker owns a ring of `prefetch_factor + 1` batch slots in one
-  anonymous shared-memory file (`memfd_create`: never a name in `/dev/shm`, so nothing can be
-  left there, even when the main process is killed; the memory goes with the last process that
-  maps it). The rings are allocated with all their pages on first use and kept for the loader's
-  life, so later epochs (and their new workers, unless `persistent_workers`) reuse the same
-  memory. The main process maps the same files and hands out each slot as a tensor without
-  copying; the slot goes back to its worker only when the next batch is asked for. So a batch
-  is valid until the next `next()` on the iterator: `.clone()` it to keep it longer.
+* Slots allocated once, as large as the longest batch of an epoch (not `batch_size`, when the
+  epoch is shorter), and only if they fit in the memory available. Each worker owns a ring of
+  `prefetch_factor + 1` batch slots in one anonymous shared-memory file (`memfd_create`: never a
+  name in `/dev/shm`, so nothing can be left there, even when the main process is killed; the
+  memory goes with the last process that maps it). The rings are allocated with all their pages on
+  first use and kept for the loader's life, so later epochs (and their new workers, unless
+  `persistent_workers`) reuse the same memory. The main process maps the same files and hands out
+  each slot as a tensor without copying; the slot goes back to its worker only when the next batch
+  is asked for. So a batch is valid until the next `next()` on the iterator: `.clone()` it to keep
+  it longer.
 * Order and randomness. Batch b is made by worker b % N, and a sample's crop and mirror come from
   `transform.params(height, width, seed, epoch, index)`, never from a global RNG, so the batches
   are the same bytes for any number of workers, 0 included.
@@ -111,7 +113,11 @@ def _parts(source: Any) -> list[LmdbDataset_train]:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where a batch's images, labels and per-sample params lie in a slot; slots are page-aligned."""
+    """Where a batch's images, labels and per-sample params lie in a slot; slots are page-aligned.
+
+    `batch_size` is the rows of a slot: the longest batch an epoch makes, which is less than the
+    loader's `batch_size` when an epoch has fewer samples (`CaffeLoader._slot_rows`).
+    """
 
     batch_size: int
     sample_shape: tuple[int, int, int]
@@ -363,6 +369,29 @@ def _cause(exc: BaseException) -> BaseException | None:
 
 
 # --------------------------------------------------------------------------- shared memory and workers
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def _available_memory() -> int | None:
+    """Bytes this process can still get: MemAvailable, capped by a cgroup v2 limit; None where neither is known."""
+    sizes = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        sizes.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                sizes.append(max(0, int(limit) - int(f.read())))
+    if not sizes:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sizes.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(sizes) if sizes else None
+
 
 def _anonymous_file(size: int, name: str) -> int:
     """A descriptor of `size` bytes of shared memory with no name anywhere: nothing to leak, even on SIGKILL."""
@@ -640,7 +669,8 @@ class CaffeLoader:
         LmdbFormatError, CorruptLmdbError, KeysFileError, DatumError: as `LmdbDataset_train`, and
             for the first record, which sets the batch shape; during iteration, for any record,
             naming the LMDB and the key (and the worker).
-        LoaderError: during iteration, the transform raised on a record, or a worker died.
+        LoaderError: during iteration, the transform raised on a record, or a worker died; at the
+            first batch, the batch slots would not fit in the memory available.
     """
 
     def __init__(
@@ -706,6 +736,8 @@ class CaffeLoader:
         self.sample_shape = first if transform is None else tuple(transform.output_shape(*first))
         maker.sample_shape = self.sample_shape
         self._maker = maker
+        #: Rows of each batch slot: what the longest batch so far needs (`_slot_rows`), set by `__iter__`.
+        self._rows = 0
         self._epoch = 0
         self._epoch_set = False
         self._pool: _WorkerPool | None = None
@@ -763,17 +795,54 @@ class CaffeLoader:
                              f"{', '.join(part.root for part in self.parts)}")
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         batches = [order[i:i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        rows = self._slot_rows(len(batches[0]) if batches else 0)  # the first batch is the longest
+        if rows > self._rows:  # only the first epoch, or a sampler that grew: slots are made (again) for it
+            self._free_slots()
+            self._rows = rows
         iterator = _BatchIterator(self, batches, self._epoch)
         self._iterator = weakref.ref(iterator)
         return iterator
 
+    def _slot_rows(self, samples: int) -> int:
+        """Rows a batch slot needs for a batch of `samples` samples (the first batch of an epoch: the longest).
+
+        Batches are consecutive runs of `batch_size` samples of the epoch's order, the last one
+        short (no wrap-around into the next epoch), so none is longer than the epoch: a
+        `batch_size` of 100,000 over 300 records (or 300 per rank) needs slots of 300 rows, not
+        100,000. The batches are the same either way.
+        """
+        return max(1, min(self.batch_size, samples))
+
     def _layout(self) -> _Layout:
         dtype = "float32" if self.output == "float32" else "uint8"
         slots = self.prefetch_factor + 1 if self.num_workers else 1
-        return _Layout(self.batch_size, self.sample_shape, dtype, slots)
+        return _Layout(self._rows, self.sample_shape, dtype, slots)
+
+    def _check_memory(self, layout: _Layout, rings: int) -> None:
+        """Refuse, in one line, slots that cannot fit in the memory available (before allocating any).
+
+        Raises:
+            LoaderError: `rings` rings of `layout` need more bytes than `_available_memory` gives.
+        """
+        needed, available = layout.total_bytes * rings, _available_memory()
+        if available is None or needed <= available:
+            return
+        roots = ", ".join(part.root for part in self.parts)
+        raise LoaderError(
+            f"{roots}: batches of {layout.batch_size} x {'x'.join(map(str, layout.sample_shape))} {layout.dtype} "
+            f"samples need {_gib(needed)} of loader slots ({rings} ring(s) of {layout.slots} slot(s) of "
+            f"{layout.slot_bytes / 2**10:,.0f} KiB), more than the {_gib(available)} of memory available: "
+            "lower batch_size, num_workers or prefetch_factor"
+        )
+
+    def _free_slots(self) -> None:
+        """Drop every slot (and the workers that map them), so the next batch allocates them anew."""
+        self.close()
+        self._local = None
 
     def _workers(self) -> _WorkerPool:
         if self._rings is None:
+            self._check_memory(self._layout(), self.num_workers)
             self._rings = _Rings(self._layout(), self.num_workers, self.pin_memory)
         if self._pool is None:
             self._pool = _WorkerPool(self._maker, self._rings, self.multiprocessing_context)
@@ -782,6 +851,7 @@ class CaffeLoader:
     def _local_slot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._local is None:
             layout = self._layout()
+            self._check_memory(layout, 1)
             if self.pin_memory:
                 buffer = torch.empty(layout.slot_bytes, dtype=torch.uint8, pin_memory=True).numpy()
             else:

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from .datum import datum_to_array, encode_varint, image_plane_order, parse_datum_view
 from .errors import DatumError, MeanError, describe_os_error
-from .files import TMP_MARK, write_bytes_atomic, write_text_atomic
+from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .progress import progress_bar
 from .proto import caffe_pb2
 from .records import format_key, format_shape, iter_values, read_txn
@@ -322,8 +322,13 @@ def compute_mean(
         progress: show a progress bar (default: when stderr is a terminal).
 
     Raises:
-        As `lmdb_mean`; MeanError: an output cannot be written (names the file, e.g. a full disk).
+        As `lmdb_mean`; MeanError: an output cannot be written (names the file, e.g. a full disk);
+        OutputPathError: an output is a folder or a special file other than a FIFO or character
+            device (refused before the LMDB is read; see `files.write_bytes_atomic`).
     """
+    for target in (output, json_path):
+        if target is not None:
+            output_target_kind(target)
     result = lmdb_mean(lmdb_path, progress=progress)
     output = Path(output)
     existed = os.path.lexists(output)

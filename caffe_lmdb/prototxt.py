@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ from google.protobuf import text_format
 from .errors import InputError, PrototxtError, describe_os_error
 from .proto import caffe_pb2
 from .records import keys_file_for
+from .sources import special_kind
 from .transform import CaffeTransform
 
 if TYPE_CHECKING:
@@ -153,10 +155,29 @@ class DataLayerSpec:
 # --------------------------------------------------------------------------- reading prototxts
 
 def _read_text(path: Path) -> str:
+    """The prototxt's text. Only a regular file is read: a FIFO would wait for a writer and /dev/zero never ends.
+
+    The file is opened without blocking, then the opened descriptor is checked (as list files and
+    images are, `sources.special_kind`), so what is checked is what is read.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise PrototxtError(describe_os_error(exc, path)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise PrototxtError(f"{path}: is a directory")
+        kind = special_kind(mode)
+        if kind is not None:
+            raise PrototxtError(f"{path}: not a regular file ({kind}); a prototxt is a text file")
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as exc:
+        raise PrototxtError(describe_os_error(exc, path)) from None
+    finally:
+        os.close(fd)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -160,6 +160,15 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), 
                (stat.S_ISSOCK, "a socket"))
 
 
+def special_kind(mode: int) -> str | None:
+    """"a FIFO", "a character device", "a block device" or "a socket" for such a mode; None for anything else.
+
+    For the refusals of files that must be regular (images, list files, prototxts): reading a
+    FIFO waits for a writer forever, and a device such as /dev/zero never ends.
+    """
+    return next((name for test, name in _FILE_KINDS if test(mode)), None)
+
+
 def _not_a_file(path: str | os.PathLike, mode: int | None = None) -> str | None:
     """Why `path` is not an image file (a folder, a FIFO, ...), or None if it is a regular file or unknown."""
     if mode is None:
@@ -171,8 +180,7 @@ def _not_a_file(path: str | os.PathLike, mode: int | None = None) -> str | None:
         return folder_error(path)
     if stat.S_ISREG(mode):
         return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-    return f"not a regular file ({kind})"
+    return f"not a regular file ({special_kind(mode) or 'a special file'})"
 
 
 def _list_folder(folder: Path) -> list[os.DirEntry]:
@@ -347,9 +355,11 @@ def parse_list_file(list_file: str | os.PathLike, root: str | os.PathLike) -> li
     """
     list_file, root = Path(list_file), Path(root)
     kind = _file_type(list_file)
+    if kind == "other":
+        raise InputError(f"{list_file}: list file is not a regular file "
+                         f"({special_kind(os.stat(list_file).st_mode) or 'a special file'})")
     if kind != "file":
-        raise InputError(f"{list_file}: " + {None: "list file not found", "dir": "is a folder, not a list file"}.get(
-            kind, "list file is not a regular file"))
+        raise InputError(f"{list_file}: " + ("list file not found" if kind is None else "is a folder, not a list file"))
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

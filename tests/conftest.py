@@ -203,6 +203,7 @@ def assert_one_line_error(result, exit_code: int, *names) -> str:
 def tree_snapshot(root: Path) -> dict[str, bytes | str]:
     """Every entry below `root` (itself included) -> its bytes, link target or 'dir': to assert nothing changed."""
     import os
+    import stat
 
     root = Path(root)
     snapshot: dict[str, bytes | str] = {}
@@ -212,6 +213,9 @@ def tree_snapshot(root: Path) -> dict[str, bytes | str]:
             snapshot[name] = "link:" + os.readlink(path)
         elif path.is_dir():
             snapshot[name] = "dir"
+        elif not path.is_file():  # a FIFO, device or socket: never read (a FIFO would block)
+            info = os.lstat(path)
+            snapshot[name] = f"special:{stat.S_IFMT(info.st_mode):o}:{info.st_ino}"
         else:
             snapshot[name] = path.read_bytes()
     return snapshot
@@ -331,3 +335,75 @@ def hostile_lmdbs(tmp_path, hostile_files) -> tuple[Path, Path]:
 
 #: The key of the PNG without IDAT in `hostile_lmdbs`' broken LMDB, as readers print it.
 NO_IDAT_KEY = "key b'00000002_no-idat.png'"
+
+
+class FifoReader:
+    """A FIFO made at `path`, read by a thread while the `with` block runs; `data` holds what was written to it.
+
+    The read end is open (non-blocking) before the block starts, so a writer finds a reader at
+    once; the thread drains the pipe as it fills, so a writer of more than a pipe's buffer is
+    never stuck.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import os
+
+        os.mkfifo(path)
+        self.path = path
+        self.data = bytearray()
+
+    def __enter__(self) -> FifoReader:
+        import os
+        import threading
+
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        return self
+
+    def _drain(self) -> None:
+        import os
+        import select
+        import time
+
+        while True:
+            select.select([self._fd], [], [], 0.05)
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                self.data += chunk
+            elif self._stop.is_set():
+                return
+            else:
+                time.sleep(0.01)  # no writer (yet, or any more): a FIFO then reads as end of file at once
+
+    def __exit__(self, *exc_info) -> None:
+        import os
+
+        self._stop.set()
+        self._thread.join(30)
+        os.close(self._fd)
+
+
+def char_device(path: Path) -> Path:
+    """A character device node like /dev/null (major 1, minor 3) at `path` (root only; the test is skipped elsewhere)."""
+    import os
+    import stat
+
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    return path
+
+
+def assert_dev_null_intact() -> None:
+    """The system's /dev/null is still the character device (a test that replaced it would break the machine)."""
+    import os
+    import stat
+
+    info = os.lstat("/dev/null")
+    assert stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == 1 and os.minor(info.st_rdev) == 3

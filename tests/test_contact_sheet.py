@@ -89,3 +89,34 @@ def test_grid_of_hostile_payloads_draws_or_names_the_key(hostile_lmdbs, tmp_path
     result = run_cli("grid", broken, "-o", tmp_path / "b.png", "--n", "3")
     assert_one_line_error(result, 1, broken, NO_IDAT_KEY, "no IDAT chunk")
     assert not (tmp_path / "b.png").exists()
+
+
+def test_grid_into_a_fifo_writes_the_image_and_keeps_the_fifo(legacy_rgb_lmdb, tmp_path):
+    import io
+    import os
+    import stat
+
+    from conftest import FifoReader, run_cli
+
+    with FifoReader(tmp_path / "sheet.png") as reader:
+        result = run_cli("grid", legacy_rgb_lmdb[0], "-o", reader.path, "--n", "6", "--tile", "64")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    with Image.open(io.BytesIO(bytes(reader.data))) as sheet:
+        assert sheet.format == "PNG"
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "sheet.png").st_mode)
+
+
+def test_grid_into_a_folder_or_an_unread_fifo_is_refused_before_reading_in_one_line(legacy_rgb_lmdb, tmp_path):
+    import os
+
+    from conftest import assert_one_line_error, run_cli, tree_snapshot
+
+    (tmp_path / "adir.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
+    before = tree_snapshot(tmp_path)
+    for target, why in (("adir.png", "is a directory, not a file"), ("pipe.png", "is a FIFO that no process is reading")):
+        result = run_cli("grid", legacy_rgb_lmdb[0], "-o", tmp_path / target, "--n", "2")
+        assert " -> " not in assert_one_line_error(result, 1, f"{tmp_path / target}: {why}")
+        assert tree_snapshot(tmp_path) == before
+    result = run_cli("grid", tmp_path / "missing.lmdb", "-o", tmp_path / "adir.png")
+    assert_one_line_error(result, 1, f"{tmp_path / 'adir.png'}: is a directory")  # checked before the LMDB is opened

@@ -217,3 +217,49 @@ def test_same_guarantees_as_convert(tmp_path, rng):
     with pytest.raises(ConversionError, match="no sample could be stored"):
         write_dataset([(b"", 0)], tmp_path / "none.lmdb")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.lmdb", "big_keys.npy", "out.lmdb", "out_keys.npy"]
+
+
+def test_zero_height_or_width_images_are_skipped_not_stored(tmp_path, rng):
+    from caffe_lmdb.inspection import verify
+
+    good = (noise(rng, 2, 3), 0)
+    samples = [good, (np.zeros((0, 5, 3), np.uint8), 1), (Image.new("RGB", (4, 0)), 1), good,
+               (torch.zeros((3, 5, 0), dtype=torch.uint8), 1), (np.zeros((6, 0), np.uint8), 1)]
+    for encoded in (False, True):
+        out = tmp_path / f"e{int(encoded)}.lmdb"
+        result = write_dataset(samples, out, workers=0, encoded=encoded)
+        assert (result.written, result.skipped) == (2, 4)
+        skipped = (tmp_path / f"e{int(encoded)}_skipped.txt").read_text().splitlines()
+        assert [line.split("\t")[0] for line in skipped] == ["1", "2", "4", "5"]
+        assert all("a record needs at least 1x1" in line for line in skipped), skipped
+        assert "image is 5x0 pixels" in skipped[0] and "image is 4x0 pixels" in skipped[1]
+        assert load_keys(tmp_path / f"e{int(encoded)}_keys.npy").tolist() == [b"00000000_0", b"00000003_3"]
+        assert verify(out).ok
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_exception_in_key_fails_that_sample_in_one_line(tmp_path, rng, workers):
+    def key(index, sample):
+        if index in (1, 5):
+            raise RuntimeError(f"no name for {index}")
+        return f"img{index}"
+
+    samples = Samples([(noise(rng, 2, 2), i) for i in range(8)])  # 8 >= 2 x 2 workers: read in worker processes
+    result = write_dataset(samples, tmp_path / "k.lmdb", workers=workers, key=key)
+    assert (result.written, result.skipped) == (6, 2)
+    assert result.skipped_files == [("1", "key(1, sample) raised RuntimeError: no name for 1"),
+                                    ("5", "key(5, sample) raised RuntimeError: no name for 5")]
+    with pytest.raises(ConversionError) as info:
+        write_dataset(samples, tmp_path / "strict.lmdb", workers=workers, key=key, strict=True)
+    assert str(info.value) == "sample 1: key(1, sample) raised RuntimeError: no name for 1 (strict)"
+
+    def broken(index, sample):
+        return {}["name"]
+
+    with pytest.raises(ConversionError) as info:
+        write_dataset(samples, tmp_path / "none.lmdb", workers=workers, key=broken)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.endswith("no sample could be stored (8 skipped; the first, sample 0: key(0, sample) raised "
+                            "KeyError: 'name')")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.lmdb", "k_keys.npy", "k_skipped.txt"]

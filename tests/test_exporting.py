@@ -108,7 +108,20 @@ def test_mixed_kinds_and_lossy_records_are_reported(tmp_path, rng):
     result = export(hand_written(tmp_path / "mixed", records), tmp_path / "out")
     assert result.written == 3 and result.convert_flags is None and result.convert_command() is None
     assert result.inexact == [(caffe_key(2, "c.png"), "4 channels: convert stores 3 (alpha dropped)")]
-    assert "no single convert rebuilds them" in str(result)
+    assert "the records mix encoded, raw 3-channel and raw 4-channel kinds: no single convert rebuilds them" in str(
+        result)
+    assert result.kinds == ("encoded", "raw3", "raw4")
+
+
+def test_float_only_export_says_what_the_records_are(tmp_path, rng):
+    from caffe_lmdb.datum import array_to_datum, serialize_datum
+
+    records = {caffe_key(i, f"{i}.npy"): serialize_datum(array_to_datum(rng.random((3, 2, 4)), label=i))
+               for i in range(3)}
+    result = run_cli("export", hand_written(tmp_path / "float.lmdb", records), tmp_path / "out", "-q")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr  # exported, with warnings
+    assert "the records are all float (float_data pixels), which convert does not write" in result.stdout
+    assert "mix" not in result.stdout
 
 
 # ---------------------------------------------------------------- names, safety, overwrite
@@ -343,3 +356,36 @@ def test_bomb_record_is_a_problem_named_by_key(tmp_path, rng, capsys):
     out = capsys.readouterr().out
     assert "key b'00000001_bomb.png': not exported: encoded data (69 bytes): its header claims a 30000x30000" in out
     assert (tmp_path / "out" / "list.txt").read_text() == "0/00000000_a.png 0\n"
+
+
+# ---------------------------------------------------------------- outputs that are not regular files
+
+def test_list_file_that_is_a_fifo_is_written_into_with_overwrite(legacy_rgb_lmdb, tmp_path):
+    from conftest import FifoReader
+
+    path = legacy_rgb_lmdb[0]
+    export(path, tmp_path / "clean")
+    out = tmp_path / "out"
+    out.mkdir()
+    with FifoReader(out / LIST_NAME) as reader:
+        result = run_cli("export", path, out, "--overwrite", "-q")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert bytes(reader.data) == (tmp_path / "clean" / LIST_NAME).read_bytes()
+    assert os.path.exists(out / LIST_NAME) and not (out / LIST_NAME).is_file()  # still the FIFO
+
+
+def test_list_file_that_is_a_folder_is_refused_before_any_file_is_written(legacy_rgb_lmdb, tmp_path):
+    out = tmp_path / "out"
+    (out / LIST_NAME).mkdir(parents=True)
+    before = tree_snapshot(tmp_path)
+    result = run_cli("export", legacy_rgb_lmdb[0], out, "--overwrite", "-q")
+    assert " -> " not in assert_one_line_error(result, 1, f"{out / LIST_NAME}: is a directory, not a file")
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_image_name_that_is_a_fifo_says_so(legacy_rgb_lmdb, tmp_path):
+    out = tmp_path / "out"
+    (out / "0").mkdir(parents=True)
+    os.mkfifo(out / "0" / "00000000_img0.png")  # the name export writes for the first record
+    result = run_cli("export", legacy_rgb_lmdb[0], out, "-q")
+    assert_one_line_error(result, 2, f"{out / '0' / '00000000_img0.png'}: is a FIFO or device (pass --overwrite")

@@ -7,6 +7,7 @@ workers and interrupt real loops, then look for leftover processes and shared me
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import subprocess
@@ -407,6 +408,46 @@ def test_bad_arguments(data):
         CaffeLoader(data["raw"], 4, transform=CaffeTransform(30))  # found at construction, not in a worker
     with pytest.raises(IndexError, match="index 40, out of range for the 40 records"):
         iter(CaffeLoader(data["raw"], 4, sampler=[0, 40]))
+
+
+# --------------------------------------------------------------------------- slot sizes
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_slots_hold_what_an_epoch_can_fill_not_batch_size(data, clean, workers):
+    caffe = transform(data)
+    huge = CaffeLoader(data["raw"], 100_000, transform=caffe, shuffle=True, num_workers=workers)
+    got = run(huge)
+    assert same(got, run(CaffeLoader(data["raw"], COUNT, transform=caffe, shuffle=True, num_workers=0)))
+    assert len(got) == 1 and got[0][0].shape == (COUNT, 3, CROP, CROP)
+    slots = [huge._local] if workers == 0 else huge._rings.slots[0]
+    assert {images.shape[0] for images, _, _ in slots} == {COUNT}  # 40 rows, not 100,000
+    assert huge._layout().total_bytes < 1 << 20
+    huge.close()
+    sane = CaffeLoader(data["raw"], BATCH, transform=caffe, num_workers=workers)  # a batch_size an epoch fills
+    run(sane)
+    assert sane._layout().batch_size == BATCH
+    sane.close()
+
+
+def test_slots_of_a_rank_hold_its_share(data, clean):
+    dataset = LmdbDataset_train(data["raw"])
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=3)
+    loader = CaffeLoader(dataset, 100_000, sampler=sampler, num_workers=0, output="uint8")
+    got = run(loader)
+    assert indices_in(got, index_of(data)) == list(sampler) and loader._local[0].shape[0] == COUNT // 2
+
+
+def test_slots_that_cannot_fit_in_memory_are_refused_in_one_line(data, clean):
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # A slot takes at least a page: twice the machine's memory in slots, whatever its size.
+    loader = CaffeLoader(data["raw"], BATCH, num_workers=2, prefetch_factor=memory // mmap.PAGESIZE)
+    with pytest.raises(LoaderError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert message.startswith(f"{data['raw']}: batches of {BATCH} x 3x{HEIGHT}x{WIDTH} float32 samples need ")
+    assert "of memory available: lower batch_size, num_workers or prefetch_factor" in message
+    assert "\n" not in message
+    loader.close()
 
 
 # --------------------------------------------------------------------------- start methods, samplers, sources

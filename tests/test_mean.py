@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -328,3 +330,45 @@ def test_mean_of_hostile_payloads_decodes_or_names_the_key(hostile_lmdbs, tmp_pa
     result = run_cli("mean", broken, "-o", tmp_path / "b.binaryproto", "-q")
     assert_one_line_error(result, 1, broken, NO_IDAT_KEY, "no IDAT chunk")
     assert not (tmp_path / "b.binaryproto").exists()
+
+
+# --------------------------------------------------------------------------- outputs that are not regular files
+
+def test_mean_into_a_fifo_and_a_device_writes_them_in_place(tree, tmp_path):
+    from conftest import FifoReader, char_device, run_cli
+
+    lmdb_path = converted(tree, tmp_path / "train.lmdb")
+    assert main(["mean", str(lmdb_path), "-o", str(tmp_path / "m.binaryproto"), "-q"]) == 0
+    node = char_device(tmp_path / "null")
+    with FifoReader(tmp_path / "mean.pipe") as reader:
+        result = run_cli("mean", lmdb_path, "-o", reader.path, "--json", node, "-q")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert bytes(reader.data) == (tmp_path / "m.binaryproto").read_bytes()
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "mean.pipe").st_mode) and stat.S_ISCHR(os.lstat(node).st_mode)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_mean_into_dev_null_leaves_dev_null_a_device(tree, tmp_path):
+    from conftest import assert_dev_null_intact, run_cli
+
+    lmdb_path = converted(tree, tmp_path / "train.lmdb")
+    result = run_cli("mean", lmdb_path, "-o", "/dev/null", "--json", "/dev/null", "-q")
+    assert_dev_null_intact()
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("which", ["-o", "--json"])
+def test_mean_into_a_folder_or_an_unread_fifo_is_one_line_and_changes_nothing(tree, tmp_path, which):
+    from conftest import assert_one_line_error, run_cli, tree_snapshot
+
+    lmdb_path = converted(tree, tmp_path / "train.lmdb")
+    (tmp_path / "adir").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    before = tree_snapshot(tmp_path)
+    for target, why in (("adir", "is a directory, not a file"), ("pipe", "is a FIFO that no process is reading")):
+        outputs = ["-o", tmp_path / target] if which == "-o" else ["-o", tmp_path / "m.bp", "--json", tmp_path / target]
+        result = run_cli("mean", lmdb_path, *outputs, "-q")
+        message = assert_one_line_error(result, 1, f"{tmp_path / target}: {why}")
+        assert " -> " not in message
+        assert tree_snapshot(tmp_path) == before
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
+import torch
 from conftest import assert_one_line_error, caffe_key, caffe_raw_datum, run_cli, write_lmdb
 from google.protobuf import text_format
 from toollmdbs import converted, same_size_tree
@@ -531,3 +532,34 @@ def test_cli_loader_prototxt_errors_are_one_line(tmp_path, converted_lmdb):
     assert_one_line_error(run_cli("loader", "--prototxt", tmp_path / "missing.prototxt"), 2, "missing.prototxt")
     assert_one_line_error(run_cli("loader"), 2, "--prototxt")
     assert_one_line_error(run_cli("loader", converted_lmdb, "--prototxt", leveldb), 2, "one of them")
+
+
+def test_cli_loader_refuses_a_prototxt_that_is_a_fifo(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "net.prototxt")  # nothing ever writes to it: reading it waited forever
+    result = run_cli("loader", "--prototxt", tmp_path / "net.prototxt", timeout=30)
+    assert_one_line_error(result, 2, f"{tmp_path / 'net.prototxt'}: not a regular file (a FIFO)")
+
+
+def test_cli_loader_refuses_dev_zero_as_a_prototxt():
+    result = run_cli("loader", "--prototxt", "/dev/zero", timeout=30)  # read until memory ran out
+    assert_one_line_error(result, 2, "/dev/zero: not a regular file (a character device)")
+
+
+
+def test_loader_prototxt_with_a_batch_size_far_above_the_records(tmp_path, converted_lmdb):
+    def net(batch: int) -> Path:
+        return _write(tmp_path / "models" / f"b{batch}.prototxt",
+                      _data_layer(source="data/train.lmdb", batch=batch, transform="crop_size: 3"))
+
+    huge = loader_from_prototxt(net(100_000), root=tmp_path, num_workers=0)
+    got = [(images.clone(), labels.clone()) for images, labels in huge]
+    assert huge._local[0].shape[0] == 6  # the slot holds the six records, not 100,000 samples
+    exact = loader_from_prototxt(net(6), root=tmp_path, num_workers=0)
+    expected = list(exact)
+    assert len(got) == len(expected) == 1
+    assert torch.equal(got[0][0], expected[0][0]) and torch.equal(got[0][1], expected[0][1])
+    result = run_cli("loader", "--prototxt", net(100_000), "--root", tmp_path, "--workers", "2", timeout=60)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "batch 0: images (6, 3, 3, 3) float32, labels (6,) int64" in result.stdout.splitlines()

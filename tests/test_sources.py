@@ -229,5 +229,5 @@ def test_list_file_that_is_a_folder_or_fifo(tmp_path):
     with pytest.raises(InputError, match="list.txt: is a folder, not a list file"):
         parse_list_file(tmp_path / "list.txt", tmp_path)
     os.mkfifo(tmp_path / "fifo.txt")
-    with pytest.raises(InputError, match="fifo.txt: list file is not a regular file"):
+    with pytest.raises(InputError, match=r"fifo.txt: list file is not a regular file \(a FIFO\)$"):
         parse_list_file(tmp_path / "fifo.txt", tmp_path)
