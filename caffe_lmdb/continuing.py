@@ -264,12 +264,12 @@ def _leftovers(output: Path) -> list[Path]:
 
 def _foreign_part(leftover: Path) -> str | None:
     """What in a leftover caffe-lmdb did not make, or None: it is taken over only if it is a folder of this user,
-    writable by no one else, holding only regular files of its own (no link, planted or hard, to write through)."""
+    not writable by other users, holding only regular files of its own (no link, planted or hard, to write through)."""
     st = os.lstat(leftover)
     if stat.S_ISLNK(st.st_mode):
         return "it is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        return "it is not a folder of this user that only this user can write"
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & stat.S_IWOTH:
+        return "it is not a folder of this user that other users cannot write"  # (group-writable: umask 002)
     for name in sorted(os.listdir(leftover)):
         entry = os.lstat(leftover / name)
         if name not in _LEFTOVER_FILES:

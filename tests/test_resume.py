@@ -216,3 +216,13 @@ def test_a_resume_that_fails_keeps_the_leftover_for_the_next(work, small_fs, cap
     assert "no space left" in capsys.readouterr().err
     kept = list(small_fs.glob(".out.lmdb.tmp-*"))
     assert len(kept) == 1 and (kept[0] / "resume.json").is_file()  # still resumable on a bigger disk
+
+
+@pytest.mark.parametrize("mode, resumes", [(0o775, True), (0o777, False)])  # umask 002 is common; 000 is not ours
+def test_a_leftover_other_users_can_write_is_not_taken_over(work, mode, resumes, capsys):
+    _kill_when(work, _command(work, "out.lmdb", "--workers", "0"), "out.lmdb", 6 << 20)
+    (leftover,) = work.glob(".out.lmdb.tmp-*")
+    leftover.chmod(mode)
+    code = cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0", "--resume")[2:]])
+    err = capsys.readouterr().err
+    assert (code, "other users cannot write" in err) == ((0, False) if resumes else (2, True)), err
