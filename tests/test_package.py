@@ -123,9 +123,30 @@ def test_each_command_has_a_library_call_of_the_same_name():
         assert callable(getattr(caffe_lmdb, name)) and name in caffe_lmdb.__all__
 
 
-def test_the_readme_layout_lists_every_module_and_no_other():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    layout = readme.split("## Layout", 1)[1].split("```")[1]
-    listed = set(re.findall(r"^  (\w+)\.py\b", layout, flags=re.MULTILINE))
+def _layout() -> dict[str, set[str]]:
+    """The Layout section of docs/development.md: folder -> the `.py` files listed under it (two-space indent)."""
+    page = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
+    layout = page.split("## Layout", 1)[1].split("```")[1]
+    listed: dict[str, set[str]] = {}
+    folder = ""
+    for line in layout.splitlines():
+        if re.match(r"^\S+/ ", line):
+            folder = line.split("/", 1)[0]
+        elif match := re.match(r"^  (\w+)\.py\b", line):
+            listed.setdefault(folder, set()).add(match.group(1))
+    return listed
+
+
+def test_the_layout_lists_every_module_and_no_other():
+    listed = _layout()["caffe_lmdb"]
     modules = {path.stem for path in PACKAGE.glob("*.py")} - GENERATED
-    assert listed == modules, f"missing: {sorted(modules - listed)}, gone: {sorted(listed - modules)}"
+    assert listed - GENERATED == modules, f"missing: {sorted(modules - listed)}, gone: {sorted(listed - modules)}"
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "tools", "tests"])
+def test_the_layout_lists_every_script_benchmark_and_test_helper(folder):
+    listed = _layout()[folder]
+    files = {path.stem for path in (REPO / folder).glob("*.py")}
+    if folder == "tests":
+        files = {name for name in files if not name.startswith("test_")}  # the helpers; tests are test_<topic>.py
+    assert listed == files, f"missing: {sorted(files - listed)}, gone: {sorted(listed - files)}"
