@@ -1,4 +1,4 @@
-"""What an append costs, three ways (README, "Benchmarks"): records are prebuilt, so only writing is timed.
+"""What an append costs, three ways (docs/benchmarks.md): records are prebuilt, so only writing is timed.
 
     python benchmarks/append_designs.py [--old 2000] [--new 2000] [--dir /tmp]
 

@@ -133,7 +133,7 @@ def pil_to_tensor(image: Image.Image):
 # --------------------------------------------------------------------------- reading
 
 def bench_reading(files: Sequence[Path], raw: Path, encoded: Path, passes: int, seed: int = 0) -> dict[str, Any]:
-    """Samples/s of A..G (see the README's benchmark table) over one fixed random order."""
+    """Samples/s of A..G (see the table in docs/benchmarks.md) over one fixed random order."""
     import torch
 
     from caffe_lmdb.dataset import LmdbDataset_train
@@ -489,7 +489,7 @@ def machine() -> str:
 
 
 def format_report(results: dict[str, Any]) -> str:
-    """The table `make bench` prints (and the README shows)."""
+    """The table `make bench` prints (and docs/benchmarks.md shows)."""
     lines = [f"caffe-lmdb benchmark: N={results['n']} 256x256 JPEGs, {results['machine']}", ""]
     ratios = {}
     for section in ("reading", "conversion"):

@@ -1,4 +1,4 @@
-"""Issue 15's two speed checks, for `make bench` to run (README, "Benchmarks"):
+"""Issue 15's two speed checks, for `make bench` to run (docs/benchmarks.md):
 
 * `write_dataset` over a torch `Dataset` returning paths, against `convert` of the same list (target >= 0.9x);
 * a conversion killed (SIGKILL) at ~60% of its output and finished with `--resume`, against a full run

@@ -4,7 +4,7 @@ A raw 256x256 record is 192 KiB. glibc serves blocks that size with `mmap` and g
 with `munmap` (or trims the heap top after each LMDB commit), so every decoded image and every
 LMDB dirty page is first-touched memory again: one page fault per 4 KiB. On virtual machines a
 fault is expensive enough to slow a plain Pillow decode loop down by up to half and to make
-LMDB's own copies the biggest cost of a conversion (figures: README, "Benchmarks"). Raising
+LMDB's own copies the biggest cost of a conversion (figures: docs/benchmarks.md). Raising
 glibc's mmap and trim thresholds lets the same pages be reused.
 
 Only glibc has `mallopt`; elsewhere this does nothing.
@@ -46,7 +46,7 @@ def set_heap_retention() -> bool:
     glibc raises them by itself after large frees (up to these values), but only part way and
     only after the first ones; setting them fixes them for the process's life. Not undone:
     setting glibc's defaults back would also switch its adaptation off and leave the process
-    slower than before it was raised (figures: README, "Benchmarks").
+    slower than before it was raised (figures: docs/benchmarks.md).
     Returns False where there is no glibc `mallopt` (nothing changed).
     """
     libc = _glibc()

@@ -5,14 +5,11 @@ aside, published whole):
 
 * **Append** copies the published `data.mdb` into the temporary (`copy_file_range`: in the kernel,
   and a reflink where the file system has them), appends there in ordinary small transactions,
-  and publishes by swapping the two folders in one `renameat2(RENAME_EXCHANGE)`. The published
+  and publishes as every output does (`publish.Publish`: logged renames, the LMDB swapped in by
+  `renameat2(RENAME_EXCHANGE)`), so a kill at any step is finished by the next run. The published
   LMDB is never written in place, so readers that have it open (with `lock=False`, as
-  `LmdbDataset_train` opens it) keep reading valid pages. Publishing removes the old keys file,
-  swaps the LMDBs, then renames the new keys file in: a `kill -9` at any moment leaves the old LMDB
-  with its old keys, or the new one with its new keys, or, for the instant between those renames,
-  the old or the complete new LMDB with no keys file (readers and `verify` then scan the keys); never
-  records of one with keys of the other. Why not one big write transaction in place: README,
-  "Benchmarks".
+  `LmdbDataset_train` opens it) keep reading valid pages. Why not one big write transaction in
+  place: docs/benchmarks.md, "Appending and resuming".
 * **Resume**: every conversion writes `resume.json` (what it converts, how, which shard) into its
   temporary before the first record. A run killed by `SIGKILL`, the OOM killer or preemption leaves
   that temporary behind; `convert --resume` with the same arguments takes it over, reads its

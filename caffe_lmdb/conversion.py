@@ -88,7 +88,7 @@ def default_workers() -> int:
     """One decoding process per CPU; the writer (this process) needs a share of a core too.
 
     On 2 cores 2 workers beat 1, and 1 beats converting in this process (0 workers); the rates
-    are in the README's "Benchmarks".
+    are in the docs/benchmarks.md.
     """
     return max(1, os.cpu_count() or 1)
 

@@ -172,7 +172,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         readahead: let the OS read ahead around each record. None (default) decides from the
             first record's size: on for records of `READAHEAD_MIN_BYTES` or more (a cold raw
             256x256 record spans 48 pages, each its own synchronous page fault without
-            readahead: far slower on an LMDB bigger than RAM; README, "Benchmarks"), off for small
+            readahead: far slower on an LMDB bigger than RAM; docs/benchmarks.md), off for small
             records read at random (readahead would read neighbours nobody asked for). Datasets
             over one LMDB share one environment per process, so the first to open it sets this
             and `max_readers`. Warm-cache speed is the same either way.

@@ -908,7 +908,7 @@ def raw_datum_parts(
     Caffe stores them) and the label tail, so the 192 KiB of a 256x256 record are copied only
     once more, by whoever joins them (`b"".join`, or straight into a worker's shared buffer).
     Pillow packs each plane out of its own pixel buffer in C (`tobytes("raw", "B")`), faster than
-    a numpy transpose of the HxWx3 array (figures: README, "Benchmarks").
+    a numpy transpose of the HxWx3 array (figures: docs/benchmarks.md).
     Byte for byte what `serialize_datum(image_to_datum(image, label, gray))` (plus `float_data`) gives.
     """
     target = "L" if gray else "RGB"

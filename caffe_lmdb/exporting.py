@@ -64,7 +64,7 @@ _MAX_NAME_BYTES = 200
 
 
 #: zlib level of the PNGs: level 1 writes photos several times faster than Pillow's default 6, for
-#: slightly larger files (figures: README, "Benchmarks").
+#: slightly larger files (figures: docs/benchmarks.md).
 _PNG_LEVEL = 1
 
 #: The name of a temporary `files.write_bytes_atomic` left behind when killed: `.NAME.tmp-PID`.

@@ -18,7 +18,7 @@ The trade-off: samples from the same block still meet within a window (at most `
 window` apart) and keep their relative order, so batches are less independent than under a full
 permutation; convert with `--shuffle` so that a block is a random sample of the dataset rather
 than a run of one class. Blocks of 512 raw 256x256 records (96 MiB) read cold at well over half
-of sequential speed (figures: README, "Benchmarks"), and a window of 8 blocks mixes 4096 records
+of sequential speed (figures: docs/benchmarks.md), and a window of 8 blocks mixes 4096 records
 from 8 random places of the dataset; smaller blocks are more random and slower. Use
 DistributedSampler for LMDBs that fit in the page cache, where order costs nothing.
 """
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 #: Records per block. Each jump to a new block costs a fresh IO stream, so larger blocks read
-#: faster when cold; 512 raw 256x256 records are 96 MiB (cold figures per size: README, "Benchmarks").
+#: faster when cold; 512 raw 256x256 records are 96 MiB (cold figures per size: docs/benchmarks.md).
 DEFAULT_BLOCK_SIZE = 512
 #: Blocks shuffled together: enough to break up each block across batches.
 DEFAULT_WINDOW = 8

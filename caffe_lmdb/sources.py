@@ -67,8 +67,8 @@ class PackedEntries(Sequence[FileInput]):
     bumps reference counts (the entry's, its `Path`'s and the interned path parts'), which copies
     the memory page each lives on, so every worker ends up with a private copy of most of the
     list. Arrays have no per-entry objects: `packed[i]` builds a small `FileInput` when it is
-    needed, and a worker copies a few pages instead of most of the list (figures: README,
-    "Benchmarks").
+    needed, and a worker copies a few pages instead of most of the list (figures:
+    docs/benchmarks.md).
     """
 
     def __init__(self, entries: Sequence[Entry]) -> None:

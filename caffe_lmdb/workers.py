@@ -2,8 +2,8 @@
 
 Why not `multiprocessing.Pool`: a raw 256x256 record is 192 KiB, and a pool pickles each one
 through a pipe (copied four times, into fresh memory on both sides). On 2 cores that cost more
-than the second decoding process gained: 2 pool workers converted slower than 1 (figures: README,
-"Benchmarks"). Here each worker writes its records into its own ring buffer of
+than the second decoding process gained: 2 pool workers converted slower than 1 (figures:
+docs/benchmarks.md). Here each worker writes its records into its own ring buffer of
 anonymous shared memory and sends only (offset, length) through its pipe; the writer puts them
 into LMDB straight from the ring.
 
