@@ -44,11 +44,12 @@ def build(path: Path, count: int) -> None:
 
 
 def run(design: str, path: Path, old: int, new: int) -> dict:
-    from caffe_lmdb.continuing import ConversionLmdb, read_previous
+    from caffe_lmdb.continuing import read_previous
+    from caffe_lmdb.output import AtomicLmdb
 
     start = time.perf_counter()
     if design == "copy":
-        with ConversionLmdb(path, previous=read_previous(path)) as out:
+        with AtomicLmdb(path, previous=read_previous(path)) as out:
             for key, value in records(old, new):
                 out.put(key, value)
             out.finish()

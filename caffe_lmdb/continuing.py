@@ -1,7 +1,7 @@
-"""Continuing an LMDB: appending to a published one, and resuming the temporary of a killed conversion.
+"""Continuing an LMDB: what an append reads from the published one, and a conversion's resume journal.
 
-Both write through `ConversionLmdb`, an `AtomicLmdb` that keeps its promises (one writer, built
-aside, published whole):
+Both are started by `output.AtomicLmdb` (`previous=`, `journal=`), which keeps its promises (one
+writer, built aside, published whole); this module holds what is particular to each:
 
 * **Append** copies the published `data.mdb` into the temporary (`copy_file_range`: in the kernel,
   and a reflink where the file system has them), appends there in ordinary small transactions,
@@ -11,13 +11,14 @@ aside, published whole):
   `LmdbDataset_train` opens it) keep reading valid pages. Why not one big write transaction in
   place: docs/benchmarks.md, "Appending and resuming".
 * **Resume**: every conversion writes `resume.json` (what it converts, how, which shard) into its
-  temporary before the first record. A run killed by `SIGKILL`, the OOM killer or preemption leaves
-  that temporary behind; `convert --resume` with the same arguments takes it over, reads its
+  temporary before the first record (`ResumeJournal`). A run killed by `SIGKILL`, the OOM killer or
+  preemption leaves that temporary behind; `convert --resume` with the same arguments takes it over, reads its
   committed keys (from the journal each commit appends to, checked against the LMDB), and converts
   only the entries after the last committed one. Commits fall where they would have fallen (a
   transaction always ends at a commit), and each transaction gets a fresh environment
   (`AtomicLmdb._reopen`), so the file is byte for byte an uninterrupted run's. Different
-  arguments are refused in one line naming what differs.
+  arguments are refused in one line naming what differs; a job that had finished is reported
+  `already_complete`.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ import lmdb
 
 from .datum import DatumError, parse_datum
 from .encode import ConvertOptions
-from .errors import InputError, KeysFileError
+from .errors import InputError, KeysFileError, OutputError, describe_os_error
 from .files import default_keys_path, sidecar_path, temporaries_of, temporary_name
 from .keys import file_identity, load_keys, make_key
-from .output import AtomicLmdb, TargetLock, check_replaceable, is_lmdb
-from .publish import complete_pending, pending_publish
+from .publish import complete_pending
 from .sources import Entry
+from .targets import TargetLock, is_lmdb
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class Previous:
     classes: list[str] | None
     next_line_id: int
     identity: tuple = field(default=(), repr=False)
+
+    def changed(self) -> bool:
+        """True when the LMDB or its keys file is no longer what `read_previous` read."""
+        return _identity(self.output, self.keys_path) != self.identity
 
 
 def _line_id(key: bytes, where: Path) -> int:
@@ -100,12 +105,7 @@ def read_previous(output: str | os.PathLike, keys_path: str | os.PathLike | None
     """
     output = Path(output)
     keys_path = Path(keys_path) if keys_path is not None else default_keys_path(output)
-    if pending_publish(output) is not None:  # a killed run's publish: finish it, under the lock, before reading
-        lock = TargetLock(output)
-        try:
-            complete_pending(output)
-        finally:
-            lock.release()
+    finish_interrupted_publish(output)
     if output.is_symlink():
         raise InputError(f"{output}: is a symbolic link (to {os.readlink(output)}); --append writes a new LMDB in "
                          f"its place, so give the LMDB itself: {os.path.realpath(output)}")
@@ -134,6 +134,23 @@ def read_previous(output: str | os.PathLike, keys_path: str | os.PathLike | None
     last = _line_id(keys[-1], keys_path) if keys else -1
     return Previous(output=output, keys_path=keys_path, keys=keys, skipped=skipped, classes=classes,
                     next_line_id=max(last + 1, len(keys) + len(skipped)), identity=_identity(output, keys_path))
+
+
+def finish_interrupted_publish(output: Path) -> None:
+    """Finish what a killed run left at `output` (a publish half done, its log, its lock file) before reading it.
+
+    Taken under the output's lock, so a run that is writing it now is reported, not raced.
+    """
+    if not output.parent.is_dir():
+        return
+    try:
+        lock = TargetLock(output)
+        try:
+            complete_pending(output)
+        finally:
+            lock.release()
+    except OSError as exc:
+        raise OutputError(describe_os_error(exc, output)) from None
 
 
 def _identity(output: Path, keys_path: Path) -> tuple:
@@ -291,14 +308,6 @@ def _open_nofollow(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
-class AlreadyComplete(Exception):  # noqa: N818 (an outcome, not an error)
-    """`--resume` of a conversion that an earlier run already published: nothing to do."""
-
-    def __init__(self, output: Path, records: int) -> None:
-        super().__init__(output, records)  # reported by ConvertResult
-        self.output, self.records = output, records
-
-
 def _layout(encoded: bool, channels: int, height: int, width: int) -> tuple[bool, int, int, int]:
     return (True, 0, 0, 0) if encoded else (False, channels, height, width)
 
@@ -311,99 +320,58 @@ def _describe(layout: tuple[bool, int, int, int]) -> str:
     return f"raw {kind} {height}x{width}" if height else f"raw {kind}"
 
 
-# --------------------------------------------------------------------------- the output
+# --------------------------------------------------------------------------- the journal, and checks before writing
 
 
-def _copy_file(source: Path, target: Path) -> None:
-    """Copy in the kernel (`copy_file_range`: a reflink on file systems that have them)."""
-    with open(source, "rb") as src, open(target, "xb") as dst:
-        size = os.fstat(src.fileno()).st_size
-        copied = 0
-        if hasattr(os, "copy_file_range"):
-            with contextlib.suppress(OSError):
-                while copied < size:
-                    done = os.copy_file_range(src.fileno(), dst.fileno(), size - copied, copied, copied)
-                    if done == 0:
-                        break
-                    copied += done
-        if copied < size:
-            src.seek(copied)
-            dst.seek(copied)
-            while chunk := src.read(16 << 20):
-                dst.write(chunk)
+class ResumeJournal:
+    """A conversion's resume state, kept in its temporary until it is published; `AtomicLmdb` calls it.
 
-
-class ConversionLmdb(AtomicLmdb):
-    """`AtomicLmdb` for conversions: keeps a resume manifest in its temporary, and can append or resume.
+    The manifest (`resume.json`: what the run converts) is written before the first record, and
+    each commit appends its keys to the journal (`committed-keys`). A run killed by `SIGKILL`, the
+    OOM killer or a preemption leaves both behind; a later run with `take_over` (`--resume`) and an
+    equal manifest renames that temporary to its own name and goes on after its committed keys.
 
     Args:
-        manifest: what this conversion converts (`conversion_manifest`), kept in the temporary
-            until it is published, so that a killed run can be resumed.
-        previous: append to this published LMDB (`read_previous`): its records come first.
-        options: the layout of the records to come: an append with another layout than the
-            LMDB's first record is refused.
-        planned, line_offset: the relative paths this run converts and its first line id: with
-            `resume`, an LMDB whose last lines are already these is reported `AlreadyComplete`.
-        resume: take over a killed run's temporary with an equal manifest (none: start afresh).
-
-    After opening, `keys` holds the keys already in the LMDB (previous or resumed) and `resumed`
-    the number of records a resumed temporary held.
+        manifest: what this conversion converts (`conversion_manifest`).
+        take_over: resume a killed run's temporary with an equal manifest (none: start afresh).
     """
 
-    def __init__(self, output: str | os.PathLike, keys_path: str | os.PathLike | None = None, *,
-                 manifest: dict[str, Any] | None = None, previous: Previous | None = None, resume: bool = False,
-                 options: ConvertOptions | None = None, planned: Sequence[str] = (), line_offset: int = 0,
-                 **kwargs: Any) -> None:
-        self.manifest, self.previous, self.resume, self.options = manifest, previous, resume, options
-        self.planned, self.line_offset = list(planned), line_offset
-        self.resumed = 0
-        self._taken: Path | None = None
-        self._journal: BinaryIO | None = None
-        self._journaled = self._journal_base = 0
-        super().__init__(output, keys_path, **kwargs)
+    def __init__(self, manifest: dict[str, Any], *, take_over: bool = False) -> None:
+        self.manifest, self.take_over = manifest, take_over
+        self._file: BinaryIO | None = None
+        self._base = self._journaled = 0
 
-    def _open(self, overwrite: bool, map_size: int) -> None:
-        if self.previous is None and not self.resume:
-            super()._open(overwrite, map_size)
-            self._write_manifest()
-            self._start_journal()
-            return
-        self._lock_target()
-        if self.resume and self.planned:
-            self._check_not_finished()
-        if self.previous is not None:
-            if _identity(self.output, self.keys_path) != self.previous.identity:
-                raise InputError(f"{self.output}: changed while the append was prepared; run it again")
-            self._check_layout()
-        else:
-            check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
-        taken = self._taken = self._take_leftover() if self.resume else None
-        self.tmp = temporary_name(self.output)
-        self._remove_leftovers(keep=taken)  # taken: our name now
-        self._reserve_side_temporaries()
-        self._temporaries.append(self.tmp)
-        if taken is None:
-            self._os(self.tmp.mkdir, self.output)
-            if self.previous is not None:
-                self._os(_copy_file, self.output, self.output / "data.mdb", self.tmp / "data.mdb")
-        committed = self._committed_keys() if taken is not None else None
-        if taken is not None or self.previous is not None:
-            map_size = 0  # LMDB then takes the size the file's meta page records: growth goes on as it went
-        self._open_env(map_size)
-        self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
-        if committed is not None:
-            self.keys = committed
-        elif self.previous is not None:
-            self.keys = list(self.previous.keys)  # read_previous checked them against the LMDB's record count
-        self.resumed = len(self.keys) - (len(self.previous.keys) if self.previous is not None else 0)
-        if self.previous is not None and self.keys[:len(self.previous.keys)] != self.previous.keys:
-            raise InputError(f"{self.output}: its records do not match its keys file {self.keys_path}")
-        if taken is None:
-            self._write_manifest()
-        self._start_journal()
+    def take_leftover(self, output: Path) -> Path | None:
+        """Rename the newest leftover temporary of `output` with this manifest to this run's temporary name.
 
-    def _committed_keys(self) -> list[bytes]:
-        """The keys the taken-over temporary holds: its journal, checked against the LMDB and completed from it.
+        Raises:
+            InputError: a leftover caffe-lmdb did not make (links, another user's), or one whose
+                manifest differs (naming what differs): it is kept for a correct resume.
+        """
+        for leftover in _leftovers(output):
+            foreign = _foreign_part(leftover)
+            if foreign is not None:
+                raise InputError(f"{output}: cannot resume {leftover.name}: {foreign}; caffe-lmdb did not make "
+                                 "it, so it is left alone (remove it, or run without --resume)")
+            manifest = _read_manifest(leftover)
+            if manifest is None:
+                continue
+            different = _differs(manifest, self.manifest)
+            if different is not None:
+                raise InputError(f"{output}: cannot resume {leftover.name}: {_DIFFERS[different]} from the "
+                                 "interrupted run's (run with the same arguments, or without --resume to start over)")
+            mine = temporary_name(output)
+            if leftover != mine:
+                os.replace(leftover, mine)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mine / "lock.mdb")  # the killed writer's lock table
+            log.info("%s: resuming %s", output, leftover.name)
+            return mine
+        log.info("%s: no interrupted conversion to resume; starting from the beginning", output)
+        return None
+
+    def committed_keys(self, tmp: Path, output: Path) -> list[bytes]:
+        """The keys a taken-over temporary holds: its journal, checked against the LMDB and completed from it.
 
         The journal is a prefix of the LMDB's keys (it is written after each commit; a kill can
         cut its last entry or miss the last commit). Its last key is looked up, the keys after it
@@ -412,157 +380,119 @@ class ConversionLmdb(AtomicLmdb):
         writing: mapped pages cannot be dropped from the page cache, so each commit's
         `posix_fadvise(DONTNEED)` would walk all of them.
         """
-        journal = _read_journal(self.tmp / JOURNAL)
+        journal = _read_journal(tmp / JOURNAL)
+        with lmdb.open(str(tmp), readonly=True, lock=False, readahead=False) as env, env.begin() as txn:
+            entries, cursor = txn.stat()["entries"], txn.cursor()
+            if journal and len(journal) <= entries and cursor.set_key(journal[-1]):
+                keys = journal + list(cursor.iternext(values=False))[1:]  # iternext starts at journal[-1]
+                if len(keys) == entries and all(a < b for a, b in itertools.pairwise(journal)):
+                    return keys
+                log.info("%s: the interrupted run's key journal does not match its LMDB; reading the keys "
+                         "from the LMDB", output)
+            return list(cursor.iternext(values=False)) if cursor.first() else []
 
-        def scan() -> list[bytes]:
-            with lmdb.open(str(self.tmp), readonly=True, lock=False, readahead=False) as env, env.begin() as txn:
-                entries, cursor = txn.stat()["entries"], txn.cursor()
-                if journal and len(journal) <= entries and cursor.set_key(journal[-1]):
-                    keys = journal + list(cursor.iternext(values=False))[1:]  # iternext starts at journal[-1]
-                    if len(keys) == entries and all(a < b for a, b in itertools.pairwise(journal)):
-                        return keys
-                    log.info("%s: the interrupted run's key journal does not match its LMDB; reading the keys "
-                             "from the LMDB", self.output)
-                return list(cursor.iternext(values=False)) if cursor.first() else []
-        return self._lmdb(scan)
-
-    def _start_journal(self) -> None:
-        """(Re)write the journal with the keys already in the temporary; each commit appends to it."""
-        def start() -> BinaryIO:
-            fd = _open_nofollow(self.tmp / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            journal = os.fdopen(fd, "wb")
-            try:
-                journal.write(_journal_bytes(self.keys))
-                journal.flush()
-            except BaseException:
-                journal.close()
-                raise
-            return journal
-        self._journal = self._os(start, self.output)
-        self._journaled = self._journal_base = len(self.keys)
-
-    def _committed(self, written: int) -> None:
-        committed = self._journal_base + written
-        if self._journal is not None and committed > self._journaled:
-            def append() -> None:
-                self._journal.write(_journal_bytes(self.keys[self._journaled:committed]))
-                self._journal.flush()  # in the kernel now: a kill -9 after this keeps it
-            self._os(append, self.output)
-            self._journaled = committed
-        super()._committed(written)
-
-    def _close(self) -> None:
-        super()._close()
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-
-    def _take_leftover(self) -> Path | None:
-        """Rename the newest leftover temporary with our manifest to our own temporary name."""
-        for leftover in _leftovers(self.output):
-            foreign = _foreign_part(leftover)
-            if foreign is not None:
-                raise InputError(f"{self.output}: cannot resume {leftover.name}: {foreign}; caffe-lmdb did not make "
-                                 "it, so it is left alone (remove it, or run without --resume)")
-            manifest = _read_manifest(leftover)
-            if manifest is None:
-                continue
-            different = _differs(manifest, self.manifest or {})
-            if different is not None:
-                raise InputError(f"{self.output}: cannot resume {leftover.name}: {_DIFFERS[different]} from the "
-                                 "interrupted run's (run with the same arguments, or without --resume to start over)")
-            mine = temporary_name(self.output)
-            if leftover != mine:
-                self._os(os.replace, self.output, leftover, mine)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(mine / "lock.mdb")  # the killed writer's lock table
-            log.info("%s: resuming %s", self.output, leftover.name)
-            return mine
-        log.info("%s: no interrupted conversion to resume; starting from the beginning", self.output)
-        return None
-
-    def _write_manifest(self) -> None:
-        if self.manifest is None:
-            return
-        path = self.tmp / MANIFEST
-
-        def write() -> None:
-            with os.fdopen(_open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as f:
+    def begin(self, tmp: Path, keys: Sequence[bytes], *, fresh: bool) -> None:
+        """Write the manifest into a fresh temporary, and (re)write the journal with the keys already in it."""
+        if fresh:
+            with os.fdopen(_open_nofollow(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w",
+                           encoding="utf-8") as f:
                 json.dump(self.manifest, f)
                 f.flush()
                 os.fsync(f.fileno())
-        self._os(write, self.output)
+        journal = os.fdopen(_open_nofollow(tmp / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
+        try:
+            journal.write(_journal_bytes(keys))
+            journal.flush()
+        except BaseException:
+            journal.close()
+            raise
+        self._file = journal
+        self._base = self._journaled = len(keys)
 
-    def _publish(self, output: Path, contents: dict[str, bytes | None]) -> None:
+    def committed(self, keys: Sequence[bytes], written: int) -> None:
+        """After a commit: `written` records of this run are in the LMDB; journal the keys not journaled yet."""
+        committed = self._base + written
+        if self._file is not None and committed > self._journaled:
+            self._file.write(_journal_bytes(keys[self._journaled:committed]))
+            self._file.flush()  # in the kernel now: a kill -9 after this keeps it
+            self._journaled = committed
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @staticmethod
+    def forget(tmp: Path) -> None:
+        """Before publishing: a published LMDB is not resumable."""
         for name in (MANIFEST, JOURNAL):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp / name)  # a published LMDB is not resumable
-        super()._publish(output, contents)
+                os.unlink(tmp / name)
 
-    def discard(self) -> None:
-        """As `AtomicLmdb.discard`, but a leftover taken over by `--resume` is kept: it stays resumable."""
-        if self._taken is not None and self.tmp in self._temporaries:
-            self._temporaries.remove(self.tmp)
-        super().discard()
 
-    def _check_not_finished(self) -> None:
-        """`--resume` after the run it resumes had finished (a restarted job): raise AlreadyComplete.
+def already_complete(previous: Previous | None, output: Path, keys_path: Path, planned: Sequence[str],
+                     line_offset: int, options: ConvertOptions) -> int | None:
+    """For `--resume`: the records of `output` an earlier run already published from this input, or None.
 
-        Finished means the LMDB's last lines are this run's: its keys (line ids and paths, from
-        where the run started) and skipped list end with exactly this input's, in records laid out
-        as these flags lay them out. An append started `len(planned)` lines before the LMDB's next
-        line id; a fresh conversion at its own first line.
-        """
-        planned = self.planned
-        if self.previous is not None:
-            keys, skipped = self.previous.keys, self.previous.skipped
-            start = self.previous.next_line_id - len(planned)
-        elif is_lmdb(self.output) and self.keys_path.is_file() and self.output.is_dir():
-            try:
-                keys = load_keys(self.keys_path).tolist()
-            except KeysFileError:
-                return
-            skipped = [tuple(row.split("\t", 1)) for row in _read_lines(self.side_paths["skipped.txt"]) or []]
-            start = self.line_offset
-        else:
-            return
-        if start < 0 or not keys:
-            return
-        expected = [make_key(start + i, relpath) for i, relpath in enumerate(planned)]
-        tail = [key for key in keys[-len(planned):] if key[:8].isdigit() and int(key[:8]) >= start]
-        present = set(tail)
-        missing = [relpath for key, relpath in zip(expected, planned, strict=True) if key not in present]
-        skipped_here = [row[0] for row in skipped[-len(missing):]] if missing else []
-        if (tail != [key for key in expected if key in present] or len(tail) + len(missing) != len(planned)
-                or skipped_here != missing or self._layout_mismatch(keys[0]) is not None):
-            return
-        raise AlreadyComplete(self.output, len(tail))
-
-    def _check_layout(self) -> None:
-        """Refuse an append whose records would be laid out unlike the LMDB's (another --gray, --resize, --encoded)."""
-        if self.previous.keys:
-            mismatch = self._layout_mismatch(self.previous.keys[0])
-            if mismatch is not None:
-                raise InputError(f"{self.output}: {mismatch}; append with the flags it was converted with")
-
-    def _layout_mismatch(self, key: bytes) -> str | None:
-        """How the record `key` of the published LMDB is laid out unlike these options' records, or None."""
-        options = self.options
-        if options is None:
+    A restarted job whose run had finished must not convert again. Finished means the LMDB's
+    last lines are this run's: its keys (line ids and paths, from where the run started) and
+    skipped list end with exactly this input's, in records laid out as these flags lay them
+    out. An append started `len(planned)` lines before the LMDB's next line id (`previous` is the
+    LMDB after it); a fresh conversion at `line_offset`.
+    """
+    if previous is None:
+        finish_interrupted_publish(output)
+        if not (output.is_dir() and is_lmdb(output) and keys_path.is_file()):
             return None
-        with lmdb.open(str(self.output), readonly=True, lock=False) as env, env.begin() as txn:
-            value = txn.get(key)
         try:
-            datum = parse_datum(value) if value is not None else None
-        except DatumError:
+            keys = load_keys(keys_path).tolist()
+        except KeysFileError:
             return None
-        if datum is None:
-            return None
-        found = _layout(datum.encoded, datum.channels, datum.height, datum.width)
-        wanted = _layout(options.encoded or bool(options.encode_type), 1 if options.gray else 3,
-                         options.resize_height, options.resize_width)
-        if found[0] or wanted[0]:
-            differs = found[0] != wanted[0]
-        else:  # raw: the channels, and the size where the flags fix one
-            differs = found[1] != wanted[1] or (wanted[2] > 0 and found[2:] != wanted[2:])
-        return f"its records are {_describe(found)}, but these flags make {_describe(wanted)}" if differs else None
+        rows = _read_lines(sidecar_path(output, "skipped.txt")) or []
+        skipped, start = [row.split("\t", 1)[0] for row in rows], line_offset
+    else:
+        keys, skipped = previous.keys, [path for path, _ in previous.skipped]
+        start = previous.next_line_id - len(planned)
+    if start < 0 or not keys or not planned:
+        return None
+    expected = [make_key(start + i, relpath) for i, relpath in enumerate(planned)]
+    tail = [key for key in keys[-len(planned):] if key[:8].isdigit() and int(key[:8]) >= start]
+    present = set(tail)
+    missing = [relpath for key, relpath in zip(expected, planned, strict=True) if key not in present]
+    skipped_here = skipped[-len(missing):] if missing else []
+    if (tail != [key for key in expected if key in present] or len(tail) + len(missing) != len(planned)
+            or skipped_here != missing or layout_mismatch(output, keys[0], options) is not None):
+        return None
+    return len(tail)
+
+
+def check_append_layout(previous: Previous, options: ConvertOptions) -> None:
+    """Refuse an append whose records would be laid out unlike the LMDB's (another --gray, --resize, --encoded).
+
+    Raises:
+        InputError: naming both layouts.
+    """
+    if previous.keys:
+        mismatch = layout_mismatch(previous.output, previous.keys[0], options)
+        if mismatch is not None:
+            raise InputError(f"{previous.output}: {mismatch}; append with the flags it was converted with")
+
+
+def layout_mismatch(output: Path, key: bytes, options: ConvertOptions) -> str | None:
+    """How the record `key` of the published LMDB `output` is laid out unlike `options`' records, or None."""
+    with lmdb.open(str(output), readonly=True, lock=False) as env, env.begin() as txn:
+        value = txn.get(key)
+    try:
+        datum = parse_datum(value) if value is not None else None
+    except DatumError:
+        return None
+    if datum is None:
+        return None
+    found = _layout(datum.encoded, datum.channels, datum.height, datum.width)
+    wanted = _layout(options.encoded or bool(options.encode_type), 1 if options.gray else 3,
+                     options.resize_height, options.resize_width)
+    if found[0] or wanted[0]:
+        differs = found[0] != wanted[0]
+    else:  # raw: the channels, and the size where the flags fix one
+        differs = found[1] != wanted[1] or (wanted[2] > 0 and found[2:] != wanted[2:])
+    return f"its records are {_describe(found)}, but these flags make {_describe(wanted)}" if differs else None

@@ -31,9 +31,10 @@ from pathlib import Path
 from . import workers as _workers
 from .allocator import set_heap_retention
 from .continuing import (
-    AlreadyComplete,
-    ConversionLmdb,
     Previous,
+    ResumeJournal,
+    already_complete,
+    check_append_layout,
     conversion_manifest,
     read_previous,
     relabel_for_append,
@@ -42,7 +43,7 @@ from .encode import ConvertOptions, encode_entry
 from .errors import ConversionError, InputError
 from .files import default_keys_path
 from .keys import MAX_KEY_BYTES, make_key
-from .output import COMMIT_BYTES, INITIAL_MAP_SIZE
+from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
 from .progress import progress_bar
 from .shards import resolve_shard, shard_name, shard_range
 from .sources import Entry, PackedEntries, find_splits, load_entries, shuffle_entries
@@ -183,17 +184,20 @@ def write_lmdb(
         entries, options, line_offset=line_offset, classes=classes,
         keys_path=Path(keys_path) if keys_path is not None else default_keys_path(output),
         commit_every=commit_every, commit_bytes=commit_bytes, previous=previous)
+    keys_file = Path(manifest["keys file"])
+    if resume:  # a restarted job whose run had finished: nothing to do
+        published = already_complete(previous, Path(output), keys_file, [entry.relpath for entry in entries],
+                                     line_offset, options)
+        if published is not None:
+            return ConvertResult(output=Path(output), keys_path=keys_file, written=published, already_complete=True,
+                                 seconds=time.perf_counter() - start)
+    if previous is not None:
+        check_append_layout(previous, options)
     # The output is checked and its temporary created (AtomicLmdb) before any worker is forked.
-    try:
-        opened = ConversionLmdb(output, keys_path, manifest=manifest, previous=previous, resume=resume,
-                                options=options, overwrite=overwrite, commit_every=commit_every,
-                                commit_bytes=commit_bytes, initial_map_size=initial_map_size, grow_ahead=grow_ahead,
-                                inputs=inputs, scanned_inputs=scanned_inputs, line_offset=line_offset,
-                                planned=[entry.relpath for entry in entries] if resume else ())
-    except AlreadyComplete as done:
-        return ConvertResult(output=done.output, keys_path=Path(manifest["keys file"]), written=done.records,
-                             already_complete=True, seconds=time.perf_counter() - start)
-    with opened as out:
+    with AtomicLmdb(output, keys_path, previous=previous, journal=ResumeJournal(manifest, take_over=resume),
+                    overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
+                    initial_map_size=initial_map_size, grow_ahead=grow_ahead, inputs=inputs,
+                    scanned_inputs=scanned_inputs) as out:
         base = len(previous.keys) if previous is not None else 0
         result = ConvertResult(output=out.output, keys_path=out.keys_path, resumed=out.resumed)
         done, first_shape = _resumed_entries(out, entries, options, line_offset, base, result.skipped_files)
@@ -234,7 +238,7 @@ def write_lmdb(
     return result
 
 
-def _resumed_entries(out: ConversionLmdb, entries: Sequence[Entry], options: ConvertOptions, line_offset: int,
+def _resumed_entries(out: AtomicLmdb, entries: Sequence[Entry], options: ConvertOptions, line_offset: int,
                      base: int, skipped: list[tuple[str, str]]) -> tuple[int, tuple[int, int, int] | None]:
     """How many entries a resumed temporary already holds, and its first record's C x H x W (for check_size).
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from . import workers as _workers
 from .allocator import set_heap_retention
-from .continuing import ConversionLmdb, merged_classes, read_previous
+from .continuing import check_append_layout, merged_classes, read_previous
 from .conversion import RING_BYTES, ConvertResult, default_workers
 from .datum import (
     DatumError,
@@ -46,7 +46,7 @@ from .datum import (
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
 from .keys import MAX_KEY_BYTES
-from .output import COMMIT_BYTES, INITIAL_MAP_SIZE
+from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
 from .progress import progress_bar
 from .sources import read_image_file
 from .workers import Record, RingPool
@@ -373,8 +373,10 @@ def write_dataset(
         line_offset, classes = previous.next_line_id, merged_classes(previous, classes, extend=extend_classes)
     start = time.perf_counter()
     total = count if mapped else _length_hint(dataset)
-    with ConversionLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
-                        initial_map_size=initial_map_size, previous=previous, options=options) as out, \
+    if previous is not None:
+        check_append_layout(previous, options)
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
+                    initial_map_size=initial_map_size, previous=previous) as out, \
             (_indexed_records(dataset, count, options, key, workers, max(2 * commit_bytes, ring_bytes), line_offset)
              if mapped else _nullcontext(_iterated_records(dataset, options, key, line_offset))) as records, \
             progress_bar(total, out.output.name, progress, unit="sample") as bar:

@@ -1,14 +1,8 @@
 """The LMDB a tool writes for users: built aside, locked, and published whole or not at all.
 
-Conversion, merge and migration all write through `AtomicLmdb`, so they share its guarantees:
+Conversion, `write_dataset`, merge and migration all write through `AtomicLmdb`, so they share
+its guarantees (the target's checks and its lock: `targets.py`):
 
-* **One writer per target.** An exclusive `flock` on `.NAME.lock` beside the target is held for
-  the whole run; the kernel drops it when the process dies, so `kill -9` leaves no stale lock.
-  A second run on the same target fails at once.
-* **`overwrite` replaces only what this tool makes**: an LMDB (a folder holding `data.mdb` and at
-  most `lock.mdb`, or a single-file LMDB) and its side files (`_keys.npy`, `_classes.txt`,
-  `_skipped.txt`). Any other file or folder at the target is refused, never deleted; so is an
-  output inside, equal to or containing an input.
 * **Nothing half-done is visible.** The LMDB is written under `.NAME.tmp-PID`, the side files under
   temporaries beside their targets; every location is created before the first record, so an
   unwritable `--keys` folder fails before any work. At the end they are renamed into place as
@@ -23,20 +17,27 @@ Conversion, merge and migration all write through `AtomicLmdb`, so they share it
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
+from .continuing import Previous, ResumeJournal
 from .errors import InputError, OutputError, describe_os_error
-from .files import SIDE_FILES, TMP_MARK, default_keys_path, sidecar_path, temporaries_of, temporary_name
-from .keys import LMDB_MAGIC, keys_to_array
+from .files import SIDE_FILES, TMP_MARK, copy_file, default_keys_path, sidecar_path, temporary_name
+from .keys import keys_to_array
 from .publish import Publish, complete_pending, publish_log_path, removal_step, remove_path, rename_step
+from .targets import (
+    TargetLock,
+    check_not_inside_inputs,
+    check_replaceable,
+    check_side_files_are_its_own,
+    remove_temporaries_of,
+    single_file_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,159 +46,8 @@ INITIAL_MAP_SIZE = 64 << 20
 
 #: Default of `commit_bytes`: a transaction also ends when its records reach this many bytes.
 #: 1000 raw 256x256 records are 190 MiB, held twice (values, then LMDB's dirty pages) until the
-#: commit, where small transactions stay in the CPU caches (measurements: README, "Benchmarks").
+#: commit, where small transactions stay in the CPU caches (measurements: docs/benchmarks.md).
 COMMIT_BYTES = 4 << 20
-
-#: The files LMDB itself keeps in an LMDB folder: a folder holding anything else is not only an LMDB.
-LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
-
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-# --------------------------------------------------------------------------- what may be replaced
-
-def _has_lmdb_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-    except OSError:
-        return False
-    return len(head) == 20 and int.from_bytes(head[16:20], "little") == LMDB_MAGIC
-
-
-def is_lmdb(path: str | os.PathLike) -> bool:
-    """True for an LMDB as LMDB makes it: a folder of `data.mdb` (+ `lock.mdb`) only, or an LMDB file."""
-    path = Path(path)
-    if path.is_symlink():
-        return False
-    if path.is_dir():
-        names = set(os.listdir(path))
-        return "data.mdb" in names and names <= LMDB_FILES and _has_lmdb_magic(path / "data.mdb")
-    return path.is_file() and _has_lmdb_magic(path)
-
-
-def _what_is_there(path: Path) -> str:
-    if path.is_symlink():
-        return "a symbolic link"
-    if path.is_dir():
-        names = sorted(os.listdir(path))
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return f"a folder holding {shown}" if names else "an empty folder"
-    return "a file that is not an LMDB" if path.is_file() else "something that is not a regular file"
-
-
-def check_replaceable(output: Path, side_files: Iterable[Path], overwrite: bool) -> None:
-    """Refuse an existing output (without `overwrite`), or one that `overwrite` must not replace.
-
-    Raises:
-        InputError: the target exists without `overwrite`, or holds something that is not this
-            tool's output (a folder of other files, a file that is not an LMDB or keys file).
-    """
-    for path in (output, *side_files):
-        if not os.path.lexists(path):
-            continue
-        if not overwrite:
-            raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
-        if path == output:
-            if not (is_lmdb(path) or (path.is_dir() and not path.is_symlink() and not os.listdir(path))):
-                raise InputError(f"{path}: is {_what_is_there(path)}, not an LMDB; --overwrite replaces only "
-                                 "an LMDB (data.mdb and lock.mdb), refusing to delete it")
-        elif path.is_symlink() or not path.is_file():
-            raise InputError(f"{path}: is {_what_is_there(path)}; --overwrite replaces only the side files "
-                             "this tool wrote, refusing to delete it")
-        elif path.name.endswith(".npy") and not _starts_with(path, _NPY_MAGIC):
-            raise InputError(f"{path}: is not a .npy keys file; refusing to overwrite it")
-
-
-def check_side_files_are_its_own(output: Path) -> None:
-    """Refuse an output whose side files would be another LMDB's: `train` and `train.lmdb` share `train_keys.npy`.
-
-    Raises:
-        InputError: naming the LMDB that owns them.
-    """
-    name = output.name
-    other = output.with_name(name[:-len(".lmdb")] if name.endswith(".lmdb") else f"{name}.lmdb")
-    if other.name and is_lmdb(other):
-        keys = sidecar_path(output, "keys.npy").name
-        raise InputError(f"{output}: its side files ({keys}, ...) are also those of the LMDB {other}, which is "
-                         "there; choose an output name of its own")
-
-
-def single_file_lock(output: Path) -> Path | None:
-    """The `NAME-lock` file LMDB keeps beside a single-file LMDB (None for a folder)."""
-    return output.with_name(f"{output.name}-lock") if output.is_file() and not output.is_symlink() else None
-
-
-def _starts_with(path: Path, magic: bytes) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(magic)) == magic
-
-
-def check_not_inside_inputs(output: Path, inputs: Iterable[str | os.PathLike], *, scanned: bool = True) -> None:
-    """Refuse an output that is an input, contains one, or (for scanned folders) lies inside one.
-
-    Raises:
-        InputError: naming both paths.
-    """
-    out = Path(os.path.realpath(output))
-    for given in inputs:
-        source = Path(os.path.realpath(given))
-        if out == source:
-            raise InputError(f"{output}: the output is the input {given}; choose another output path")
-        if out in source.parents:
-            raise InputError(f"{output}: the output contains the input {given}; choose another output path")
-        if scanned and source.is_dir() and source in out.parents:
-            raise InputError(f"{output}: the output is inside the input folder {given}, whose files are read; "
-                             "choose a path outside it")
-
-
-# --------------------------------------------------------------------------- one writer per target
-
-class TargetLock:
-    """An exclusive `flock` on `.NAME.lock` beside a target, held until `release()`.
-
-    The lock file is removed on release; a run that opened it just before then finds, once it
-    holds the lock, that the path no longer names its file, and starts over with a fresh one.
-    """
-
-    def __init__(self, target: Path) -> None:
-        self.path = target.with_name(f".{target.name}.lock")
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise InputError(f"{target}: another caffe-lmdb run is writing it"
-                                 + (f" (pid {holder})" if holder.isdigit() else "")
-                                 + "; wait for it to finish") from None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                mine = os.fstat(fd)
-                if stat.S_ISREG(mine.st_mode) and mine.st_nlink == 1:
-                    break
-                os.close(fd)  # a hard link to another file (or not a file): writing our pid would change it
-                raise InputError(f"{self.path}: is not a lock file caffe-lmdb made (a hard link to another file, "
-                                 "or not a regular file); remove it, then run again")
-            os.close(fd)
-        self._fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            os.close(self._fd)  # closing drops the lock
-            self._fd = -1
-
 
 # --------------------------------------------------------------------------- transactions
 
@@ -340,14 +190,6 @@ def _check_commit_limits(commit_every: int, commit_bytes: int) -> None:
 
 # --------------------------------------------------------------------------- the atomic output
 
-def remove_temporaries_of(*targets: Path, keep: Path | None = None) -> None:
-    """Remove temporaries earlier runs on these targets left (`kill -9`): under the target's lock, none is live."""
-    for candidate in temporaries_of(*targets):
-        if candidate != keep:
-            with contextlib.suppress(OSError):
-                remove_path(candidate)
-
-
 def _no_space_hint(exc: BaseException, where: Path) -> str:
     """LMDB reports a full disk as EIO (a short pwrite); say which it is when the file system is full."""
     text = str(exc)
@@ -372,6 +214,14 @@ class AtomicLmdb:
     Write failures (full disk, I/O errors) raise `OutputError` naming the file and the cause.
     `commit_every`, `commit_bytes` and `grow_ahead` go to the `BatchWriter`; the map starts at
     `initial_map_size` bytes.
+
+    The temporary starts one of three ways: empty; with `previous` (`continuing.read_previous`),
+    as a copy of that published LMDB (`copy_file_range`, a reflink where the file system has
+    them), to append to (the published one is never written in place); or, with a `journal`
+    whose `take_over` is set (`--resume`), as the leftover a killed run with the same manifest
+    left. A `journal` keeps the manifest and the committed keys in the temporary at each commit,
+    so that a killed run can be resumed. After opening, `keys` holds the keys already in the
+    LMDB (previous or resumed) and `resumed` the number of records a taken-over leftover held.
     """
 
     def __init__(
@@ -387,8 +237,13 @@ class AtomicLmdb:
         after_commit: Callable[[int], None] | None = None,
         inputs: Iterable[str | os.PathLike] = (),
         scanned_inputs: bool = True,
+        previous: Previous | None = None,
+        journal: ResumeJournal | None = None,
     ) -> None:
         _check_commit_limits(commit_every, commit_bytes)  # before anything is created
+        self.previous, self.journal = previous, journal
+        self.resumed = 0
+        self._taken: Path | None = None
         self.output = Path(output)
         self.keys_path = Path(keys_path) if keys_path is not None else default_keys_path(self.output)
         self.side_paths = {name: sidecar_path(self.output, name) for name in SIDE_FILES[1:]}
@@ -412,14 +267,36 @@ class AtomicLmdb:
             raise
 
     def _open(self, overwrite: bool, map_size: int) -> None:
+        """Lock and check the target, and make the temporary: empty, a copy of `previous`, or a taken-over leftover."""
         self._lock_target()
-        check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
+        previous, journal = self.previous, self.journal
+        if previous is not None:
+            if previous.changed():
+                raise InputError(f"{self.output}: changed while the append was prepared; run it again")
+        else:
+            check_replaceable(self.output, [self.keys_path, *self.side_paths.values()], overwrite)
+        if journal is not None and journal.take_over:
+            self._taken = self._os(journal.take_leftover, self.output, self.output)
         self.tmp = temporary_name(self.output)
-        self._remove_leftovers()
+        self._remove_leftovers(keep=self._taken)  # taken: our name now
         self._reserve_side_temporaries()
         self._temporaries.append(self.tmp)
+        if self._taken is not None:
+            self.keys = self._lmdb(journal.committed_keys, self.tmp, self.output)
+        elif previous is not None:
+            self._os(self.tmp.mkdir, self.output)
+            self._os(copy_file, self.output, self.output / "data.mdb", self.tmp / "data.mdb")
+            self.keys = list(previous.keys)  # read_previous checked them against the LMDB's record count
+        if self._taken is not None or previous is not None:
+            map_size = 0  # LMDB then takes the size the file's meta page records: growth goes on as it went
         self._open_env(map_size)
         self._data_fd = os.open(self.tmp / "data.mdb", os.O_RDONLY)
+        base = len(previous.keys) if previous is not None else 0
+        self.resumed = len(self.keys) - base
+        if previous is not None and self.keys[:base] != previous.keys:
+            raise InputError(f"{self.output}: its records do not match its keys file {self.keys_path}")
+        if journal is not None:
+            self._os(lambda: journal.begin(self.tmp, self.keys, fresh=self._taken is None), self.output)
 
     def _lock_target(self) -> None:
         """Make the folders, take the target's lock, and finish a publish a killed run left half done."""
@@ -521,6 +398,8 @@ class AtomicLmdb:
         A side file this run has no contents for is removed: an old run's list does not describe
         this LMDB.
         """
+        if self.journal is not None:
+            self.journal.forget(self.tmp)
         steps = [removal_step(self.keys_path)]
         for name, data in contents.items():
             steps.append(removal_step(self.side_paths[name]) if data is None
@@ -536,7 +415,12 @@ class AtomicLmdb:
                 os.unlink(self._side_tmps[name])  # reserved, not needed: this run has no such list
 
     def discard(self) -> None:
-        """Drop everything this run made (temporaries), keep everything it did not."""
+        """Drop everything this run made (temporaries), keep everything it did not.
+
+        A leftover taken over by `--resume` is kept: it stays resumable (after a full disk, say).
+        """
+        if self._taken is not None and self.tmp in self._temporaries:
+            self._temporaries.remove(self.tmp)
         self._close()
         for tmp in self._temporaries:
             with contextlib.suppress(OSError):
@@ -558,8 +442,12 @@ class AtomicLmdb:
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
+        if self.journal is not None:
+            self.journal.close()
 
     def _committed(self, written: int) -> None:
+        if self.journal is not None:
+            self._os(self.journal.committed, self.output, self.keys, written)
         self._start_writeback()
         self._reopen()
         if self.after_commit is not None:
@@ -571,7 +459,7 @@ class AtomicLmdb:
         An environment hands a transaction the page buffers of earlier ones without clearing them,
         so the unused bytes of its pages would hold whatever the process wrote before: a resumed
         run would not be byte-identical to an uninterrupted one. A fresh environment's buffers are
-        zeroed by LMDB (its cost per commit: README, "Appending and resuming").
+        zeroed by LMDB (its cost per commit: docs/benchmarks.md, "Appending and resuming").
         """
         map_size = self.env.info()["map_size"]
         self.env.close()

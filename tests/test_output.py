@@ -18,8 +18,9 @@ from test_migration import folder2lmdb_pickle
 
 from caffe_lmdb import load_keys
 from caffe_lmdb.conversion import convert
-from caffe_lmdb.output import AtomicLmdb, OutputError, is_lmdb
+from caffe_lmdb.output import AtomicLmdb, OutputError
 from caffe_lmdb.sources import InputError
+from caffe_lmdb.targets import is_lmdb
 
 
 def _tree(root, count=6, side=40, rng=None):
