@@ -150,3 +150,33 @@ def test_the_layout_lists_every_script_benchmark_and_test_helper(folder):
     if folder == "tests":
         files = {name for name in files if not name.startswith("test_")}  # the helpers; tests are test_<topic>.py
     assert listed == files, f"missing: {sorted(files - listed)}, gone: {sorted(listed - files)}"
+
+
+def test_only_optional_torch_asks_whether_torch_was_imported():
+    # torch_if_imported is the one place that looks torch up in sys.modules (and says why)
+    asking = [name for name, tree in _modules().items() if name != "optional_torch"
+              for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr == "modules"
+              and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    assert not asking, f"sys.modules read outside optional_torch.py: {sorted(set(asking))}"
+
+
+def test_numpy_work_never_imports_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+from caffe_lmdb import write_dataset
+from caffe_lmdb.optional_torch import torch_if_imported
+from caffe_lmdb.transform import CaffeTransform
+image = np.zeros((4, 5, 3), np.uint8)
+write_dataset([(image, 1), (image, 2)], {str(tmp_path / "o.lmdb")!r}, workers=0, progress=False)
+out = CaffeTransform(crop_size=2, mirror=True, seed=1)(np.zeros((3, 4, 5), np.uint8))
+assert out.shape == (3, 2, 2) and torch_if_imported() is None and "torch" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
