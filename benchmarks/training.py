@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/training.py`: make `b
 import numpy as np
 import torch
 
-from benchmarks.bench import _children, _memory_kib, _read_all, ensure_images, machine
+from benchmarks.common import children, ensure_images, machine, memory_kib, read_all
 from caffe_lmdb.conversion import convert
 from caffe_lmdb.dataset import _OPEN_ENVS, LmdbDataset_train
 from caffe_lmdb.datum import parse_datum_view
@@ -75,8 +75,8 @@ def prepare(workdir: Path, n: int, seed: int) -> dict[str, Path]:
     mean_file = workdir / "training_mean.binaryproto"
     if not mean_file.is_file() or mean_file.stat().st_mtime < raw.stat().st_mtime:
         save_mean(mean_file, _mean(raw))
-    _read_all(raw)
-    _read_all(encoded)
+    read_all(raw)
+    read_all(encoded)
     return {"raw": raw, "encoded": encoded, "mean": mean_file, "n": len(files)}
 
 
@@ -186,8 +186,8 @@ def epoch_memory(loader: Any, epochs: int = 3) -> list[dict[str, float]]:
         peak = [0, 0, 0]
         for step, _ in enumerate(loader):
             if step % 4 == 1:
-                pids = [os.getpid(), *_children(os.getpid())]
-                sample = [sum(column) for column in zip(*(_memory_kib(pid) for pid in pids), strict=True)]
+                pids = [os.getpid(), *children(os.getpid())]
+                sample = [sum(column) for column in zip(*(memory_kib(pid) for pid in pids), strict=True)]
                 peak = [max(a, b) for a, b in zip(peak, sample, strict=True)]
         rows.append({"epoch": epoch, "peak_rss_mib": peak[0] / 1024, "peak_pss_mib": peak[1] / 1024,
                      "peak_anonymous_mib": peak[2] / 1024})

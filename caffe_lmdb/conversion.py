@@ -321,9 +321,9 @@ def convert(
         **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, resume, ...).
     """
     entries, classes = load_entries(source, list_file=list_file, root=root)
-    if list_file is None and source is not None and Path(source).is_file():
-        list_file, source = source, None
-    if list_file is not None:  # the list's paths are read, not the root's listing: an output inside it is fine
+    if classes is None:  # read as a list file (load_entries alone guesses file or folder for `source`)
+        list_file = source if list_file is None else list_file
+        # the list's paths are read, not the root's listing: an output inside it is fine
         inputs, scanned = [list_file, root if root is not None else Path(list_file).parent], False
     else:
         inputs, scanned = [source], True

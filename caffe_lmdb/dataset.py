@@ -72,12 +72,6 @@ READAHEAD_MIN_BYTES = 64 << 10
 PREFETCH_MERGE_GAP = 256 << 10
 _PAGE = 4096
 
-#: LMDB's reader-table size. The dataset opens with `lock=False`, which keeps no reader table, so
-#: `MDB_READERS_FULL` cannot happen and the value does not bind; it is still set far above
-#: workers x ranks (LMDB's default is 126) so that it is never the limit.
-DEFAULT_MAX_READERS = 1024
-
-
 class _ProcessEnvironments:
     """The read-only LMDB environments open in this process, one per LMDB, shared by its datasets.
 
@@ -86,7 +80,8 @@ class _ProcessEnvironments:
     dataset using it goes. A child made by fork() inherits the parent's handles, which it must
     not use (LMDB's rule) and which block reopening the files; the first call in the child closes
     them, which touches nothing the parent shares because they were opened with `lock=False`.
-    The first dataset to open an LMDB in a process chooses `max_readers` and `readahead`.
+    The first dataset to open an LMDB in a process chooses `readahead`. There is no `max_readers`:
+    with `lock=False` LMDB keeps no reader table, so a reader-table size would have no effect.
     An environment is shared only while the path still names the file it maps: once the LMDB
     was replaced (a new inode under the same name), the next caller gets the new file's own.
     """
@@ -168,14 +163,13 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
             "gray" (= "L"): always 1 channel; encoded records decode as OpenCV's
             `IMREAD_GRAYSCALE` (Caffe's `force_gray`); raw colour records use Pillow's L formula
             (Caffe never converts raw records).
-        max_readers: LMDB's reader-table size (see `DEFAULT_MAX_READERS`).
         readahead: let the OS read ahead around each record. None (default) decides from the
             first record's size: on for records of `READAHEAD_MIN_BYTES` or more (a cold raw
             256x256 record spans 48 pages, each its own synchronous page fault without
             readahead: far slower on an LMDB bigger than RAM; docs/benchmarks.md), off for small
             records read at random (readahead would read neighbours nobody asked for). Datasets
-            over one LMDB share one environment per process, so the first to open it sets this
-            and `max_readers`. Warm-cache speed is the same either way.
+            over one LMDB share one environment per process, so the first to open it sets this.
+            Warm-cache speed is the same either way.
         prefetch: when the DataLoader asks for a whole batch (`__getitems__`), first tell the
             kernel about every record of the batch (`posix_fadvise(WILLNEED)` on their byte
             ranges), so that a cold batch is read with many IOs in flight instead of one page
@@ -200,7 +194,6 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         target_transform: Callable[[Any], Any] | None = None,
         output: Output = "pil",
         mode: str | None = None,
-        max_readers: int = DEFAULT_MAX_READERS,
         readahead: bool | None = None,
         prefetch: bool = True,
     ) -> None:
@@ -220,7 +213,7 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         self.output = output
         self.mode = mode
         self.prefetch = prefetch
-        self._env_options = {"max_readers": max_readers, "readahead": bool(readahead)}
+        self._env_options = {"readahead": bool(readahead)}
         env = _OPEN_ENVS.get(self.root, **self._env_options)  # a missing or non-LMDB path fails here
         #: The data file the keys belong to; each process checks it on opening (`_open_env`).
         self._identity = _identity(self.root)

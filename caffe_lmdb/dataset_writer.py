@@ -19,7 +19,6 @@ import math
 import multiprocessing
 import os
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from .datum import (
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
 from .keys import MAX_KEY_BYTES
+from .optional_torch import torch_if_imported
 from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
 from .progress import progress_bar
 from .sources import read_image_file
@@ -134,7 +134,7 @@ def _image_from_array(array: np.ndarray, what: str) -> Image.Image:
 
 
 def _tensor_type() -> type | None:
-    torch = sys.modules.get("torch")  # no tensor can exist unless torch was imported
+    torch = torch_if_imported()
     return getattr(torch, "Tensor", None) if torch is not None else None
 
 
@@ -254,7 +254,7 @@ def split_record(value: bytes | memoryview) -> tuple[str, memoryview]:
 
 def is_map_style(dataset: Any) -> bool:
     """A dataset indexed 0..len-1 (a torch map-style `Dataset`, a list); else it is iterated."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     iterable_dataset = getattr(getattr(getattr(torch, "utils", None), "data", None), "IterableDataset", None)
     if iterable_dataset is not None and isinstance(dataset, iterable_dataset):
         return False

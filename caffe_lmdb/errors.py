@@ -29,12 +29,24 @@ class KeysFileWarning(UserWarning):
     """A keys file that loads but disagrees with its LMDB (e.g. a different number of entries)."""
 
 
+class LmdbNotFoundError(LmdbFormatError, FileNotFoundError):
+    """No LMDB at the path: also a FileNotFoundError, so `except FileNotFoundError` catches it."""
+
+
+class KeysFileNotFoundError(KeysFileError, FileNotFoundError):
+    """No keys file at the path: also a FileNotFoundError, so `except FileNotFoundError` catches it."""
+
+
 class CorruptLmdbError(LmdbFormatError):
     """An LMDB's files are damaged: a bad B-tree page, or a `data.mdb` shorter than its meta page says."""
 
 
 class InputError(CaffeLmdbError, ValueError):
     """The conversion input (folder, list file, flags) is unusable; the message says how."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """An input folder, list file or LMDB to read is missing: also a FileNotFoundError (the CLI still exits 2)."""
 
 
 class ConversionError(CaffeLmdbError, RuntimeError):

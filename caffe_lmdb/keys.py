@@ -30,7 +30,14 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from .errors import CorruptLmdbError, KeysFileError, LmdbFormatError, describe_os_error
+from .errors import (
+    CorruptLmdbError,
+    KeysFileError,
+    KeysFileNotFoundError,
+    LmdbFormatError,
+    LmdbNotFoundError,
+    describe_os_error,
+)
 from .files import write_bytes_atomic
 
 #: LMDB refuses longer keys (MDB_MAXKEYSIZE).
@@ -87,7 +94,7 @@ def load_keys(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise KeysFileError(f"{path}: keys file not found")
+        raise KeysFileNotFoundError(f"{path}: keys file not found")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -164,7 +171,7 @@ def open_readonly(lmdb_path: str | os.PathLike, **kwargs) -> lmdb.Environment:
     elif path.is_file():
         subdir = False
     else:
-        raise LmdbFormatError(f"{path}: LMDB not found")
+        raise LmdbNotFoundError(f"{path}: LMDB not found")
     file = data_file(path)
     try:
         fd = os.open(file, os.O_RDONLY)

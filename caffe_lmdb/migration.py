@@ -49,7 +49,7 @@ from .datum import (
     serialize_datum,
 )
 from .encode import ConvertOptions, encoded_payload
-from .errors import InputError, MigrationError
+from .errors import InputError, InputNotFoundError, MigrationError
 from .files import default_keys_path
 from .foreign import (
     MSGPACK_CONTAINERS,
@@ -666,7 +666,7 @@ def migrate(
     """
     old, new = Path(old), Path(new)
     if not old.exists():
-        raise InputError(f"{old}: LMDB not found")
+        raise InputNotFoundError(f"{old}: LMDB not found")
     if new.exists() and new.resolve() == old.resolve():
         raise InputError(f"{new}: the output must not be the LMDB being migrated")
     keys_path = Path(keys_path) if keys_path is not None else default_keys_path(new)

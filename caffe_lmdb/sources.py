@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import DatumError, InputError, os_error_reason
+from .errors import DatumError, InputError, InputNotFoundError, os_error_reason
 from .formats import IMAGE_EXTENSIONS
 
 #: Larger input files are skipped unread: no image format Caffe reads needs this much, and a
@@ -358,8 +358,10 @@ def parse_list_file(list_file: str | os.PathLike, root: str | os.PathLike) -> li
     if kind == "other":
         raise InputError(f"{list_file}: list file is not a regular file "
                          f"({special_kind(os.stat(list_file).st_mode) or 'a special file'})")
+    if kind is None:
+        raise InputNotFoundError(f"{list_file}: list file not found")
     if kind != "file":
-        raise InputError(f"{list_file}: " + ("list file not found" if kind is None else "is a folder, not a list file"))
+        raise InputError(f"{list_file}: is a folder, not a list file")
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -451,10 +453,10 @@ def load_entries(
     if list_file is not None:
         root = Path(root) if root is not None else Path(list_file).parent
         if _file_type(root) != "dir":
-            raise InputError(f"{root}: root folder not found")
+            raise InputNotFoundError(f"{root}: root folder not found")
         return parse_list_file(list_file, root), None
     if source is None:
         raise InputError("no input: give an image folder or a list file")
     if _file_type(source) is None:
-        raise InputError(f"{source}: input folder not found")
+        raise InputNotFoundError(f"{source}: input folder not found")
     return scan_folder(source)

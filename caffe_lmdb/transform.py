@@ -42,7 +42,6 @@ Two ways in:
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +51,7 @@ from PIL import Image
 from .datum import Datum, DatumView, check_datum, image_plane_order, normalize_image, open_image, parse_datum_view
 from .errors import TransformError
 from .mean import load_mean
+from .optional_torch import torch_if_imported
 from .records import format_shape
 
 _PHASES = ("train", "test")
@@ -302,7 +302,7 @@ class CaffeTransform:
         if pid == self._pid:
             return
         worker_seed = None
-        torch = sys.modules.get("torch")
+        torch = torch_if_imported()
         if torch is not None:
             info = torch.utils.data.get_worker_info()
             worker_seed = None if info is None else info.seed & _MASK64
@@ -338,7 +338,7 @@ class CaffeTransform:
             TransformError: one of Caffe's CHECKs fails (see `check_shape`).
             DatumError: the record is not a valid Datum, or its encoded image does not decode.
         """
-        torch = sys.modules.get("torch")
+        torch = torch_if_imported()
         as_tensor = torch is not None and isinstance(sample, torch.Tensor)
         pixels = self._pixels(sample)
         channels, height, width = pixels.shape
@@ -365,7 +365,7 @@ class CaffeTransform:
             return self.record_pixels(sample)
         if isinstance(sample, Image.Image):
             return _image_planes(sample)
-        torch = sys.modules.get("torch")
+        torch = torch_if_imported()
         if torch is not None and isinstance(sample, torch.Tensor):
             sample = sample.detach().cpu().numpy()
         if isinstance(sample, np.ndarray):
@@ -555,7 +555,7 @@ class CaffeTransform:
             TransformError: the batch's shape does not fit the mean, or `offsets` are needed
                 and missing or not B x 3.
         """
-        torch = sys.modules.get("torch")
+        torch = torch_if_imported()
         if torch is not None and isinstance(batch, torch.Tensor):
             if batch.device.type != "cpu":
                 return self.normalize_tensor(batch, offsets, out)
@@ -628,7 +628,7 @@ class CaffeTransform:
                 f"normalize with mean_file {self.mean_file} needs each sample's offsets (h_off, w_off, do_mirror): "
                 "the mean window follows the crop and the mirror"
             )
-        torch = sys.modules.get("torch")
+        torch = torch_if_imported()
         if torch is not None and isinstance(offsets, torch.Tensor):
             offsets = offsets.cpu().numpy()
         windows = np.asarray(offsets, dtype=np.int64)
@@ -737,7 +737,7 @@ def _numpy_view(out: Any) -> np.ndarray:
     """`out` as a numpy array sharing its memory (a CPU torch tensor is viewed, not copied)."""
     if isinstance(out, np.ndarray):
         return out
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is not None and isinstance(out, torch.Tensor):
         if out.device.type != "cpu":
             raise TransformError(f"the output buffer must be in CPU memory, got a tensor on {out.device}")
@@ -747,7 +747,7 @@ def _numpy_view(out: Any) -> np.ndarray:
 
 def _torch() -> Any:
     """torch, imported on first need (the command-line tools never need it), or None without it."""
-    torch = sys.modules.get("torch")
+    torch = torch_if_imported()
     if torch is None:
         try:
             import torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.bench import TARGETS, main, make_images
+from benchmarks.bench import TARGETS, main
+from benchmarks.common import make_images
 
 
 def test_make_images_is_deterministic(tmp_path):

@@ -275,6 +275,24 @@ def test_caffe_positional_form(image_tree, tmp_path):
     assert [d.label for d in read_datums(tmp_path / "p.lmdb").values()] == [5]
 
 
+def test_file_or_folder_is_guessed_once(image_tree, monkeypatch):
+    # convert takes load_entries' decision: a source read as a list file stays one, even if the path then
+    # names a folder (a second guess would take it for the input folder and refuse an output inside it).
+    lst = image_tree / "list.txt"
+    lst.write_text("cat/a.png 0\n")
+    load_entries = conversion_module.load_entries
+
+    def load_then_replace(*args, **kwargs):
+        loaded = load_entries(*args, **kwargs)
+        lst.unlink()
+        lst.mkdir()
+        return loaded
+
+    monkeypatch.setattr(conversion_module, "load_entries", load_then_replace)
+    result = convert(lst, lst / "o.lmdb", progress=False)
+    assert result.written == 1 and list(read_datums(lst / "o.lmdb")) == [b"00000000_cat/a.png"]
+
+
 def test_seed_shortcut_converts_each_split(tmp_path, image_tree):
     val = tmp_path / "val" / "cat"
     save_image(val / "v.png", Image.new("RGB", (3, 2)))

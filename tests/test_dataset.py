@@ -234,6 +234,20 @@ def test_datasets_over_one_lmdb_share_its_environment(legacy_rgb_lmdb):
     assert np.array_equal(np.asarray(val[3][0]), images[3]) and val._env is train._env
 
 
+def test_no_reader_table_so_no_max_readers(legacy_rgb_lmdb):
+    # lock=False keeps no reader table: far more read transactions than LMDB's default reader-table
+    # size (126) are open at once, so a `max_readers` could not have any effect and there is none.
+    path, _, _, _ = legacy_rgb_lmdb
+    ds = LmdbDataset_train(path)
+    ds[0]
+    transactions = [ds._env.begin() for _ in range(300)]
+    assert all(txn.stat()["entries"] == 6 for txn in transactions)
+    for txn in transactions:
+        txn.abort()
+    with pytest.raises(TypeError, match="max_readers"):
+        LmdbDataset_train(path, max_readers=2048)
+
+
 # ---------------------------------------------------------------- workers, samplers, pickling
 
 

@@ -150,3 +150,111 @@ def test_the_layout_lists_every_script_benchmark_and_test_helper(folder):
     if folder == "tests":
         files = {name for name in files if not name.startswith("test_")}  # the helpers; tests are test_<topic>.py
     assert listed == files, f"missing: {sorted(files - listed)}, gone: {sorted(listed - files)}"
+
+
+def test_only_optional_torch_asks_whether_torch_was_imported():
+    # torch_if_imported is the one place that looks torch up in sys.modules (and says why)
+    asking = [name for name, tree in _modules().items() if name != "optional_torch"
+              for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr == "modules"
+              and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    assert not asking, f"sys.modules read outside optional_torch.py: {sorted(set(asking))}"
+
+
+def test_numpy_work_never_imports_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+from caffe_lmdb import write_dataset
+from caffe_lmdb.optional_torch import torch_if_imported
+from caffe_lmdb.transform import CaffeTransform
+image = np.zeros((4, 5, 3), np.uint8)
+write_dataset([(image, 1), (image, 2)], {str(tmp_path / "o.lmdb")!r}, workers=0, progress=False)
+out = CaffeTransform(crop_size=2, mirror=True, seed=1)(np.zeros((3, 4, 5), np.uint8))
+assert out.shape == (3, 2, 2) and torch_if_imported() is None and "torch" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- import circles across the repository
+
+#: The folders whose modules import one another: the library, the benchmarks and the scripts.
+IMPORTING_FOLDERS = ("caffe_lmdb", "benchmarks", "tools")
+
+
+def _repository_modules() -> dict[str, ast.Module]:
+    """`caffe_lmdb.keys`, `benchmarks.bench`, `tools.convert`, ... (a package's `__init__` is the package)."""
+    modules = {f"caffe_lmdb.{name}": ast.Module(body=[], type_ignores=[]) for name in GENERATED}  # imports none of ours
+    for folder in IMPORTING_FOLDERS:
+        for path in sorted((REPO / folder).glob("*.py")):
+            if path.stem in GENERATED:
+                continue
+            name = folder if path.stem == "__init__" else f"{folder}.{path.stem}"
+            modules[name] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return modules
+
+
+def _known(name: str, modules: dict[str, ast.Module]) -> str | None:
+    """The repository module `name` imports: itself, or its longest prefix that is one."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _repository_imports(name: str, tree: ast.Module, modules: dict[str, ast.Module]) -> set[str]:
+    """The repository modules `name` imports anywhere: at module level and inside functions."""
+    package = name if name in IMPORTING_FOLDERS else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(_known(alias.name, modules) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            base = ".".join(part for part in (base, node.module) if part)
+            for alias in node.names:  # `from pkg import module` imports the module, `from pkg import name` pkg
+                found.add(_known(f"{base}.{alias.name}", modules) if f"{base}.{alias.name}" in modules
+                          else _known(base, modules))
+    return found - {None, name}
+
+
+def _import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` as `[a, b, ..., a]`, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_names_a_circle():
+    assert _import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _import_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_circle_anywhere_in_the_repository():
+    modules = _repository_modules()
+    graph = {name: _repository_imports(name, tree, modules) for name, tree in modules.items()}
+    assert graph["tools.bench"] == {"benchmarks.bench"} and "caffe_lmdb.cli" in graph["tools.convert"]
+    assert {"caffe_lmdb.workers", "caffe_lmdb.errors"} <= graph["caffe_lmdb.conversion"]
+    cycle = _import_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
