@@ -42,7 +42,7 @@ import torch
 
 from benchmarks.common import children, ensure_images, machine, memory_kib, read_all
 from caffe_lmdb.conversion import convert
-from caffe_lmdb.dataset import _OPEN_ENVS, LmdbDataset_train
+from caffe_lmdb.dataset import LmdbDataset_train, process_environment
 from caffe_lmdb.datum import parse_datum_view
 from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.keys import open_readonly
@@ -137,7 +137,7 @@ def floor_pass(lmdb_path: Path, transform: CaffeTransform, epoch: int, seed: int
     keys = np.load(default_keys_path(lmdb_path), allow_pickle=False)
     order = np.random.default_rng([seed, epoch]).permutation(len(keys))
     buffer = np.empty((BATCH, 3, CROP, CROP), np.uint8)
-    env = _OPEN_ENVS.get(str(lmdb_path), readahead=True)  # py-lmdb opens an LMDB once per process: share it
+    env = process_environment(lmdb_path, readahead=True)
     with env.begin(buffers=True) as txn:
         for position, index in enumerate(order.tolist()):
             view = parse_datum_view(txn.get(bytes(keys[index])))

@@ -20,7 +20,6 @@ from .datum import (
     datum_to_image_array,
     encoded_to_datum,
     image_to_datum,
-    open_image,
     parse_datum,
     parse_datum_view,
     serialize_datum,
@@ -37,6 +36,7 @@ from .errors import (
     PrototxtError,
     TransformError,
 )
+from .image_files import open_image
 from .keys import load_keys, make_key, save_keys, scan_keys
 from .proto import caffe_pb2
 

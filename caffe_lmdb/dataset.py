@@ -127,6 +127,15 @@ def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
 _OPEN_ENVS = _ProcessEnvironments()
 
 
+def process_environment(lmdb_path: str | os.PathLike, **options: Any) -> lmdb.Environment:
+    """This process's one read-only environment for `lmdb_path`, shared with every dataset reading it.
+
+    py-lmdb opens an LMDB once per process; a second `lmdb.open` of the same file fails. Code that
+    reads beside a dataset (a benchmark's floor, a tool) takes the dataset's environment from here.
+    """
+    return _OPEN_ENVS.get(os.fspath(lmdb_path), **options)
+
+
 class LmdbDataset_train(Dataset[tuple[Any, Any]]):
     """Images and labels from a Caffe Datum LMDB, in key order, for `torch.utils.data.DataLoader`.
 

@@ -33,17 +33,10 @@ from . import workers as _workers
 from .allocator import set_heap_retention
 from .continuing import check_append_layout, merged_classes, read_previous
 from .conversion import RING_BYTES, ConvertResult, default_workers
-from .datum import (
-    DatumError,
-    checked_label,
-    encode_image,
-    encoded_to_datum,
-    normalize_image,
-    raw_datum_parts,
-    serialize_datum,
-)
+from .datum import DatumError, checked_label, encode_image, encoded_to_datum, raw_datum_parts, serialize_datum
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
+from .image_files import normalize_image
 from .keys import MAX_KEY_BYTES
 from .optional_torch import torch_if_imported
 from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb

@@ -17,21 +17,16 @@ import numpy as np
 from PIL import Image
 
 from .datum import (
-    DECODE_ERRORS,
     DatumError,
-    decode_failure,
     encode_image,
     encoded_to_datum,
-    exif_orientation,
     is_passthrough_format,
-    load_image,
-    open_image,
     pil_format,
     raw_datum_parts,
-    require_image_data,
     serialize_datum,
 )
 from .errors import InputError, os_error_reason
+from .image_files import DECODE_ERRORS, decode_failure, exif_orientation, load_image, open_image, require_image_data
 from .sources import Entry, FileInput, read_image_file
 from .workers import Record
 

@@ -310,14 +310,19 @@ def export(
     result.kinds = tuple(sorted(kinds))
     result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
                             frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
+    _write_list(list_path, lines, out_dir)
+    return result
+
+
+def _write_list(list_path: Path, lines: list[str], out_dir: Path) -> None:
+    """The list file, last: the images reach the disk before the list that says they are complete."""
     try:
-        if hasattr(os, "sync"):  # the images reach the disk before the list that says they are complete
+        if hasattr(os, "sync"):
             os.sync()
         write_text_atomic(list_path, "".join(lines))
     except OSError as exc:
         raise ExportError(_incomplete(exc, list_path, out_dir)) from None
     _remove_stale(_stale_temporaries(out_dir).get(LIST_NAME, ()))
-    return result
 
 
 def _checked_folder(folder: Path, root: Path, out_dir: Path, key: bytes) -> dict[str, list[Path]]:

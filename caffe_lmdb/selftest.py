@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .datum import datum_to_image, encoded_to_datum, image_to_datum, open_image, parse_datum, serialize_datum
+from .datum import datum_to_image, encoded_to_datum, image_to_datum, parse_datum, serialize_datum
+from .image_files import open_image
 
 
 @dataclass(frozen=True)

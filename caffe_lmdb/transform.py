@@ -48,8 +48,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .datum import Datum, DatumView, check_datum, image_plane_order, normalize_image, open_image, parse_datum_view
+from .datum import Datum, DatumView, check_datum, image_plane_order, parse_datum_view
 from .errors import TransformError
+from .image_files import normalize_image, open_image
 from .mean import load_mean
 from .optional_torch import torch_if_imported
 from .records import format_shape
