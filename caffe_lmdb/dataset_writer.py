@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import workers as _workers
-from .allocator import set_heap_retention
 from .continuing import check_append_layout, merged_classes, read_previous
-from .conversion import RING_BYTES, ConvertResult, default_workers
+from .conversion import ConvertResult, Front, WriteTuning, default_workers, dispatched, summarise, write_records
 from .datum import (
     DatumError,
     checked_label,
@@ -44,12 +41,11 @@ from .datum import (
 )
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
-from .keys import MAX_KEY_BYTES
+from .keys import MAX_KEY_BYTES, make_key
 from .optional_torch import torch_if_imported
-from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
-from .progress import progress_bar
+from .output import AtomicLmdb
 from .sources import read_image_file
-from .workers import Record, RingPool
+from .workers import Record
 
 log = logging.getLogger(__name__)
 
@@ -263,27 +259,28 @@ def is_map_style(dataset: Any) -> bool:
     return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
-@contextmanager
-def _indexed_records(dataset: Any, count: int, options: ConvertOptions, key, workers: int,
-                     ring_bytes: int, line_offset: int) -> Iterator[Any]:
-    """The records of `dataset[0..count)`, in order, encoded here (0 workers) or in worker processes."""
-    work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
-    if workers == 0 or count < 2 * workers:
-        yield map(work, range(count))
-    elif _workers.AVAILABLE:
-        with RingPool(range(count), work, workers, ring_bytes=ring_bytes) as pool:
-            yield pool
-    elif "fork" in multiprocessing.get_all_start_methods():  # a dataset need not be picklable under fork
-        with multiprocessing.get_context("fork").Pool(workers, initializer=set_heap_retention) as pool:
-            yield pool.imap(work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
-    else:
-        log.info("no fork on this platform: reading the dataset in this process")
-        yield map(work, range(count))
-
-
 def _iterated_records(dataset: Iterable[Any], options: ConvertOptions, key, line_offset: int) -> Iterator[Record]:
-    for index, sample in enumerate(dataset):
-        yield encode_sample(line_offset + index, sample, options, key)
+    """The records of the samples `dataset` yields, in its order.
+
+    Raises:
+        InputError: it yields no sample.
+        ConversionError: iterating it raised (an iterator cannot go on after that).
+    """
+    samples = (encode_sample(line_offset + index, sample, options, key) for index, sample in enumerate(dataset))
+    index = 0
+    while True:
+        try:
+            record = next(samples)
+        except StopIteration:
+            break
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"sample {index}: iterating the dataset raised {type(exc).__name__}: {exc}") from None
+        yield record
+        index += 1
+    if index == 0:
+        raise InputError("the dataset has no samples")
 
 
 def write_dataset(
@@ -303,9 +300,7 @@ def write_dataset(
     extend_classes: bool = False,
     options: ConvertOptions | None = None,
     commit_every: int = 1000,
-    commit_bytes: int = COMMIT_BYTES,
-    initial_map_size: int = INITIAL_MAP_SIZE,
-    ring_bytes: int = RING_BYTES,
+    tuning: WriteTuning | None = None,
 ) -> ConvertResult:
     """Write a dataset of `(image, target)` samples to a Caffe Datum LMDB, as `convert` writes files.
 
@@ -345,7 +340,7 @@ def write_dataset(
             LMDB's own classes at their indices.
         extend_classes: with `append`, allow `classes` to add names after the existing ones.
         options: the full record layout (gray, resize, ...) instead of `encoded`/`encode_type`.
-        commit_every, commit_bytes, initial_map_size, ring_bytes: as in `conversion.write_lmdb`.
+        commit_every, tuning: as in `conversion.write_lmdb`.
 
     Returns:
         The summary; bad samples are in `skipped_files` as (index, reason).
@@ -358,6 +353,7 @@ def write_dataset(
         options = ConvertOptions(encoded=encoded, encode_type=encode_type)
     elif encoded or encode_type:
         raise InputError("give either options or encoded/encode_type, not both")
+    tuning = tuning or WriteTuning()
     workers = workers if workers is not None else default_workers()
     if workers < 0:
         raise InputError(f"workers must be >= 0 (0 reads in this process), got {workers}")
@@ -375,53 +371,28 @@ def write_dataset(
     total = count if mapped else _length_hint(dataset)
     if previous is not None:
         check_append_layout(previous, options)
-    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
-                    initial_map_size=initial_map_size, previous=previous) as out, \
-            (_indexed_records(dataset, count, options, key, workers, max(2 * commit_bytes, ring_bytes), line_offset)
-             if mapped else _nullcontext(_iterated_records(dataset, options, key, line_offset))) as records, \
-            progress_bar(total, out.output.name, progress, unit="sample") as bar:
-        out.after_commit = getattr(records, "release", None)
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every,
+                    commit_bytes=tuning.commit_bytes, initial_map_size=tuning.initial_map_size,
+                    grow_ahead=tuning.grow_ahead, previous=previous) as out:
         result = ConvertResult(output=out.output, keys_path=out.keys_path)
-        index = -1
-        iterator = iter(records)
-        while True:
-            try:
-                record = next(iterator)
-            except StopIteration:
-                break
-            except ConversionError:
-                raise
-            except Exception as exc:
-                if mapped:
-                    raise
-                raise ConversionError(f"sample {index + 1}: iterating the dataset raised "
-                                      f"{type(exc).__name__}: {exc}") from None
-            index += 1
-            bar.update()
+        if mapped:
+            work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
+            records = dispatched(range(count), work, workers, max(2 * tuning.commit_bytes, tuning.ring_bytes),
+                                 needs_fork=True)  # a dataset need not be picklable under fork
+        else:
+            records = nullcontext(_iterated_records(dataset, options, key, line_offset))
+
+        def place(index: int, record: Record) -> tuple[bytes, Any] | str:
             if record.error is not None:
-                if strict:
-                    raise ConversionError(f"sample {index}: {record.error} (strict)")
-                log.warning("skipping sample %d: %s", index, record.error)
-                result.skipped_files.append((str(index), record.error))
-                continue
+                return record.error
             name, value = split_record(record.value)
-            out.put(f"{line_offset + index:08d}_{name}".encode(), value)
-        if index < 0:
-            raise InputError("the dataset has no samples")
-        if len(out.keys) == (len(previous.keys) if previous is not None else 0):
-            first_index, first_reason = result.skipped_files[0]
-            raise ConversionError(f"{out.output}: no sample could be stored ({len(result.skipped_files)} skipped; "
-                                  f"the first, sample {first_index}: {first_reason})")
-        out.finish(classes, [*(previous.skipped if previous is not None else ()), *result.skipped_files])
-    result.written = len(out.keys) - (len(previous.keys) if previous is not None else 0)
-    result.skipped = len(result.skipped_files)
-    result.bytes_written, result.seconds = out.bytes_written, time.perf_counter() - start
-    return result
+            return make_key(line_offset + index, name), value
 
-
-@contextmanager
-def _nullcontext(value: Any) -> Iterator[Any]:
-    yield value
+        front = Front(place, lambda index: (f"sample {index}", str(index)), strict_flag="strict",
+                      nothing_stored="no sample could be stored", first_skipped="sample ")
+        write_records(out, records, front, strict=strict, skipped=result.skipped_files, classes=classes,
+                      previous=previous, total=total, progress=progress, unit="sample")
+    return summarise(result, out, previous, start)
 
 
 def _length_hint(dataset: Any) -> int | None:
