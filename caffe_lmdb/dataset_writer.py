@@ -32,7 +32,6 @@ from .continuing import check_append_layout, merged_classes, read_previous
 from .conversion import ConvertResult, Front, WriteTuning, default_workers, dispatched, summarise, write_records
 from .datum import (
     DatumError,
-    checked_label,
     encode_image,
     encoded_to_datum,
     normalize_image,
@@ -42,6 +41,7 @@ from .datum import (
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
 from .keys import MAX_KEY_BYTES, make_key
+from .labels import sample_targets
 from .optional_torch import torch_if_imported
 from .output import AtomicLmdb
 from .sources import read_image_file
@@ -53,69 +53,6 @@ _NAME_HEAD = struct.Struct("<I")  # a worker's record is: name length, name (UTF
 
 
 # --------------------------------------------------------------------------- one sample, one record
-
-def sample_targets(target: Any) -> tuple[int, tuple[float, ...]]:
-    """(label, float_data) of a sample's target: the list-file rule for numeric columns.
-
-    * an int (or a 0-d array/tensor of one): the label, no `float_data`;
-    * a sequence, array or tensor of numbers: all of them in `float_data`, and the first, which
-      must then be a whole number, as the label (one number alone is just the label), exactly as
-      a list file's `path l1 l2 ...` columns;
-    * `(label, floats)`: that label, and those floats (any first value).
-
-    Raises:
-        ValueError: a target of another kind, a label that is not a whole number or does not fit
-            Datum's int32, or a value that does not fit a finite 32-bit float.
-    """
-    if isinstance(target, tuple) and len(target) == 2 and _is_scalar(target[0]) and not _is_scalar(target[1]):
-        label, floats = _whole(target[0], "label"), _floats(target[1])
-        return label, floats
-    if _is_scalar(target):
-        return _whole(target, "target"), ()
-    values = _floats(target)
-    if not values:
-        raise ValueError("target is an empty sequence")
-    label = _whole(values[0], "target[0] (the label, by the list-file rule; pass (label, floats) otherwise)")
-    return label, values if len(values) > 1 else ()
-
-
-def _is_scalar(value: Any) -> bool:
-    if isinstance(value, (bool, int, float, np.integer, np.floating)):
-        return True
-    return getattr(value, "ndim", None) == 0 and hasattr(value, "item")
-
-
-def _whole(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not _is_scalar(value):
-        raise ValueError(f"{what} must be an integer, got {type(value).__name__}")
-    number = value.item() if hasattr(value, "item") else value
-    if isinstance(number, float):
-        if not number.is_integer():
-            raise ValueError(f"{what} {number!r} is not a whole number")
-        number = int(number)
-    try:
-        return checked_label(number)
-    except (DatumError, ValueError, TypeError) as exc:
-        raise ValueError(f"{what}: {exc}") from None
-
-
-def _floats(values: Any) -> tuple[float, ...]:
-    if hasattr(values, "detach"):  # a torch tensor
-        values = values.detach().cpu().numpy()
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"target must be numbers, got {type(values).__name__}")
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"target must be an int, numbers, or (label, numbers); got {type(values).__name__}") from None
-    if array.ndim != 1:
-        raise ValueError(f"target numbers must be one-dimensional, got shape {tuple(array.shape)}")
-    stored = array.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(stored))
-    if bad.size:
-        raise ValueError(f"target value {array[bad[0]]!r} (at {bad[0]}) does not fit a finite 32-bit float")
-    return tuple(stored.astype(np.float64).tolist())
-
 
 def _image_from_array(array: np.ndarray, what: str) -> Image.Image:
     if array.dtype != np.uint8:
