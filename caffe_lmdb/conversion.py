@@ -22,11 +22,12 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import workers as _workers
 from .allocator import set_heap_retention
@@ -94,25 +95,120 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+@dataclass(frozen=True)
+class WriteTuning:
+    """Knobs of the write path that change speed and memory, never the output (the tests set them small).
+
+    Attributes:
+        commit_bytes: a transaction also ends when its records reach this many bytes, so large
+            raw records commit more often than every `commit_every`.
+        initial_map_size: the LMDB map's first size in bytes; it doubles whenever it fills up.
+        grow_ahead: grow the map before a transaction that clearly will not fit (False: only on
+            `MDB_MAP_FULL`, replaying the batch; see `output.BatchWriter`).
+        ring_bytes: shared memory per worker process for records on their way to the writer
+            (raised to two transactions' worth, `2 * commit_bytes`, if smaller).
+    """
+
+    commit_bytes: int = COMMIT_BYTES
+    initial_map_size: int = INITIAL_MAP_SIZE
+    grow_ahead: bool = True
+    ring_bytes: int = RING_BYTES
+
+
 @contextmanager
-def _converted(
-    entries: Sequence[Entry], options: ConvertOptions, workers: int, ring_bytes: int
-) -> Iterator[RingPool | Iterator[Record]]:
-    """The records of `entries`, in order: converted here (0 workers) or in worker processes.
+def dispatched(items: Sequence[Any], work: Callable[[Any], Record], workers: int, ring_bytes: int, *,
+               pack: Callable[[Sequence[Any]], Sequence[Any]] | None = None,
+               needs_fork: bool = False) -> Iterator[RingPool | Iterator[Record]]:
+    """`work(item)` for each of `items`, in order: here (0 workers, or a tiny input) or in worker processes.
 
     The result has a `release()` when its records' memory must be given back after each commit.
+    The records are the same for any `workers`, so the output is too.
+
+    Args:
+        items: what `work` takes, one per record.
+        work: makes one record; it runs after `fork`, so it need not be picklable (but see `needs_fork`).
+        workers: worker processes (0: none).
+        ring_bytes: shared memory per worker process (`workers.RingPool`).
+        pack: `pack(items)` is what the workers read (e.g. `PackedEntries`: reading a list of
+            objects would copy it into every worker by copy-on-write); default `items` as they are.
+        needs_fork: without the rings (not Linux), only a fork-started pool may run `work`
+            (it holds something unpicklable); where there is no fork, work here instead.
     """
-    work = partial(encode_entry, options=options)
-    if workers == 0 or len(entries) < 4 * workers:  # processes cost more than they save on tiny inputs
-        yield map(work, entries)
+    if workers == 0 or len(items) < 4 * workers:  # processes cost more than they save on tiny inputs
+        yield map(work, items)
     elif _workers.AVAILABLE:
-        # Packed: reading a list of Entry objects would copy it into every worker (copy-on-write).
-        with RingPool(PackedEntries(entries), work, workers, ring_bytes=ring_bytes) as pool:
+        with RingPool(items if pack is None else pack(items), work, workers, ring_bytes=ring_bytes) as pool:
             yield pool
+    elif needs_fork and "fork" not in multiprocessing.get_all_start_methods():
+        log.info("no fork on this platform: working in this process")
+        yield map(work, items)
     else:
-        chunksize = max(1, min(16, len(entries) // (workers * 8)))
-        with multiprocessing.get_context().Pool(workers, initializer=set_heap_retention) as pool:
-            yield pool.imap(work, entries, chunksize=chunksize)
+        chunksize = max(1, min(16, len(items) // (workers * 8)))
+        context = multiprocessing.get_context("fork" if needs_fork else None)
+        with context.Pool(workers, initializer=set_heap_retention) as pool:
+            yield pool.imap(work, items, chunksize=chunksize)
+
+
+@dataclass(frozen=True)
+class Front:
+    """What the write loop (`write_records`) needs to know of the function that feeds it.
+
+    Attributes:
+        place: `place(i, record)`: record i's (key, value) to put, or the reason to skip it (a str).
+        name: `name(i)`: how messages name record i's source, and its name in the skipped list.
+        strict_flag: how messages name the strict option ("--strict").
+        nothing_stored: the error when every record was skipped ("no image could be converted").
+        first_skipped: what precedes the first skipped name in that error ("" or "sample ").
+    """
+
+    place: Callable[[int, Record], tuple[bytes, Any] | str]
+    name: Callable[[int], tuple[str, str]]
+    strict_flag: str = "--strict"
+    nothing_stored: str = "no image could be converted"
+    first_skipped: str = ""
+
+
+def write_records(out: AtomicLmdb, records: AbstractContextManager[Any], front: Front, *, strict: bool,
+                  skipped: list[tuple[str, str]], classes: Sequence[str] | None, previous: Previous | None,
+                  total: int | None, done: int = 0, progress: bool | None = None, unit: str = "img") -> None:
+    """Put the records of `records` (a `dispatched` context) into `out` and finish it: the one write loop.
+
+    Record i (counting from `done`, the records a resumed temporary holds) is put under the key
+    `front.place` gives, or skipped for the reason it gives: listed in `skipped` and logged, or,
+    with `strict`, the end of the run. `out` is finished with `classes` and the skipped list
+    (the previous LMDB's first, when appending).
+
+    Raises:
+        ConversionError: `strict` and a skipped record, or every record skipped.
+    """
+    base = len(previous.keys) if previous is not None else 0
+    with records as stream, progress_bar(total, out.output.name, progress, unit=unit) as bar:
+        bar.update(done)
+        out.after_commit = getattr(stream, "release", None)
+        for index, record in enumerate(stream, start=done):
+            bar.update()
+            placed = front.place(index, record)
+            if isinstance(placed, str):
+                where, name = front.name(index)
+                if strict:
+                    raise ConversionError(f"{where}: {placed} ({front.strict_flag})")
+                log.warning("skipping %s: %s", where, placed)
+                skipped.append((name, placed))
+                continue
+            out.put(*placed)
+        if len(out.keys) == base:
+            first_name, first_reason = skipped[0]
+            raise ConversionError(f"{out.output}: {front.nothing_stored} ({len(skipped)} skipped; the first, "
+                                  f"{front.first_skipped}{first_name}: {first_reason})")
+        out.finish(classes, [*(previous.skipped if previous is not None else ()), *skipped])
+
+
+def summarise(result: ConvertResult, out: AtomicLmdb, previous: Previous | None, start: float) -> ConvertResult:
+    """`result` with the counts of the finished `out` and the seconds since `start` (`time.perf_counter()`)."""
+    result.written = len(out.keys) - (len(previous.keys) if previous is not None else 0)
+    result.skipped, result.bytes_written = len(result.skipped_files), out.bytes_written
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def write_lmdb(
@@ -124,18 +220,11 @@ def write_lmdb(
     classes: Sequence[str] | None = None,
     workers: int | None = None,
     commit_every: int = 1000,
-    commit_bytes: int = COMMIT_BYTES,
-    initial_map_size: int = INITIAL_MAP_SIZE,
-    grow_ahead: bool = True,
-    ring_bytes: int = RING_BYTES,
     overwrite: bool = False,
     strict: bool = False,
     progress: bool | None = None,
-    line_offset: int = 0,
-    inputs: Sequence[str | os.PathLike] = (),
-    scanned_inputs: bool = True,
     resume: bool = False,
-    previous: Previous | None = None,
+    tuning: WriteTuning | None = None,
 ) -> ConvertResult:
     """Convert `entries` (in this order; line ids are their positions) into a Datum LMDB.
 
@@ -148,23 +237,12 @@ def write_lmdb(
         workers: decoding processes beside this one, which writes (default: `default_workers()`);
             0 converts everything in this process. The output is identical for any value.
         commit_every: most records per write transaction (Caffe: 1000).
-        commit_bytes: a transaction also ends when its records reach this many bytes, so large
-            raw records commit more often than every `commit_every`.
-        initial_map_size: the LMDB map's first size in bytes; it doubles whenever it fills up.
-        grow_ahead: grow the map before a transaction that clearly will not fit (False: only on
-            `MDB_MAP_FULL`, replaying the batch; see `output.BatchWriter`).
-        ring_bytes: shared memory per worker process for records on their way to this one
-            (raised to two transactions' worth, `2 * commit_bytes`, if smaller).
         overwrite: replace an existing output instead of refusing.
         strict: fail on the first unreadable image instead of skipping it.
         progress: show a progress bar (default: when stderr is a terminal).
-        line_offset: line id of the first entry (a shard's start in the whole list), so that
-            shards get the same global keys as an unsharded conversion.
-        inputs: the folders and files the entries come from: an output equal to one, containing
-            one or (with `scanned_inputs`, for folders whose files are listed) inside one is refused.
         resume: continue the temporary a killed run with the same arguments left (`--resume`),
             from its last committed record; without one, start from the beginning.
-        previous: append after this published LMDB (`continuing.read_previous`; `convert(append=True)`).
+        tuning: speed and memory knobs that never change the output (default `WriteTuning()`).
 
     Returns:
         The summary of what was written.
@@ -173,7 +251,42 @@ def write_lmdb(
         InputError: no entries, or the output exists without `overwrite`.
         ConversionError: `strict` and an unreadable image, or a `check_size` mismatch.
     """
+    return _write_entries(entries, output, options=options, keys_path=keys_path, classes=classes, workers=workers,
+                         commit_every=commit_every, overwrite=overwrite, strict=strict, progress=progress,
+                         resume=resume, tuning=tuning)
+
+
+def _write_entries(
+    entries: Sequence[Entry],
+    output: str | os.PathLike,
+    *,
+    options: ConvertOptions | None = None,
+    keys_path: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    workers: int | None = None,
+    commit_every: int = 1000,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+    resume: bool = False,
+    tuning: WriteTuning | None = None,
+    line_offset: int = 0,
+    inputs: Sequence[str | os.PathLike] = (),
+    scanned_inputs: bool = True,
+    previous: Previous | None = None,
+) -> ConvertResult:
+    """`write_lmdb`, with what `convert` knows besides the entries (its plumbing; not for users).
+
+    Args:
+        line_offset: line id of the first entry (a shard's start in the whole list), so that
+            shards get the same global keys as an unsharded conversion.
+        inputs: the folders and files the entries come from: an output equal to one, containing
+            one or (with `scanned_inputs`, for folders whose files are listed) inside one is refused.
+        previous: append after this published LMDB (`continuing.read_previous`; `convert(append=True)`).
+        The others: as in `write_lmdb`.
+    """
     options = options or ConvertOptions()
+    tuning = tuning or WriteTuning()
     workers = workers if workers is not None else default_workers()
     if workers < 0:
         raise InputError(f"workers must be >= 0 (0 converts in this process), got {workers}")
@@ -183,7 +296,7 @@ def write_lmdb(
     manifest = conversion_manifest(
         entries, options, line_offset=line_offset, classes=classes,
         keys_path=Path(keys_path) if keys_path is not None else default_keys_path(output),
-        commit_every=commit_every, commit_bytes=commit_bytes, previous=previous)
+        commit_every=commit_every, commit_bytes=tuning.commit_bytes, previous=previous)
     keys_file = Path(manifest["keys file"])
     if resume:  # a restarted job whose run had finished: nothing to do
         published = already_complete(previous, Path(output), keys_file, [entry.relpath for entry in entries],
@@ -195,8 +308,8 @@ def write_lmdb(
         check_append_layout(previous, options)
     # The output is checked and its temporary created (AtomicLmdb) before any worker is forked.
     with AtomicLmdb(output, keys_path, previous=previous, journal=ResumeJournal(manifest, take_over=resume),
-                    overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
-                    initial_map_size=initial_map_size, grow_ahead=grow_ahead, inputs=inputs,
+                    overwrite=overwrite, commit_every=commit_every, commit_bytes=tuning.commit_bytes,
+                    initial_map_size=tuning.initial_map_size, grow_ahead=tuning.grow_ahead, inputs=inputs,
                     scanned_inputs=scanned_inputs) as out:
         base = len(previous.keys) if previous is not None else 0
         result = ConvertResult(output=out.output, keys_path=out.keys_path, resumed=out.resumed)
@@ -205,37 +318,29 @@ def write_lmdb(
             path, reason = result.skipped_files[0]
             raise ConversionError(f"{path}: {reason} (--strict)")
         todo = entries[done:]
-        with _converted(todo, options, workers, max(2 * commit_bytes, ring_bytes)) as records, \
-                progress_bar(len(entries), out.output.name, progress, unit="img") as bar:
-            bar.update(done)
-            out.after_commit = getattr(records, "release", None)
-            for position, (entry, record) in enumerate(zip(todo, records, strict=True), start=done):
-                bar.update()
-                key = _key(line_offset + position, entry)
-                error = record.error if record.error is not None else _key_error(key)
-                if error is not None:
-                    if strict:
-                        raise ConversionError(f"{entry.path}: {error} (--strict)")
-                    log.warning("skipping %s: %s", entry.path, error)
-                    result.skipped_files.append((entry.relpath, error))
-                    continue
-                if options.check_size:
-                    first_shape = first_shape or record.shape
-                    if record.shape != first_shape:
-                        raise ConversionError(
-                            f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
-                            f"{_dims(first_shape)} (--check_size)"
-                        )
-                out.put(key, record.value)
-            if len(out.keys) == base:
-                first_path, first_reason = result.skipped_files[0]
-                raise ConversionError(f"{out.output}: no image could be converted ({len(result.skipped_files)} "
-                                      f"skipped; the first, {first_path}: {first_reason})")
-            out.finish(classes, [*(previous.skipped if previous is not None else ()), *result.skipped_files])
-    result.written, result.skipped, result.bytes_written = len(out.keys) - base, len(result.skipped_files), \
-        out.bytes_written
-    result.seconds = time.perf_counter() - start
-    return result
+
+        def place(position: int, record: Record) -> tuple[bytes, Any] | str:
+            nonlocal first_shape
+            entry = entries[position]
+            key = _key(line_offset + position, entry)
+            error = record.error if record.error is not None else _key_error(key)
+            if error is not None:
+                return error
+            if options.check_size:
+                first_shape = first_shape or record.shape
+                if record.shape != first_shape:
+                    raise ConversionError(
+                        f"{entry.path}: size {_dims(record.shape)} differs from the first image's "
+                        f"{_dims(first_shape)} (--check_size)"
+                    )
+            return key, record.value
+
+        records = dispatched(todo, partial(encode_entry, options=options), workers,
+                             max(2 * tuning.commit_bytes, tuning.ring_bytes), pack=PackedEntries)
+        front = Front(place, lambda position: (str(entries[position].path), entries[position].relpath))
+        write_records(out, records, front, strict=strict, skipped=result.skipped_files, classes=classes,
+                      previous=previous, total=len(entries), done=done, progress=progress, unit="img")
+    return summarise(result, out, previous, start)
 
 
 def _resumed_entries(out: AtomicLmdb, entries: Sequence[Entry], options: ConvertOptions, line_offset: int,
@@ -318,7 +423,7 @@ def convert(
             gives what `convert(list1 + list2)` gives, keys file and all. It needs the LMDB's
             keys file. A folder's classes are matched by name to the LMDB's `_classes.txt`.
         extend_classes: with `append`, let classes the LMDB lacks join its class list, at the end.
-        **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, resume, ...).
+        **kwargs: passed to `write_lmdb` (options, workers, overwrite, strict, resume, tuning, ...).
     """
     entries, classes = load_entries(source, list_file=list_file, root=root)
     if classes is None:  # read as a list file (load_entries alone guesses file or folder for `source`)
@@ -346,8 +451,8 @@ def convert(
         entries = entries[line_offset:stop]
         keys_path = shard_name(keys_path, shard_index, num_shards) if keys_path is not None else None
         output = shard_name(output, shard_index, num_shards)
-    return write_lmdb(entries, output, classes=classes, keys_path=keys_path, line_offset=line_offset,
-                      inputs=inputs, scanned_inputs=scanned, previous=previous, **kwargs)
+    return _write_entries(entries, output, classes=classes, keys_path=keys_path, line_offset=line_offset,
+                         inputs=inputs, scanned_inputs=scanned, previous=previous, **kwargs)
 
 
 def convert_splits(root: str | os.PathLike, **kwargs) -> list[ConvertResult]:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,20 +28,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import workers as _workers
-from .allocator import set_heap_retention
 from .continuing import check_append_layout, merged_classes, read_previous
-from .conversion import RING_BYTES, ConvertResult, default_workers
-from .datum import DatumError, checked_label, encode_image, encoded_to_datum, raw_datum_parts, serialize_datum
+from .conversion import ConvertResult, Front, WriteTuning, default_workers, dispatched, summarise, write_records
+from .datum import DatumError, encode_image, encoded_to_datum, raw_datum_parts, serialize_datum
 from .encode import ConvertOptions, build_record, resize_image
 from .errors import ConversionError, InputError, os_error_reason
 from .image_files import normalize_image
-from .keys import MAX_KEY_BYTES
+from .keys import MAX_KEY_BYTES, make_key
+from .labels import sample_targets
 from .optional_torch import torch_if_imported
-from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
-from .progress import progress_bar
+from .output import AtomicLmdb
 from .sources import read_image_file
-from .workers import Record, RingPool
+from .workers import Record
 
 log = logging.getLogger(__name__)
 
@@ -50,69 +47,6 @@ _NAME_HEAD = struct.Struct("<I")  # a worker's record is: name length, name (UTF
 
 
 # --------------------------------------------------------------------------- one sample, one record
-
-def sample_targets(target: Any) -> tuple[int, tuple[float, ...]]:
-    """(label, float_data) of a sample's target: the list-file rule for numeric columns.
-
-    * an int (or a 0-d array/tensor of one): the label, no `float_data`;
-    * a sequence, array or tensor of numbers: all of them in `float_data`, and the first, which
-      must then be a whole number, as the label (one number alone is just the label), exactly as
-      a list file's `path l1 l2 ...` columns;
-    * `(label, floats)`: that label, and those floats (any first value).
-
-    Raises:
-        ValueError: a target of another kind, a label that is not a whole number or does not fit
-            Datum's int32, or a value that does not fit a finite 32-bit float.
-    """
-    if isinstance(target, tuple) and len(target) == 2 and _is_scalar(target[0]) and not _is_scalar(target[1]):
-        label, floats = _whole(target[0], "label"), _floats(target[1])
-        return label, floats
-    if _is_scalar(target):
-        return _whole(target, "target"), ()
-    values = _floats(target)
-    if not values:
-        raise ValueError("target is an empty sequence")
-    label = _whole(values[0], "target[0] (the label, by the list-file rule; pass (label, floats) otherwise)")
-    return label, values if len(values) > 1 else ()
-
-
-def _is_scalar(value: Any) -> bool:
-    if isinstance(value, (bool, int, float, np.integer, np.floating)):
-        return True
-    return getattr(value, "ndim", None) == 0 and hasattr(value, "item")
-
-
-def _whole(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not _is_scalar(value):
-        raise ValueError(f"{what} must be an integer, got {type(value).__name__}")
-    number = value.item() if hasattr(value, "item") else value
-    if isinstance(number, float):
-        if not number.is_integer():
-            raise ValueError(f"{what} {number!r} is not a whole number")
-        number = int(number)
-    try:
-        return checked_label(number)
-    except (DatumError, ValueError, TypeError) as exc:
-        raise ValueError(f"{what}: {exc}") from None
-
-
-def _floats(values: Any) -> tuple[float, ...]:
-    if hasattr(values, "detach"):  # a torch tensor
-        values = values.detach().cpu().numpy()
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"target must be numbers, got {type(values).__name__}")
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"target must be an int, numbers, or (label, numbers); got {type(values).__name__}") from None
-    if array.ndim != 1:
-        raise ValueError(f"target numbers must be one-dimensional, got shape {tuple(array.shape)}")
-    stored = array.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(stored))
-    if bad.size:
-        raise ValueError(f"target value {array[bad[0]]!r} (at {bad[0]}) does not fit a finite 32-bit float")
-    return tuple(stored.astype(np.float64).tolist())
-
 
 def _image_from_array(array: np.ndarray, what: str) -> Image.Image:
     if array.dtype != np.uint8:
@@ -256,27 +190,28 @@ def is_map_style(dataset: Any) -> bool:
     return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
-@contextmanager
-def _indexed_records(dataset: Any, count: int, options: ConvertOptions, key, workers: int,
-                     ring_bytes: int, line_offset: int) -> Iterator[Any]:
-    """The records of `dataset[0..count)`, in order, encoded here (0 workers) or in worker processes."""
-    work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
-    if workers == 0 or count < 2 * workers:
-        yield map(work, range(count))
-    elif _workers.AVAILABLE:
-        with RingPool(range(count), work, workers, ring_bytes=ring_bytes) as pool:
-            yield pool
-    elif "fork" in multiprocessing.get_all_start_methods():  # a dataset need not be picklable under fork
-        with multiprocessing.get_context("fork").Pool(workers, initializer=set_heap_retention) as pool:
-            yield pool.imap(work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
-    else:
-        log.info("no fork on this platform: reading the dataset in this process")
-        yield map(work, range(count))
-
-
 def _iterated_records(dataset: Iterable[Any], options: ConvertOptions, key, line_offset: int) -> Iterator[Record]:
-    for index, sample in enumerate(dataset):
-        yield encode_sample(line_offset + index, sample, options, key)
+    """The records of the samples `dataset` yields, in its order.
+
+    Raises:
+        InputError: it yields no sample.
+        ConversionError: iterating it raised (an iterator cannot go on after that).
+    """
+    samples = (encode_sample(line_offset + index, sample, options, key) for index, sample in enumerate(dataset))
+    index = 0
+    while True:
+        try:
+            record = next(samples)
+        except StopIteration:
+            break
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"sample {index}: iterating the dataset raised {type(exc).__name__}: {exc}") from None
+        yield record
+        index += 1
+    if index == 0:
+        raise InputError("the dataset has no samples")
 
 
 def write_dataset(
@@ -296,9 +231,7 @@ def write_dataset(
     extend_classes: bool = False,
     options: ConvertOptions | None = None,
     commit_every: int = 1000,
-    commit_bytes: int = COMMIT_BYTES,
-    initial_map_size: int = INITIAL_MAP_SIZE,
-    ring_bytes: int = RING_BYTES,
+    tuning: WriteTuning | None = None,
 ) -> ConvertResult:
     """Write a dataset of `(image, target)` samples to a Caffe Datum LMDB, as `convert` writes files.
 
@@ -338,7 +271,7 @@ def write_dataset(
             LMDB's own classes at their indices.
         extend_classes: with `append`, allow `classes` to add names after the existing ones.
         options: the full record layout (gray, resize, ...) instead of `encoded`/`encode_type`.
-        commit_every, commit_bytes, initial_map_size, ring_bytes: as in `conversion.write_lmdb`.
+        commit_every, tuning: as in `conversion.write_lmdb`.
 
     Returns:
         The summary; bad samples are in `skipped_files` as (index, reason).
@@ -351,6 +284,7 @@ def write_dataset(
         options = ConvertOptions(encoded=encoded, encode_type=encode_type)
     elif encoded or encode_type:
         raise InputError("give either options or encoded/encode_type, not both")
+    tuning = tuning or WriteTuning()
     workers = workers if workers is not None else default_workers()
     if workers < 0:
         raise InputError(f"workers must be >= 0 (0 reads in this process), got {workers}")
@@ -368,53 +302,28 @@ def write_dataset(
     total = count if mapped else _length_hint(dataset)
     if previous is not None:
         check_append_layout(previous, options)
-    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, commit_bytes=commit_bytes,
-                    initial_map_size=initial_map_size, previous=previous) as out, \
-            (_indexed_records(dataset, count, options, key, workers, max(2 * commit_bytes, ring_bytes), line_offset)
-             if mapped else _nullcontext(_iterated_records(dataset, options, key, line_offset))) as records, \
-            progress_bar(total, out.output.name, progress, unit="sample") as bar:
-        out.after_commit = getattr(records, "release", None)
+    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every,
+                    commit_bytes=tuning.commit_bytes, initial_map_size=tuning.initial_map_size,
+                    grow_ahead=tuning.grow_ahead, previous=previous) as out:
         result = ConvertResult(output=out.output, keys_path=out.keys_path)
-        index = -1
-        iterator = iter(records)
-        while True:
-            try:
-                record = next(iterator)
-            except StopIteration:
-                break
-            except ConversionError:
-                raise
-            except Exception as exc:
-                if mapped:
-                    raise
-                raise ConversionError(f"sample {index + 1}: iterating the dataset raised "
-                                      f"{type(exc).__name__}: {exc}") from None
-            index += 1
-            bar.update()
+        if mapped:
+            work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
+            records = dispatched(range(count), work, workers, max(2 * tuning.commit_bytes, tuning.ring_bytes),
+                                 needs_fork=True)  # a dataset need not be picklable under fork
+        else:
+            records = nullcontext(_iterated_records(dataset, options, key, line_offset))
+
+        def place(index: int, record: Record) -> tuple[bytes, Any] | str:
             if record.error is not None:
-                if strict:
-                    raise ConversionError(f"sample {index}: {record.error} (strict)")
-                log.warning("skipping sample %d: %s", index, record.error)
-                result.skipped_files.append((str(index), record.error))
-                continue
+                return record.error
             name, value = split_record(record.value)
-            out.put(f"{line_offset + index:08d}_{name}".encode(), value)
-        if index < 0:
-            raise InputError("the dataset has no samples")
-        if len(out.keys) == (len(previous.keys) if previous is not None else 0):
-            first_index, first_reason = result.skipped_files[0]
-            raise ConversionError(f"{out.output}: no sample could be stored ({len(result.skipped_files)} skipped; "
-                                  f"the first, sample {first_index}: {first_reason})")
-        out.finish(classes, [*(previous.skipped if previous is not None else ()), *result.skipped_files])
-    result.written = len(out.keys) - (len(previous.keys) if previous is not None else 0)
-    result.skipped = len(result.skipped_files)
-    result.bytes_written, result.seconds = out.bytes_written, time.perf_counter() - start
-    return result
+            return make_key(line_offset + index, name), value
 
-
-@contextmanager
-def _nullcontext(value: Any) -> Iterator[Any]:
-    yield value
+        front = Front(place, lambda index: (f"sample {index}", str(index)), strict_flag="strict",
+                      nothing_stored="no sample could be stored", first_skipped="sample ")
+        write_records(out, records, front, strict=strict, skipped=result.skipped_files, classes=classes,
+                      previous=previous, total=total, progress=progress, unit="sample")
+    return summarise(result, out, previous, start)
 
 
 def _length_hint(dataset: Any) -> int | None:

@@ -62,6 +62,7 @@ from .foreign import (
 )
 from .formats import sniff_image_format
 from .keys import begin_read, checked_items, get_value, make_key, open_readonly
+from .labels import label_fields, short_repr
 from .output import AtomicLmdb
 from .progress import progress_bar
 
@@ -335,63 +336,6 @@ class LegacyRecord:
     wrapped: bool = False  # the file bytes were in a one-element list/tuple (DataLoader collation)
 
 
-def _label_int32(value: float) -> int | None:
-    """The value as a Datum label if it is a whole number that fits int32, else None."""
-    if not np.isfinite(value) or not float(value).is_integer():
-        return None
-    value = int(value)
-    return value if -(2**31) <= value < 2**31 else None
-
-
-def _msgpack_numpy(obj: dict) -> Any:
-    """A numpy array or scalar as msgpack-numpy stores it ({nd, type, kind, shape, data}), numeric only."""
-    kind = obj.get(b"type")
-    dtype = np.dtype(kind.decode("ascii") if isinstance(kind, bytes) else kind)
-    if dtype.kind not in "biuf":
-        raise ValueError(f"msgpack-numpy value of dtype {dtype} is not numeric")
-    values = np.frombuffer(obj[b"data"], dtype=dtype)
-    return values.reshape(obj[b"shape"]) if obj.get(b"nd") else values[0]
-
-
-def label_fields(label: Any) -> tuple[int, tuple[float, ...]]:
-    """Datum `label` and `float_data` for a stored label.
-
-    A label with one whole-number value (an int, a numpy scalar, a shape `(1,)` array) becomes
-    `label` alone. Anything else (a multi-label vector such as COCO's 80-way multi-hot, a
-    regression target) goes whole into `float_data`, as the converter does with several list-file
-    columns, and `label` gets its first value when that is a whole number (else 0).
-
-    Raises:
-        ValueError: the label is empty, not numeric, or a single whole number outside int32.
-    """
-    if isinstance(label, dict) and b"nd" in label:
-        label = _msgpack_numpy(label)
-    try:
-        values = np.asarray(label)
-    except (TypeError, ValueError):
-        values = np.asarray(None)
-    if values.dtype.kind not in "biuf":
-        raise ValueError(f"label {_short_repr(label)} is not numeric")
-    values = values.astype(np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("label is empty")
-    first = _label_int32(values[0])
-    if values.size == 1:
-        if first is not None:
-            return first, ()
-        if float(values[0]).is_integer():
-            raise ValueError(f"label {int(values[0])} does not fit Datum's int32")
-    return first or 0, tuple(values.astype(np.float32).tolist())
-
-
-def _short_repr(obj: Any) -> str:
-    try:
-        text = repr(obj)
-    except RecursionError:  # a pickle can nest lists 200,000 deep at a few bytes a level
-        return f"<a {type(obj).__name__} nested too deeply to show>"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _file_bytes(part: Any) -> tuple[bytes, bool]:
     """The image file bytes of a record's image part, and whether they were list-wrapped."""
     wrapped = False
@@ -417,9 +361,9 @@ def _lmdb_image_pixels(record: LmdbImageRecord) -> np.ndarray:
     try:
         dims = [int(d) for d in size]
     except (TypeError, ValueError):
-        raise ValueError(f"LMDB_Image size {_short_repr(size)} is not (height, width)") from None
+        raise ValueError(f"LMDB_Image size {short_repr(size)} is not (height, width)") from None
     if len(dims) not in (2, 3) or min(dims) <= 0:
-        raise ValueError(f"LMDB_Image size {_short_repr(size)} is not (height, width)")
+        raise ValueError(f"LMDB_Image size {short_repr(size)} is not (height, width)")
     height, width = dims[:2]
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -492,7 +436,7 @@ def _describe_object(obj: Any) -> str:
         return f"a {type(obj).__name__} of {len(obj)}"
     if isinstance(obj, LmdbImageRecord):
         return repr(obj)
-    return f"{type(obj).__name__} {_short_repr(obj)}"
+    return f"{type(obj).__name__} {short_repr(obj)}"
 
 
 # --------------------------------------------------------------------------- reading values
@@ -751,7 +695,7 @@ def _check_len(value: bytes, count: int, old: Path) -> None:
     _, length = _decode(value, f"{old}: key b'__len__'")
     if not isinstance(length, int) or length != count:
         log.warning("%s: __len__ says %s but __keys__ lists %d records; migrating the %d listed",
-                    old, _short_repr(length), count, count)
+                    old, short_repr(length), count, count)
 
 
 def _missing_parents(path: Path) -> list[Path]:

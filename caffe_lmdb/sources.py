@@ -7,12 +7,10 @@ labels, and so which keys (`%08d_<relpath>`) the records get; and how one input 
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
 import stat
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 
 from .errors import DatumError, InputError, InputNotFoundError, os_error_reason
 from .formats import IMAGE_EXTENSIONS
+from .labels import list_columns
 
 #: Larger input files are skipped unread: no image format Caffe reads needs this much, and a
 #: file this large (or one that never ends, such as a link to /dev/zero) would exhaust memory.
@@ -31,7 +30,6 @@ _READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTT
                | getattr(os, "O_BINARY", 0))
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-_INTEGER = re.compile(r"[-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -383,26 +381,9 @@ def parse_list_file(list_file: str | os.PathLike, root: str | os.PathLike) -> li
     entries = []
     for number, tokens in rows:
         relpath, values = " ".join(tokens[:-columns]), tokens[-columns:]
-        if not _INTEGER.fullmatch(values[0]):
-            raise InputError(f"{list_file}:{number}: label {values[0]!r} is not an integer")
-        label = int(values[0])
-        if not -(2**31) <= label < 2**31:
-            raise InputError(f"{list_file}:{number}: label {label} does not fit Datum's int32")
-        targets = tuple(_float32(list_file, number, v) for v in values) if columns > 1 else ()
+        label, targets = list_columns(values, f"{list_file}:{number}")
         entries.append(Entry(relpath, root / relpath, label, targets))
     return entries
-
-
-def _float32(list_file: Path, number: int, text: str) -> float:
-    """A list column as the float it will be stored as, refusing what a 32-bit float cannot hold."""
-    value = float(text)
-    try:
-        struct.pack("<f", value)  # how raw records pack float_data; OverflowError beyond float32
-    except OverflowError:
-        value = math.inf
-    if not math.isfinite(value):
-        raise InputError(f"{list_file}:{number}: value {text!r} does not fit a 32-bit float")
-    return value
 
 
 def shuffle_entries(entries: Sequence[Entry], seed: int) -> list[Entry]:

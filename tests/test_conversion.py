@@ -20,7 +20,7 @@ from PIL import Image
 from caffe_lmdb import conversion as conversion_module
 from caffe_lmdb import load_keys
 from caffe_lmdb.cli import main
-from caffe_lmdb.conversion import convert, write_lmdb
+from caffe_lmdb.conversion import WriteTuning, convert, write_lmdb
 from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.errors import ConversionError
 from caffe_lmdb.output import BatchWriter
@@ -142,6 +142,7 @@ def test_worker_processes_do_not_change_a_byte(tmp_path, rng, caplog, workers, m
     small = dict(commit_bytes=8 << 10, ring_bytes=16 << 10)
     if map_full:
         small.update(initial_map_size=64 << 10, grow_ahead=False)
+    small = dict(tuning=WriteTuning(**small))
     caplog.set_level(logging.DEBUG, logger="caffe_lmdb.output")
     result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3, **small)
     assert result.written == 40 and result.skipped == 2
@@ -165,7 +166,7 @@ def test_map_grows_and_replays_the_whole_batch(image_tree, tmp_path):
     for i in range(30):
         save_image(image_tree / "dog" / f"big{i:02d}.png", big)
     out = tmp_path / "grow.lmdb"
-    result = convert(image_tree, out, workers=1, commit_every=7, initial_map_size=64 << 10)
+    result = convert(image_tree, out, workers=1, commit_every=7, tuning=WriteTuning(initial_map_size=64 << 10))
     datums = read_datums(out)
     assert len(datums) == result.written == 34
     assert all(len(d.data) == d.channels * d.height * d.width for d in datums.values())
@@ -469,7 +470,7 @@ def test_commit_limits_below_one_are_refused_before_any_file_is_made(tmp_path, i
     with pytest.raises(InputError, match="commit_every must be >= 1"):
         convert(image_tree, tmp_path / "o.lmdb", commit_every=0)
     with pytest.raises(InputError, match="commit_bytes must be >= 1"):
-        convert(image_tree, tmp_path / "o.lmdb", commit_bytes=0)
+        convert(image_tree, tmp_path / "o.lmdb", tuning=WriteTuning(commit_bytes=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

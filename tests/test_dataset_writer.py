@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from caffe_lmdb import ConvertOptions, LmdbDataset_train, convert, load_keys, parse_datum, write_dataset
+from caffe_lmdb.conversion import WriteTuning
 from caffe_lmdb.dataset_writer import sample_targets
 from caffe_lmdb.errors import CaffeLmdbError, ConversionError, InputError
 
@@ -138,7 +139,7 @@ def test_workers_give_byte_identical_output(tmp_path, rng):
     outputs = []
     for workers in (0, 1, 2):
         out = tmp_path / f"w{workers}.lmdb"
-        write_dataset(samples, out, workers=workers, ring_bytes=1 << 16, commit_bytes=1 << 12)
+        write_dataset(samples, out, workers=workers, tuning=WriteTuning(ring_bytes=1 << 16, commit_bytes=1 << 12))
         outputs.append(((out / "data.mdb").read_bytes(), (tmp_path / f"w{workers}_keys.npy").read_bytes(),
                         (tmp_path / f"w{workers}_skipped.txt").read_text()))
     assert outputs[0] == outputs[1] == outputs[2]
@@ -207,10 +208,10 @@ def test_same_guarantees_as_convert(tmp_path, rng):
     write_dataset([(noise(rng, 2, 2), 0)] * 3, out, workers=0)
     with pytest.raises(InputError, match="already exists"):
         write_dataset([(noise(rng, 2, 2), 1)], out, workers=0)
-    write_dataset([(noise(rng, 2, 2), 1)], out, workers=0, overwrite=True, initial_map_size=1 << 16)
+    write_dataset([(noise(rng, 2, 2), 1)], out, workers=0, overwrite=True, tuning=WriteTuning(initial_map_size=1 << 16))
     assert len(records(out)) == 1
     big = [(noise(rng, 64, 64), i) for i in range(40)]  # 480 KiB through a 64 KiB map: it must grow
-    write_dataset(big, tmp_path / "big.lmdb", workers=0, initial_map_size=1 << 16)
+    write_dataset(big, tmp_path / "big.lmdb", workers=0, tuning=WriteTuning(initial_map_size=1 << 16))
     assert len(records(tmp_path / "big.lmdb")) == 40
     with pytest.raises(CaffeLmdbError, match="no samples"):
         write_dataset([], tmp_path / "empty.lmdb")

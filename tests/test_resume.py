@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, kill_when_temporary_reaches, save_image
 from PIL import Image
 
-from caffe_lmdb import cli, convert, write_lmdb
+from caffe_lmdb import cli, convert
+from caffe_lmdb.conversion import _write_entries
 from caffe_lmdb.errors import InputError
 from caffe_lmdb.sources import parse_list_file
 
@@ -100,7 +101,7 @@ def test_changed_arguments_are_refused_in_one_line(work, capsys):
                 commit_every=5, resume=True)
     entries = parse_list_file(work / "list.txt", work / "src")
     with pytest.raises(InputError, match="the shard differs"):  # same output name, another slice's line ids
-        write_lmdb(entries, work / "out.lmdb", workers=0, commit_every=5, line_offset=700, resume=True)
+        _write_entries(entries, work / "out.lmdb", workers=0, commit_every=5, line_offset=700, resume=True)
     assert list(work.glob(".out.lmdb.tmp-*")) == leftover  # refused: the leftover is kept for a correct resume
     # without --resume a run starts over, and clears the leftover
     assert cli.main(["convert", *_command(work, "out.lmdb", "--workers", "0")[2:]]) == 0
