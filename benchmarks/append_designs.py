@@ -35,7 +35,7 @@ def records(start: int, count: int):
 
 
 def build(path: Path, count: int) -> None:
-    from caffe_lmdb.output import AtomicLmdb
+    from caffe_lmdb.atomic_lmdb import AtomicLmdb
 
     with AtomicLmdb(path) as out:
         for key, value in records(0, count):
@@ -44,8 +44,8 @@ def build(path: Path, count: int) -> None:
 
 
 def run(design: str, path: Path, old: int, new: int) -> dict:
-    from caffe_lmdb.continuing import read_previous
-    from caffe_lmdb.output import AtomicLmdb
+    from caffe_lmdb.append_resume import read_previous
+    from caffe_lmdb.atomic_lmdb import AtomicLmdb
 
     start = time.perf_counter()
     if design == "copy":

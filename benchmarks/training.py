@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import children, ensure_images, machine, memory_kib, read_all
+from caffe_lmdb.atomic_lmdb import default_keys_path
 from caffe_lmdb.conversion import convert
 from caffe_lmdb.dataset import LmdbDataset_train, process_environment
 from caffe_lmdb.datum import parse_datum_view
@@ -48,7 +49,6 @@ from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.keys import open_readonly
 from caffe_lmdb.loader import CaffeLoader
 from caffe_lmdb.mean import save_mean
-from caffe_lmdb.output import default_keys_path
 from caffe_lmdb.transform import CaffeTransform
 
 CROP, BATCH, WORKERS = 224, 64, 2

@@ -61,7 +61,7 @@ _LAZY = {
     "compute_mean": "mean",
     "load_mean": "mean",
     "export": "exporting",
-    "grid": "contact_sheet",
+    "grid": "grid_sheet",
 }
 
 

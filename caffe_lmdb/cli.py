@@ -18,12 +18,12 @@ import lmdb
 
 from . import __version__
 from .allocator import set_heap_retention
-from .contact_sheet import grid
 from .conversion import convert_paths
 from .encode import ConvertOptions
 from .errors import CaffeLmdbError, InputError, describe_os_error
 from .exporting import export
 from .files import sidecar_path
+from .grid_sheet import grid
 from .inspection import info, verify
 from .mean import compute_mean
 from .merging import merge
@@ -152,21 +152,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    """Save a contact sheet of random records with `grid.grid`."""
+    """Save a contact sheet of random records with `grid_sheet.grid`."""
     print(grid(args.lmdb, args.output, n=args.n, seed=args.seed, keys_path=args.keys, tile=args.tile))
     return EXIT_OK
 
 
 def cmd_loader(args: argparse.Namespace) -> int:
     """Print batches as they arrive: a prototxt's Data layer through `CaffeLoader`
-    (`prototxt.describe_prototxt_batches`), or an LMDB through a DataLoader (`loader_check.loader_check`)."""
+    (`prototxt.describe_prototxt_batches`), or an LMDB through a DataLoader (`dataloader_check.loader_check`)."""
     if (args.lmdb is None) == (args.prototxt is None):
         raise InputError("give an LMDB or --prototxt FILE (one of them)")
     if args.prototxt is not None:
         lines = describe_prototxt_batches(args.prototxt, args.phase, args.batches, root=args.root, layer=args.layer,
                                           num_workers=args.workers)
     else:
-        from .loader_check import loader_check  # torch: imported only by the command that needs it
+        from .dataloader_check import loader_check  # torch: imported only by the command that needs it
 
         lines = loader_check(args.lmdb, keys_path=args.keys, batch_size=args.batch_size, size=args.size,
                              num_workers=args.workers)

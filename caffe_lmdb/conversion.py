@@ -9,8 +9,8 @@ Why it is shaped this way:
   path avoids fresh memory: worker processes keep their freed heap for reuse (`allocator.py`; so
   does the `caffe-lmdb` command, whose process is its own, but never a library caller's process),
   LMDB writes with pwritev (not writemap), and each commit starts the disk write and lets the
-  page cache recycle its pages (`output.AtomicLmdb`).
-* The output goes through `output.AtomicLmdb`: locked against a second writer, built under a
+  page cache recycle its pages (`atomic_lmdb.AtomicLmdb`).
+* The output goes through `atomic_lmdb.AtomicLmdb`: locked against a second writer, built under a
   temporary name and published with its side files only when complete, so an interrupted or
   failed run (Ctrl-C, a full disk, `kill -9`) never leaves an output that looks complete, and
   `--overwrite` replaces only an LMDB and its side files.
@@ -31,7 +31,7 @@ from typing import Any
 
 from . import workers as _workers
 from .allocator import set_heap_retention
-from .continuing import (
+from .append_resume import (
     Previous,
     ResumeJournal,
     already_complete,
@@ -40,11 +40,11 @@ from .continuing import (
     read_previous,
     relabel_for_append,
 )
+from .atomic_lmdb import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
 from .encode import ConvertOptions, encode_entry
 from .errors import ConversionError, InputError
 from .files import default_keys_path
 from .keys import MAX_KEY_BYTES, make_key
-from .output import COMMIT_BYTES, INITIAL_MAP_SIZE, AtomicLmdb
 from .progress import progress_bar
 from .shards import resolve_shard, shard_name, shard_range
 from .sources import Entry, PackedEntries, find_splits, load_entries, shuffle_entries
@@ -104,7 +104,7 @@ class WriteTuning:
             raw records commit more often than every `commit_every`.
         initial_map_size: the LMDB map's first size in bytes; it doubles whenever it fills up.
         grow_ahead: grow the map before a transaction that clearly will not fit (False: only on
-            `MDB_MAP_FULL`, replaying the batch; see `output.BatchWriter`).
+            `MDB_MAP_FULL`, replaying the batch; see `atomic_lmdb.BatchWriter`).
         ring_bytes: shared memory per worker process for records on their way to the writer
             (raised to two transactions' worth, `2 * commit_bytes`, if smaller).
     """
@@ -282,7 +282,7 @@ def _write_entries(
             shards get the same global keys as an unsharded conversion.
         inputs: the folders and files the entries come from: an output equal to one, containing
             one or (with `scanned_inputs`, for folders whose files are listed) inside one is refused.
-        previous: append after this published LMDB (`continuing.read_previous`; `convert(append=True)`).
+        previous: append after this published LMDB (`append_resume.read_previous`; `convert(append=True)`).
         The others: as in `write_lmdb`.
     """
     options = options or ConvertOptions()

@@ -54,8 +54,8 @@ from .keys import (
     save_keys,
     txn_keys,
 )
-from .records import keys_file_for, refuse_foreign_lmdb
 from .shards import find_shards
+from .tool_reading import keys_file_for, refuse_foreign_lmdb
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .continuing import check_append_layout, merged_classes, read_previous
+from .append_resume import check_append_layout, merged_classes, read_previous
+from .atomic_lmdb import AtomicLmdb
 from .conversion import ConvertResult, Front, WriteTuning, default_workers, dispatched, summarise, write_records
 from .datum import DatumError, encode_image, encoded_to_datum, raw_datum_parts, serialize_datum
 from .encode import ConvertOptions, build_record, resize_image
@@ -37,7 +38,6 @@ from .image_files import normalize_image
 from .keys import MAX_KEY_BYTES, make_key
 from .labels import sample_targets
 from .optional_torch import torch_if_imported
-from .output import AtomicLmdb
 from .sources import read_image_file
 from .workers import Record
 

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatumError
-from .foreign import foreign_value_hint
+from .foreign_values import foreign_value_hint
 from .formats import CAFFE_FORMATS, ENCODE_FORMATS
 from .image_files import (
     DECODE_ERRORS,
@@ -68,7 +68,7 @@ def parse_datum(buf: bytes | bytearray | memoryview) -> Datum:
 def _not_a_datum(buf: bytes | bytearray | memoryview, detail: str) -> str:
     """The "not a Datum" message; for a pickle/msgpack/pyarrow value, what it is and what to do instead.
 
-    Nothing is unpickled: the value is recognised from its bytes (`foreign.foreign_value_hint`).
+    Nothing is unpickled: the value is recognised from its bytes (`foreign_values.foreign_value_hint`).
     """
 
     hint = foreign_value_hint(buf)

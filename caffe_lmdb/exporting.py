@@ -49,7 +49,7 @@ from .errors import DatumError, ExportError, InputError, describe_os_error
 from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .formats import ENCODE_FORMATS, suffix_for
 from .progress import progress_bar
-from .records import class_names, format_key, iter_values, label_name, read_txn
+from .tool_reading import class_names, format_key, iter_values, label_name, read_txn
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"

@@ -25,7 +25,7 @@ from .errors import CorruptLmdbError, DatumError, InputError, KeysFileError
 from .keys import get_value, lmdb_errors_named, load_keys, txn_keys
 from .progress import progress_bar
 from .publish import pending_publish
-from .records import (
+from .tool_reading import (
     class_names,
     disk_bytes,
     format_key,

@@ -58,7 +58,7 @@ from .dataset import LmdbDataset_train
 from .datum import RawRecordLayout, parse_datum_view
 from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, LmdbFormatError, LoaderError
 from .keys import get_value
-from .records import keys_file_for
+from .tool_reading import keys_file_for
 from .transform import CaffeTransform
 from .workers import start_processes
 

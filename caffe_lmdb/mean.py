@@ -35,7 +35,7 @@ from .errors import DatumError, MeanError, describe_os_error
 from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .progress import progress_bar
 from .proto import caffe_pb2
-from .records import format_key, format_shape, iter_values, read_txn
+from .tool_reading import format_key, format_shape, iter_values, read_txn
 
 #: The channel order `MeanResult.normalize_stats` reports, by channel count.
 _IMAGE_ORDER_NAMES = {1: "L", 3: "RGB", 4: "RGBA"}

@@ -13,13 +13,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .atomic_lmdb import AtomicLmdb
 from .conversion import ConvertResult
 from .errors import InputError, MergeError
 from .files import sidecar_path
 from .keys import begin_read, open_readonly
-from .output import AtomicLmdb
 from .progress import progress_bar
-from .records import class_names, iter_values, sidecar_lines
+from .tool_reading import class_names, iter_values, sidecar_lines
 
 
 def _records(shard_index: int, txn) -> Iterator[tuple[bytes, int, bytes]]:

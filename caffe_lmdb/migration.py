@@ -18,7 +18,7 @@ Formats read (as the recipes write them):
 4. pyarrow-serialized values (`pyarrow.serialize`, which no longer exists) are recognised and
    refused with a message saying so.
 
-`foreign.foreign_value_hint` recognises these formats from a value's bytes
+`foreign_values.foreign_value_hint` recognises these formats from a value's bytes
 alone (nothing is unpickled), for readers that meet such an LMDB and should point to `migrate`.
 """
 
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .atomic_lmdb import AtomicLmdb
 from .datum import (
     DatumError,
     check_datum,
@@ -51,7 +52,7 @@ from .datum import (
 from .encode import ConvertOptions, encoded_payload
 from .errors import InputError, InputNotFoundError, MigrationError
 from .files import default_keys_path
-from .foreign import (
+from .foreign_values import (
     MSGPACK_CONTAINERS,
     OLD_PICKLE_FIRST,
     PYARROW_GONE,
@@ -63,7 +64,6 @@ from .foreign import (
 from .formats import sniff_image_format
 from .keys import begin_read, checked_items, get_value, make_key, open_readonly
 from .labels import label_fields, short_repr
-from .output import AtomicLmdb
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -586,7 +586,7 @@ def migrate(
     `"%08d_%s" % (i, old_key)`; meta records are dropped and the keys go to the `.npy` keys file.
     Stored file bytes become encoded Datums with the bytes unchanged (GIF re-encoded as PNG, as
     `convert` does); LMDB_Image pixels become raw planar BGR Datums. See `label_fields` for labels.
-    The output is built under a temporary name and appears only when complete (`output.AtomicLmdb`).
+    The output is built under a temporary name and appears only when complete (`atomic_lmdb.AtomicLmdb`).
 
     Nothing from the old LMDB is ever executed: pickles go through a restricted unpickler, and a
     record naming any other global stops the migration before that global is touched, with no

@@ -57,8 +57,8 @@ from google.protobuf import text_format
 
 from .errors import InputError, PrototxtError, describe_os_error
 from .proto import caffe_pb2
-from .records import keys_file_for
 from .sources import special_kind
+from .tool_reading import keys_file_for
 from .transform import CaffeTransform
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """An output path: what may be replaced there, and the lock that lets one run write it.
 
-Every writer (`output.AtomicLmdb`, and `read_previous` when it finishes a killed run's publish)
+Every writer (`atomic_lmdb.AtomicLmdb`, and `read_previous` when it finishes a killed run's publish)
 checks and locks its target here:
 
 * **`overwrite` replaces only what this tool makes**: an LMDB (a folder holding `data.mdb` and at

@@ -53,7 +53,7 @@ from .errors import TransformError
 from .image_files import normalize_image, open_image
 from .mean import load_mean
 from .optional_torch import torch_if_imported
-from .records import format_shape
+from .tool_reading import format_shape
 
 _PHASES = ("train", "test")
 

@@ -59,7 +59,7 @@ def test_loader_check_prints_keys_and_batch_shapes(legacy_rgb_lmdb, tmp_path, ca
 
 def test_loader_check_with_workers_and_keys_file(image_tree, tmp_path):
     from caffe_lmdb.conversion import convert
-    from caffe_lmdb.loader_check import loader_check
+    from caffe_lmdb.dataloader_check import loader_check
 
     convert(image_tree, tmp_path / "train.lmdb", workers=1, progress=False)
     lines = list(loader_check(tmp_path / "train.lmdb", batch_size=3, size=8, num_workers=2))
@@ -70,7 +70,7 @@ def test_loader_transform_gives_hwc_uint8():
     import torch
     from PIL import Image
 
-    from caffe_lmdb.loader_check import ResizeToHWC
+    from caffe_lmdb.dataloader_check import ResizeToHWC
 
     tensor = ResizeToHWC(224)(Image.new("L", (7, 5), 9))
     assert tensor.shape == (224, 224, 3) and tensor.dtype == torch.uint8 and int(tensor[0, 0, 0]) == 9

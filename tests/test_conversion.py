@@ -19,11 +19,11 @@ from PIL import Image
 
 from caffe_lmdb import conversion as conversion_module
 from caffe_lmdb import load_keys
+from caffe_lmdb.atomic_lmdb import BatchWriter
 from caffe_lmdb.cli import main
 from caffe_lmdb.conversion import WriteTuning, convert, write_lmdb
 from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.errors import ConversionError
-from caffe_lmdb.output import BatchWriter
 from caffe_lmdb.sources import InputError, scan_folder
 
 
@@ -143,7 +143,7 @@ def test_worker_processes_do_not_change_a_byte(tmp_path, rng, caplog, workers, m
     if map_full:
         small.update(initial_map_size=64 << 10, grow_ahead=False)
     small = dict(tuning=WriteTuning(**small))
-    caplog.set_level(logging.DEBUG, logger="caffe_lmdb.output")
+    caplog.set_level(logging.DEBUG, logger="caffe_lmdb.atomic_lmdb")
     result = convert(root, tmp_path / "wn.lmdb", workers=workers, commit_every=3, **small)
     assert result.written == 40 and result.skipped == 2
     grown = [r for r in caplog.records if r.getMessage().startswith("LMDB map: growing")]

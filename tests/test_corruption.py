@@ -20,11 +20,11 @@ import pytest
 from conftest import assert_one_line_error, caffe_key, caffe_raw_datum, run_cli
 
 from caffe_lmdb import LmdbDataset_train, LmdbFormatError, save_keys, scan_keys
-from caffe_lmdb.contact_sheet import make_grid
 from caffe_lmdb.errors import CorruptLmdbError
+from caffe_lmdb.grid_sheet import make_grid
 from caffe_lmdb.inspection import info, verify
 from caffe_lmdb.keys import begin_read, checked_items, open_readonly
-from caffe_lmdb.records import iter_values, read_txn
+from caffe_lmdb.tool_reading import iter_values, read_txn
 
 RECORDS = 400
 _P_LEAF = 0x02

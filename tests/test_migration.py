@@ -30,7 +30,7 @@ from caffe_lmdb import LmdbDataset_train, load_keys, parse_datum
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import DatumError, image_to_datum, serialize_datum
 from caffe_lmdb.errors import LmdbFormatError, MigrationError
-from caffe_lmdb.foreign import foreign_kind, foreign_value_hint
+from caffe_lmdb.foreign_values import foreign_kind, foreign_value_hint
 from caffe_lmdb.migration import (
     LegacyRecord,
     LmdbImageRecord,

@@ -18,8 +18,8 @@ PACKAGE = REPO / "caffe_lmdb"
 GENERATED = {"caffe_pb2"}
 
 #: What reading an LMDB must never load: the conversion machinery (rings, allocator, the pipeline, the writer).
-CONVERSION_MACHINERY = {"workers", "allocator", "conversion", "output", "encode"}
-READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "contact_sheet", "records", "keys", "datum",
+CONVERSION_MACHINERY = {"workers", "allocator", "conversion", "atomic_lmdb", "encode"}
+READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_sheet", "tool_reading", "keys", "datum",
              "image_files"}
 
 #: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.

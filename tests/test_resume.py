@@ -152,7 +152,7 @@ def _journal_of(keys: list[bytes]) -> bytes:
 @pytest.mark.parametrize("damage", [None, "remove", _cut_last_entry, _drop_last_keys, _scramble])
 def test_resume_reads_the_key_journal_and_survives_a_damaged_one(work, damage, caplog):
     """The journal lists the committed keys; one that a kill cut short, lost or garbled falls back to the LMDB."""
-    caplog.set_level(logging.INFO, logger="caffe_lmdb.continuing")
+    caplog.set_level(logging.INFO, logger="caffe_lmdb.append_resume")
     convert(None, work / "full.lmdb", list_file=work / "list.txt", root=work / "src", workers=0, commit_every=5)
     _kill_when(work, _command(work, "out.lmdb", "--workers", "0"), "out.lmdb", 12 << 20)
     [leftover] = work.glob(".out.lmdb.tmp-*")

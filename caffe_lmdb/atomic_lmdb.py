@@ -25,7 +25,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from .continuing import Previous, ResumeJournal
+from .append_resume import Previous, ResumeJournal
 from .errors import InputError, OutputError, describe_os_error
 from .files import SIDE_FILES, TMP_MARK, copy_file, default_keys_path, sidecar_path, temporary_name
 from .keys import keys_to_array
@@ -215,7 +215,7 @@ class AtomicLmdb:
     `commit_every`, `commit_bytes` and `grow_ahead` go to the `BatchWriter`; the map starts at
     `initial_map_size` bytes.
 
-    The temporary starts one of three ways: empty; with `previous` (`continuing.read_previous`),
+    The temporary starts one of three ways: empty; with `previous` (`append_resume.read_previous`),
     as a copy of that published LMDB (`copy_file_range`, a reflink where the file system has
     them), to append to (the published one is never written in place); or, with a `journal`
     whose `take_over` is set (`--resume`), as the leftover a killed run with the same manifest

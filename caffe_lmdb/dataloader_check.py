@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .dataset import LmdbDataset_train
 from .errors import CaffeLmdbError, InputError
-from .records import keys_file_for
+from .tool_reading import keys_file_for
 
 
 class ResizeToHWC:

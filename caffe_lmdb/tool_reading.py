@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import LmdbFormatError
 from .files import default_keys_path, sidecar_path
-from .foreign import foreign_value_hint
+from .foreign_values import foreign_value_hint
 from .keys import begin_read, checked_items, lmdb_errors_named, load_keys, open_readonly, txn_keys
 
 

@@ -10,7 +10,7 @@ from toollmdbs import converted, encoded_datum, hand_written, raw_value
 
 from caffe_lmdb import DatumError
 from caffe_lmdb.cli import main
-from caffe_lmdb.contact_sheet import PAD, grid, make_grid
+from caffe_lmdb.grid_sheet import PAD, grid, make_grid
 
 
 def test_grid_of_converter_lmdb(image_tree, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Continuing an LMDB: what an append reads from the published one, and a conversion's resume journal.
 
-Both are started by `output.AtomicLmdb` (`previous=`, `journal=`), which keeps its promises (one
+Both are started by `atomic_lmdb.AtomicLmdb` (`previous=`, `journal=`), which keeps its promises (one
 writer, built aside, published whole); this module holds what is particular to each:
 
 * **Append** copies the published `data.mdb` into the temporary (`copy_file_range`: in the kernel,

@@ -17,8 +17,8 @@ from PIL import Image
 from test_migration import folder2lmdb_pickle
 
 from caffe_lmdb import load_keys
+from caffe_lmdb.atomic_lmdb import AtomicLmdb, OutputError
 from caffe_lmdb.conversion import convert
-from caffe_lmdb.output import AtomicLmdb, OutputError
 from caffe_lmdb.sources import InputError
 from caffe_lmdb.targets import is_lmdb
 
