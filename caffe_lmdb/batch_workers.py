@@ -34,7 +34,7 @@ import torch
 
 from .dataset import LmdbDataset_train
 from .datum import RawRecordLayout, parse_datum_view
-from .errors import CaffeLmdbError, DatumError, KeysFileError, LoaderError
+from .errors import CaffeLmdbError, DatumError, KeysFileError, LoaderError, TransformError
 from .keys import get_value
 from .transform import CaffeTransform
 from .workers import start_processes
@@ -46,22 +46,46 @@ class BatchTransform(Protocol):
     """What `CaffeLoader` needs of a transform; `caffe_lmdb.transform.CaffeTransform` is one.
 
     `params` draws a sample's crop and mirror from (seed, epoch, index) alone, so that any worker
-    makes the same sample; `crop_into` copies the crop into a uint8 batch; `normalize` applies the
-    mean and scale to a whole uint8 batch, given each sample's (h_off, w_off, mirror). Optional:
-    `transform_into` (the float32 output of one record in one pass, used for `output="float32"`)
-    and `record_pixels` (how records are decoded: `force_color`, `force_gray`).
+    makes the same sample, and `batch_params` draws a whole batch's at once (raising
+    `TransformError` for a record smaller than the crop); `check_shape` refuses the first record
+    (what fixes the batch shape) as Caffe would; `record_pixels` decodes a record (`force_color`,
+    `force_gray`); `crop_into` copies the crop into a uint8 batch; `transform_into` makes a
+    record's float32 output in one pass (`output="float32"`); `normalize` applies the mean and scale
+    to a whole uint8 batch, given each sample's (h_off, w_off, mirror). `CaffeLoader` checks once,
+    when it is made, that its transform has every one of these (`missing_methods`).
     """
 
     def output_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]: ...
 
+    def check_shape(self, channels: int, height: int, width: int) -> None: ...
+
     def params(self, height: int, width: int, seed: int, epoch: int, index: int) -> tuple[int, int, bool]: ...
 
+    def batch_params(self, height: Any, width: Any, seed: int, epoch: int, indices: Any) -> np.ndarray: ...
+
+    def record_pixels(self, record: Any) -> np.ndarray: ...
+
     def crop_into(self, pixels: np.ndarray, out: np.ndarray, h_off: int, w_off: int, do_mirror: bool) -> Any: ...
+
+    def transform_into(self, record: Any, out: Any, h_off: int, w_off: int, do_mirror: bool) -> Any: ...
 
     def normalize(self, batch: torch.Tensor, offsets: Any) -> torch.Tensor: ...
 
 
+#: The methods of `BatchTransform`, which a loader's transform must all have.
+_METHODS = ("output_shape", "check_shape", "params", "batch_params", "record_pixels", "crop_into",
+            "transform_into", "normalize")
+
+
+def missing_methods(transform: Any) -> list[str]:
+    """The `BatchTransform` methods `transform` lacks (none for a `CaffeTransform`)."""
+    return [name for name in _METHODS if not callable(getattr(transform, name, None))]
+
+
 # --------------------------------------------------------------------------- reading one batch
+
+#: `_read`'s value of a record not looked up yet.
+_LOOK_UP = object()
 
 @dataclass(frozen=True)
 class SlotLayout:
@@ -122,12 +146,10 @@ class BatchMaker:
         self.seed = seed
         self.output = output
         self.sample_shape = sample_shape
-        if transform is not None and hasattr(transform, "record_pixels"):
-            self._decoder: Any = transform  # decodes as the transform says (force_color, force_gray)
-        else:
-
-            self._decoder = CaffeTransform()  # Caffe's own reading: BGR planes, encoded records decoded natively
-        self._one_pass = output == "float32" and hasattr(transform, "transform_into")
+        # Records decode as the transform says (force_color, force_gray), or without one as Caffe
+        # reads them: BGR planes, encoded records decoded natively.
+        self._decoder: BatchTransform = transform if transform is not None else CaffeTransform()
+        self._one_pass = output == "float32" and transform is not None
         self._scratch: np.ndarray | None = None  # the uint8 crops of a float32 batch, before normalize
         # Raw records skip the full parse only where reading them is known to be plain: Caffe's own
         # decoder (a custom one may treat raw records its own way).
@@ -167,7 +189,7 @@ class BatchMaker:
                 raise KeysFileError(f"{dataset.root}: key {bytes(key)!r} is not in the LMDB")
             try:
                 shape = tuple(self._decoder.record_pixels(parse_datum_view(value)).shape)
-                if hasattr(self.transform, "check_shape"):  # crop bigger than the record, mean of another size
+                if self.transform is not None:  # crop bigger than the record, mean of another size
                     self.transform.check_shape(*shape)
                 return shape
             except CaffeLmdbError as exc:
@@ -191,11 +213,15 @@ class BatchMaker:
         for part, positions, locals_, part_indices in self._by_part(indices):
             dataset = self.parts[part]
             env = dataset.environment()
-            if dataset.prefetch and len(locals_) > 1:
-                dataset.prefetch_records(locals_)
+            keys = [dataset.keys[local] for local in locals_]
             with env.begin(buffers=True) as txn:
-                records = [self._read(txn, part, dataset, local, index)
-                           for local, index in zip(locals_, part_indices, strict=True)]
+                if dataset.prefetch and len(locals_) > 1:  # every key looked up (once) before any record is read
+                    values = [get_value(txn, key, dataset.root) for key in keys]
+                    dataset.prefetch_values(values)
+                else:
+                    values = [_LOOK_UP] * len(keys)
+                records = [self._read(txn, part, dataset, key, value, index)
+                           for key, value, index in zip(keys, values, part_indices, strict=True)]
                 draws = self._draws(records, part_indices, epoch, dataset)
                 copy = self._copy
                 for position, index, (key, _, pixels), draw in zip(positions, part_indices, records, draws,
@@ -234,7 +260,7 @@ class BatchMaker:
             part_indices.append(index)
         return [(part, *group) for part, group in grouped.items()]
 
-    def _read(self, txn: Any, part: int, dataset: LmdbDataset_train, local: int,
+    def _read(self, txn: Any, part: int, dataset: LmdbDataset_train, key: Any, value: Any,
               index: int) -> tuple[Any, int, np.ndarray]:
         """(key, label, C x H x W pixels) of one record: a view on the memory map, or decoded.
 
@@ -242,8 +268,8 @@ class BatchMaker:
         `RawRecordLayout` (no full parse, no repeated checks); any other record is parsed and
         checked in full.
         """
-        key = dataset.keys[local]
-        value = get_value(txn, key, dataset.root)  # names the LMDB and the key itself
+        if value is _LOOK_UP:
+            value = get_value(txn, key, dataset.root)  # names the LMDB and the key itself
         if value is None:
             raise KeysFileError(f"{dataset.root}: key {bytes(key)!r} (index {index}) is not in the LMDB")
         layout = self._layouts.get(part)
@@ -283,9 +309,13 @@ class BatchMaker:
             return draws
         heights = np.array([pixels.shape[1] for _, _, pixels in records])
         widths = np.array([pixels.shape[2] for _, _, pixels in records])
-        if hasattr(transform, "batch_params"):
-            with contextlib.suppress(Exception):  # one at a time below, to name the record that fails
-                return np.asarray(transform.batch_params(heights, widths, self.seed, epoch, indices), np.int64)
+        try:
+            return np.asarray(transform.batch_params(heights, widths, self.seed, epoch, indices), np.int64)
+        except TransformError:
+            pass  # a record smaller than the crop: drawn one at a time below, to name it
+        except Exception as exc:
+            raise _named(exc, dataset, records[0][0], indices[0], f"drawing the crops of the batch of "
+                                                                  f"{len(records)} from it") from _cause(exc)
         for row, (height, width, index) in enumerate(zip(heights.tolist(), widths.tolist(), indices, strict=True)):
             try:
                 h_off, w_off, mirror = transform.params(height, width, self.seed, epoch, index)
@@ -306,9 +336,9 @@ class BatchMaker:
             self.transform.crop_into(pixels, out, h_off, w_off, mirror)
 
 
-def _named(exc: BaseException, dataset: LmdbDataset_train, key: Any, index: int) -> CaffeLmdbError:
-    """An error met on one record, as one line naming the LMDB, the key and the index."""
-    where = f"{dataset.root}: key {bytes(key)!r} (index {index})"
+def _named(exc: BaseException, dataset: LmdbDataset_train, key: Any, index: int, doing: str = "") -> CaffeLmdbError:
+    """An error met on one record (or `doing` something from it), as one line naming the LMDB, the key and the index."""
+    where = f"{dataset.root}: key {bytes(key)!r} (index {index})" + (f": {doing} failed" if doing else "")
     if isinstance(exc, CaffeLmdbError):
         return type(exc)(f"{where}: {exc}")
     return LoaderError(f"{where}: {type(exc).__name__}: {exc}")

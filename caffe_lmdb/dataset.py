@@ -319,18 +319,27 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
         """
         if not hasattr(os, "posix_fadvise"):
             return
+        with self.environment().begin(buffers=True) as txn:
+            self.prefetch_values([get_value(txn, self._key_at(index), self.root) for index in indices])
+
+    def prefetch_values(self, values: Sequence[Any]) -> None:
+        """`prefetch_records` for records already looked up: `buffers=True` views on this process's map (None: absent).
+
+        For a reader that looks a batch's keys up itself (`CaffeLoader`'s workers), so that each
+        key is looked up once per batch.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
         env = self.environment()
         if self._data_fd is None:
             path = Path(self.root)
             self._data_fd = os.open(path / "data.mdb" if path.is_dir() else path, os.O_RDONLY)
         base = env.info()["map_addr"]
         ranges = []
-        with env.begin(buffers=True) as txn:
-            for index in indices:
-                value = get_value(txn, self._key_at(index), self.root)
-                if value is not None and len(value) >= 2 * _PAGE:
-                    offset = np.frombuffer(value, dtype=np.uint8).ctypes.data - base
-                    ranges.append((offset - offset % _PAGE, offset + len(value)))
+        for value in values:
+            if value is not None and len(value) >= 2 * _PAGE:
+                offset = np.frombuffer(value, dtype=np.uint8).ctypes.data - base
+                ranges.append((offset - offset % _PAGE, offset + len(value)))
         for start, stop in _merge_ranges(ranges, PREFETCH_MERGE_GAP):
             os.posix_fadvise(self._data_fd, start, stop - start, os.POSIX_FADV_WILLNEED)
 

@@ -55,6 +55,7 @@ from .batch_workers import (
     available_memory,
     exit_reason,
     gib,
+    missing_methods,
     rebuild_error,
 )
 from .dataset import LmdbDataset_train
@@ -139,6 +140,7 @@ class CaffeLoader:
 
     Raises:
         ValueError: an argument is out of range, or a dataset carries its own transform.
+        TypeError: the transform lacks a `BatchTransform` method.
         LmdbFormatError, CorruptLmdbError, KeysFileError, DatumError: as `LmdbDataset_train`, and
             for the first record, which sets the batch shape; during iteration, for any record,
             naming the LMDB and the key (and the worker).
@@ -177,6 +179,10 @@ class CaffeLoader:
             raise InputError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
         if sampler is not None and shuffle:
             raise InputError("sampler and shuffle=True cannot be used together: the sampler decides the order")
+        missing = [] if transform is None else missing_methods(transform)
+        if missing:
+            raise TypeError(f"transform: a {type(transform).__name__} has no {', '.join(missing)}; CaffeLoader "
+                            "needs every BatchTransform method (caffe_lmdb.transform.CaffeTransform has them all)")
         self.device = None if device is None else torch.device(device)
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device={device!r} but CUDA is not available here (torch.cuda.is_available() is False)")
