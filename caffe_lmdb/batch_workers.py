@@ -12,7 +12,6 @@ ignore Ctrl-C and exit when their pipe closes.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 import mmap
@@ -36,6 +35,7 @@ from .dataset import LmdbDataset_train
 from .datum import RawRecordLayout, parse_datum_view
 from .errors import CaffeLmdbError, DatumError, KeysFileError, LoaderError, TransformError
 from .keys import get_value
+from .reader import PartIndex
 from .transform import CaffeTransform
 from .workers import start_processes
 
@@ -141,7 +141,7 @@ class BatchMaker:
     def __init__(self, parts: list[LmdbDataset_train], transform: BatchTransform | None, seed: int,
                  output: Output, sample_shape: tuple[int, int, int]) -> None:
         self.parts = parts
-        self.starts = np.cumsum([0] + [len(part) for part in parts]).tolist()
+        self.index = PartIndex([len(part) for part in parts])  # where a dataset index lies among the parts
         self.transform = transform
         self.seed = seed
         self.output = output
@@ -160,19 +160,12 @@ class BatchMaker:
         return {**self.__dict__, "_scratch": None, "_layouts": {}}
 
     def __len__(self) -> int:
-        return self.starts[-1]
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """(part, index within the part) of a dataset index."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records")
-        part = bisect.bisect_right(self.starts, index) - 1
-        return part, index - self.starts[part]
+        return len(self.index)
 
     def describe(self, index: int) -> str:
         """`LMDB: key b'...' (index i)`: where a dataset index is read from."""
         try:
-            part, local = self.locate(index)
+            part, local = self.index.locate(index)
         except IndexError as exc:
             return str(exc)
         dataset = self.parts[part]
@@ -181,8 +174,8 @@ class BatchMaker:
     def first_pixels_shape(self) -> tuple[int, int, int]:
         """The C x H x W of the first record (decoded if encoded): what fixes the batch shape."""
         number, dataset = next((i, part) for i, part in enumerate(self.parts) if len(part))
-        key = dataset.keys[0]
-        env = dataset.environment()
+        key = dataset.reader.keys[0]
+        env = dataset.reader.environment()
         with env.begin(buffers=True) as txn:
             value = get_value(txn, key, dataset.root)
             if value is None:
@@ -193,7 +186,8 @@ class BatchMaker:
                     self.transform.check_shape(*shape)
                 return shape
             except CaffeLmdbError as exc:
-                raise type(exc)(f"{dataset.root}: key {bytes(key)!r} (index {self.starts[number]}): {exc}") from None
+                where = f"{dataset.root}: key {bytes(key)!r} (index {self.index.starts[number]})"
+                raise type(exc)(f"{where}: {exc}") from None
 
     def fill(self, indices: Sequence[int], epoch: int, images: np.ndarray, labels: np.ndarray,
              params: np.ndarray) -> None:
@@ -210,14 +204,15 @@ class BatchMaker:
             if self._scratch is None or self._scratch.shape != images.shape:
                 self._scratch = np.empty(images.shape, np.uint8)
             pixels_out = self._scratch
-        for part, positions, locals_, part_indices in self._by_part(indices):
+        for part, positions, locals_, part_indices in self.index.group(indices):
             dataset = self.parts[part]
-            env = dataset.environment()
-            keys = [dataset.keys[local] for local in locals_]
+            reader = dataset.reader
+            env = reader.environment()
+            keys = [reader.keys[local] for local in locals_]
             with env.begin(buffers=True) as txn:
                 if dataset.prefetch and len(locals_) > 1:  # every key looked up (once) before any record is read
                     values = [get_value(txn, key, dataset.root) for key in keys]
-                    dataset.prefetch_values(values)
+                    reader.prefetch_values(values)
                 else:
                     values = [_LOOK_UP] * len(keys)
                 records = [self._read(txn, part, dataset, key, value, index)
@@ -242,23 +237,6 @@ class BatchMaker:
             except Exception as exc:
                 raise LoaderError(f"{self.describe(int(indices[0]))}: normalizing the batch of {count} from it "
                                   f"failed: {type(exc).__name__}: {exc}") from exc
-
-    def _by_part(self, indices: Sequence[int]) -> list[tuple[int, list[int], list[int], list[int]]]:
-        """The batch grouped by LMDB: (part, batch positions, indices within the part, dataset indices)."""
-        indices = [int(index) for index in indices]
-        if len(self.parts) == 1:
-            if indices and not (min(indices) >= 0 and max(indices) < len(self)):
-                bad = next(index for index in indices if not 0 <= index < len(self))
-                raise IndexError(f"index {bad} out of range for {len(self)} records")
-            return [(0, list(range(len(indices))), indices, indices)]
-        grouped: dict[int, tuple[list[int], list[int], list[int]]] = {}
-        for position, index in enumerate(indices):
-            part, local = self.locate(index)
-            positions, locals_, part_indices = grouped.setdefault(part, ([], [], []))
-            positions.append(position)
-            locals_.append(local)
-            part_indices.append(index)
-        return [(part, *group) for part, group in grouped.items()]
 
     def _read(self, txn: Any, part: int, dataset: LmdbDataset_train, key: Any, value: Any,
               index: int) -> tuple[Any, int, np.ndarray]:
