@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .dataset import LmdbDataset_train
-from .datum import RawRecordLayout, parse_datum_view
+from .datum import DatumView, RawRecordLayout, parse_datum_view, record_planes
 from .errors import CaffeLmdbError, DatumError, KeysFileError, LoaderError, TransformError
 from .keys import get_value
 from .reader import PartIndex
@@ -146,14 +146,11 @@ class BatchMaker:
         self.seed = seed
         self.output = output
         self.sample_shape = sample_shape
-        # Records decode as the transform says (force_color, force_gray), or without one as Caffe
-        # reads them: BGR planes, encoded records decoded natively.
-        self._decoder: BatchTransform = transform if transform is not None else CaffeTransform()
         self._one_pass = output == "float32" and transform is not None
         self._scratch: np.ndarray | None = None  # the uint8 crops of a float32 batch, before normalize
         # Raw records skip the full parse only where reading them is known to be plain: Caffe's own
-        # decoder (a custom one may treat raw records its own way).
-        self._raw_fast_path = type(self._decoder) is CaffeTransform
+        # decoding (a custom transform may treat raw records its own way).
+        self._raw_fast_path = transform is None or type(transform) is CaffeTransform
         self._layouts: dict[int, RawRecordLayout] = {}  # per part: the layout of its raw records, once seen
 
     def __getstate__(self) -> dict[str, Any]:
@@ -181,7 +178,7 @@ class BatchMaker:
             if value is None:
                 raise KeysFileError(f"{dataset.root}: key {bytes(key)!r} is not in the LMDB")
             try:
-                shape = tuple(self._decoder.record_pixels(parse_datum_view(value)).shape)
+                shape = tuple(self._decode(parse_datum_view(value)).shape)
                 if self.transform is not None:  # crop bigger than the record, mean of another size
                     self.transform.check_shape(*shape)
                 return shape
@@ -257,13 +254,17 @@ class BatchMaker:
                 return key, hit[1], np.frombuffer(hit[0], np.uint8).reshape(layout.shape)
         try:
             view = parse_datum_view(value)
-            pixels = self._decoder.record_pixels(view)
+            pixels = self._decode(view)
             self._check(pixels)
         except Exception as exc:
             raise _named(exc, dataset, key, index) from _cause(exc)
         if layout is None and self._raw_fast_path and not view.encoded and pixels.dtype == np.uint8:
             self._layouts[part] = RawRecordLayout(*pixels.shape)
         return key, view.label, pixels
+
+    def _decode(self, view: DatumView) -> np.ndarray:
+        """A record's C x H x W pixels: as the transform decodes them (force_color, force_gray), or as Caffe does."""
+        return record_planes(view) if self.transform is None else self.transform.record_pixels(view)
 
     def _check(self, pixels: np.ndarray) -> None:
         channels, height, width = pixels.shape
