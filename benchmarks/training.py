@@ -43,12 +43,13 @@ import torch
 from benchmarks.common import children, ensure_images, machine, memory_kib, read_all
 from caffe_lmdb.atomic_lmdb import default_keys_path
 from caffe_lmdb.conversion import convert
-from caffe_lmdb.dataset import LmdbDataset_train, process_environment
+from caffe_lmdb.dataset import LmdbDataset_train
 from caffe_lmdb.datum import parse_datum_view
 from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.keys import open_readonly
 from caffe_lmdb.loader import CaffeLoader
 from caffe_lmdb.mean import save_mean
+from caffe_lmdb.reader import OPEN_ENVS
 from caffe_lmdb.transform import CaffeTransform
 
 CROP, BATCH, WORKERS = 224, 64, 2
@@ -137,7 +138,7 @@ def floor_pass(lmdb_path: Path, transform: CaffeTransform, epoch: int, seed: int
     keys = np.load(default_keys_path(lmdb_path), allow_pickle=False)
     order = np.random.default_rng([seed, epoch]).permutation(len(keys))
     buffer = np.empty((BATCH, 3, CROP, CROP), np.uint8)
-    env = process_environment(lmdb_path, readahead=True)
+    env = OPEN_ENVS.get(str(lmdb_path), readahead=True)  # py-lmdb opens an LMDB once per process: share it
     with env.begin(buffers=True) as txn:
         for position, index in enumerate(order.tolist()):
             view = parse_datum_view(txn.get(bytes(keys[index])))

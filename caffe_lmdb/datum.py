@@ -703,3 +703,40 @@ def image_plane_order(channels: int) -> list[int]:
     if channels == 4:
         return [2, 1, 0, 3]
     return list(range(channels))
+
+
+# --------------------------------------------------------------------------- records as Caffe's data layer reads them
+
+def record_planes(record: Datum | DatumView | bytes | bytearray | memoryview, *,
+                  gray: bool | None = None) -> np.ndarray:
+    """A record's pixels, C x H x W in Datum order, as Caffe's data layer (`Transform`) reads them.
+
+    Raw records give a read-only uint8 view on their `data` (no copy) or, with `data` empty,
+    float32 `float_data` (`datum_to_array(copy=False)`'s arrays); encoded ones are decoded
+    (`gray=True`: 1 channel, Caffe's `force_gray`; False: 3, `force_color`; None: the file's
+    own), colour as BGR planes.
+
+    Raises:
+        DatumError: the record is not a valid Datum, or its image does not decode.
+    """
+    if isinstance(record, bytes | bytearray | memoryview):
+        record = parse_datum_view(record)
+    if record.encoded:
+        check_datum(record)
+        return image_planes(open_image(record.data, gray=gray))
+    check_datum(record)
+    shape = (record.channels, record.height, record.width)
+    if record.data:
+        return np.frombuffer(record.data, dtype=np.uint8).reshape(shape)
+    return np.asarray(record.float_data, dtype=np.float32).reshape(shape)
+
+
+def image_planes(image: Image.Image) -> np.ndarray:
+    """A PIL image (RGB, RGBA or L, as the Datum codec gives) as C x H x W planes in Datum order (BGR)."""
+    if image.mode not in ("L", "RGB", "RGBA"):
+        image = normalize_image(image, gray=None)
+    hwc = np.asarray(image)
+    if hwc.ndim == 2:
+        return hwc[np.newaxis]
+    chw = hwc.transpose(2, 0, 1)
+    return chw[::-1] if chw.shape[0] == 3 else chw[image_plane_order(chw.shape[0])]

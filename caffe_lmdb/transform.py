@@ -48,9 +48,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .datum import Datum, DatumView, check_datum, image_plane_order, parse_datum_view
+from .datum import Datum, DatumView, image_plane_order, image_planes, parse_datum_view, record_planes
 from .errors import TransformError
-from .image_files import normalize_image, open_image
 from .mean import load_mean
 from .optional_torch import torch_if_imported
 from .tool_reading import format_shape
@@ -365,7 +364,7 @@ class CaffeTransform:
         if isinstance(sample, Datum | DatumView):
             return self.record_pixels(sample)
         if isinstance(sample, Image.Image):
-            return _image_planes(sample)
+            return image_planes(sample)
         torch = torch_if_imported()
         if torch is not None and isinstance(sample, torch.Tensor):
             sample = sample.detach().cpu().numpy()
@@ -393,17 +392,8 @@ class CaffeTransform:
         Raises:
             DatumError: the record is not a valid Datum, or its image does not decode.
         """
-        if isinstance(record, bytes | bytearray | memoryview):
-            record = parse_datum_view(record)
-        if record.encoded:
-            check_datum(record)
-            gray = True if self.force_gray else False if self.force_color else None
-            return _image_planes(open_image(record.data, gray=gray))
-        check_datum(record)
-        shape = (record.channels, record.height, record.width)
-        if record.data:
-            return np.frombuffer(record.data, dtype=np.uint8).reshape(shape)
-        return np.asarray(record.float_data, dtype=np.float32).reshape(shape)
+        gray = True if self.force_gray else False if self.force_color else None
+        return record_planes(record, gray=gray)
 
     # ------------------------------------------------------------------ batch kernels
 
@@ -721,17 +711,6 @@ def _datum_order_array(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind not in "iuf":
         raise TransformError(f"image array dtype must be uint8 or numeric, got {array.dtype}")
     return array.astype(np.float32)
-
-
-def _image_planes(image: Image.Image) -> np.ndarray:
-    """A PIL image (RGB, RGBA or L, as the Datum codec gives) as C x H x W planes in Datum order (BGR)."""
-    if image.mode not in ("L", "RGB", "RGBA"):
-        image = normalize_image(image, gray=None)
-    hwc = np.asarray(image)
-    if hwc.ndim == 2:
-        return hwc[np.newaxis]
-    chw = hwc.transpose(2, 0, 1)
-    return chw[::-1] if chw.shape[0] == 3 else chw[image_plane_order(chw.shape[0])]
 
 
 def _numpy_view(out: Any) -> np.ndarray:

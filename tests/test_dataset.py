@@ -231,7 +231,7 @@ def test_datasets_over_one_lmdb_share_its_environment(legacy_rgb_lmdb):
     val = LmdbDataset_train(path)  # scans the keys through the open environment
     doubled = train + train
     assert len(doubled) == 12 and torch.equal(doubled[7][0], train[1][0])
-    assert np.array_equal(np.asarray(val[3][0]), images[3]) and val._env is train._env
+    assert np.array_equal(np.asarray(val[3][0]), images[3]) and val.reader._env is train.reader._env
 
 
 def test_no_reader_table_so_no_max_readers(legacy_rgb_lmdb):
@@ -240,7 +240,7 @@ def test_no_reader_table_so_no_max_readers(legacy_rgb_lmdb):
     path, _, _, _ = legacy_rgb_lmdb
     ds = LmdbDataset_train(path)
     ds[0]
-    transactions = [ds._env.begin() for _ in range(300)]
+    transactions = [ds.reader._env.begin() for _ in range(300)]
     assert all(txn.stat()["entries"] == 6 for txn in transactions)
     for txn in transactions:
         txn.abort()
@@ -297,16 +297,16 @@ def test_distributed_sampler_covers_the_dataset_once(legacy_rgb_lmdb, gray_lmdb)
 def test_pickling_after_use_leaves_the_environment_behind(legacy_rgb_lmdb):
     ds = LmdbDataset_train(legacy_rgb_lmdb[0], output="tensor")
     first, _ = ds[0]
-    assert ds._env is not None
+    assert ds.reader._env is not None
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._env is None and ds._env is not None
-    assert torch.equal(clone[0][0], first) and clone._env is not None
+    assert clone.reader._env is None and ds.reader._env is not None
+    assert torch.equal(clone[0][0], first) and clone.reader._env is not None
 
 
 def read_in_child(ds, queue) -> None:
-    inherited = ds._env
+    inherited = ds.reader._env
     image, _ = ds[0]
-    queue.put((ds._env is not inherited, ds._pid == os.getpid(), image.tolist()))
+    queue.put((ds.reader._env is not inherited, ds.reader._pid == os.getpid(), image.tolist()))
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform")
@@ -459,7 +459,7 @@ def test_reads_what_the_converter_wrote_raw_and_encoded(image_tree, tmp_path):
 
 
 def test_readahead_is_chosen_by_record_size_and_batches_prefetch(tmp_path):
-    from caffe_lmdb.dataset import READAHEAD_MIN_BYTES
+    from caffe_lmdb.reader import READAHEAD_MIN_BYTES
 
     rng = np.random.default_rng(0)
     big = [rng.integers(0, 256, size=(160, 160, 3), dtype=np.uint8) for _ in range(5)]

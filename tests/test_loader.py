@@ -265,13 +265,11 @@ class FailingTransform(CaffeTransform):
     """Raises on one sample index, as a buggy user transform would."""
 
     def params(self, height, width, seed, epoch, index):
-        if index == 13:
-            raise ValueError("boom at 13")
-        return super().params(height, width, seed, epoch, index)
+        raise AssertionError("params is only for naming a record smaller than the crop")
 
     def batch_params(self, height, width, seed, epoch, indices):
         if 13 in list(indices):
-            raise ValueError("boom in the batch")  # the loader retries one by one, to name the record
+            raise ValueError("boom in the batch")
         return super().batch_params(height, width, seed, epoch, indices)
 
 
@@ -283,12 +281,56 @@ def test_exception_in_transform_is_one_error_naming_worker_lmdb_and_key(data, cl
         with pytest.raises(LoaderError) as excinfo:
             run(loader)
         message = str(excinfo.value)
-        assert "\n" not in message and "ValueError: boom at 13" in message
-        assert str(data["raw"]) in message and repr(bytes(dataset.keys[13])) in message and "index 13" in message
+        assert "\n" not in message and "ValueError: boom in the batch" in message  # not retried one by one
+        assert str(data["raw"]) in message and repr(bytes(dataset.keys[12])) in message and "index 12" in message
+        assert "drawing the crops of the batch of 4 from it failed" in message
         if workers:
             assert "loader worker 1" in message  # batch 3 (indices 12-15) is worker 3 % 2's
-            assert "boom at 13" in excinfo.value.worker_traceback
+            assert "boom in the batch" in excinfo.value.worker_traceback
         del excinfo
+
+
+def test_a_record_smaller_than_the_crop_is_named_by_its_key(tmp_path, clean):
+    rng = np.random.default_rng(3)
+    sizes = [(20, 24)] * 5 + [(10, 24)] + [(20, 24)] * 2
+    records = {caffe_key(i, f"{i}.png"): caffe_raw_datum(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8), i)
+               .SerializeToString() for i, size in enumerate(sizes)}
+    path = write_lmdb(tmp_path / "sizes.lmdb", records)
+    for workers in (0, 1):
+        loader = CaffeLoader(path, 4, transform=CaffeTransform(CROP, mirror=True), num_workers=workers)
+        with pytest.raises(TransformError, match=r"key b'00000005_5.png' \(index 5\): record is 10x24 \(H x W\), "
+                                                 r"smaller than crop_size 16"):
+            run(loader)
+
+
+def test_each_key_is_looked_up_once_per_batch(data, monkeypatch):
+    import caffe_lmdb.batch_workers
+    import caffe_lmdb.dataset
+    from caffe_lmdb.keys import get_value
+
+    for prefetch in (True, False):
+        loader = CaffeLoader(LmdbDataset_train(data["raw"], prefetch=prefetch), BATCH, transform=transform(data))
+        looked_up = []
+
+        def counted(txn, key, root, looked_up=looked_up):
+            looked_up.append(bytes(key))
+            return get_value(txn, key, root)
+
+        monkeypatch.setattr(caffe_lmdb.batch_workers, "get_value", counted)
+        monkeypatch.setattr(caffe_lmdb.dataset, "get_value", counted)
+        assert len(run(loader)) == -(-COUNT // BATCH)
+        assert sorted(looked_up) == sorted(bytes(key) for key in loader.dataset.keys)
+        monkeypatch.undo()
+
+
+def test_a_transform_without_every_batch_transform_method_is_refused_at_once(data):
+    class CropOnly:
+        def output_shape(self, channels, height, width):
+            return channels, CROP, CROP
+
+    with pytest.raises(TypeError, match="has no check_shape, params, batch_params, record_pixels, crop_into, "
+                                        "transform_into, normalize"):
+        CaffeLoader(data["raw"], 4, transform=CropOnly())
 
 
 def test_sigkill_of_a_worker_ends_the_loop_with_one_error(data, clean):
