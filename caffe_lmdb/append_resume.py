@@ -42,8 +42,9 @@ from .datum import DatumError, parse_datum
 from .encode import ConvertOptions
 from .errors import InputError, KeysFileError, OutputError, describe_os_error
 from .files import default_keys_path, sidecar_path, temporaries_of, temporary_name
-from .keys import file_identity, load_keys, make_key
+from .keys import load_keys, make_key
 from .publish import complete_pending
+from .safe_lmdb import file_identity
 from .sources import Entry
 from .targets import TargetLock, is_lmdb
 

@@ -34,8 +34,8 @@ import torch
 from .dataset import LmdbDataset_train
 from .datum import DatumView, RawRecordLayout, parse_datum_view, record_planes
 from .errors import CaffeLmdbError, DatumError, KeysFileError, LoaderError, TransformError
-from .keys import get_value
 from .reader import PartIndex
+from .safe_lmdb import get_value
 from .transform import CaffeTransform
 from .workers import start_processes
 

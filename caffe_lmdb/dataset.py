@@ -22,8 +22,9 @@ from torch.utils.data import Dataset
 
 from .datum import DECODE_MODES, DatumView, datum_to_image, datum_to_image_array, parse_datum_view
 from .errors import DatumError, KeysFileError
-from .keys import get_value, save_keys
+from .keys import save_keys
 from .reader import LmdbReader
+from .safe_lmdb import get_value
 from .shards import find_shards
 from .tool_reading import keys_file_for
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .datum import datum_to_image, parse_datum_view
 from .errors import DatumError, InputError, KeysFileError
 from .files import output_target_kind, write_bytes_atomic
-from .keys import get_value
+from .safe_lmdb import get_value
 from .tool_reading import class_names, format_key, keys_file_for, known_keys, label_name, random_subset, read_txn
 
 BACKGROUND = (32, 32, 32)

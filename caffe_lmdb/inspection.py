@@ -22,9 +22,10 @@ import numpy as np
 
 from .datum import check_datum, datum_to_image, parse_datum_view, read_encoded_header
 from .errors import CorruptLmdbError, DatumError, InputError, KeysFileError
-from .keys import get_value, lmdb_errors_named, load_keys, txn_keys
+from .keys import load_keys, txn_keys
 from .progress import progress_bar
 from .publish import pending_publish
+from .safe_lmdb import get_value, lmdb_errors_named
 from .tool_reading import (
     class_names,
     disk_bytes,

@@ -17,8 +17,8 @@ from .atomic_lmdb import AtomicLmdb
 from .conversion import ConvertResult
 from .errors import InputError, MergeError
 from .files import sidecar_path
-from .keys import begin_read, open_readonly
 from .progress import progress_bar
+from .safe_lmdb import begin_read, open_readonly
 from .tool_reading import class_names, iter_values, sidecar_lines
 
 

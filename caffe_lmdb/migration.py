@@ -62,9 +62,10 @@ from .foreign_values import (
     unpack_msgpack,
 )
 from .formats import sniff_image_format
-from .keys import begin_read, checked_items, get_value, make_key, open_readonly
+from .keys import make_key
 from .labels import label_fields, short_repr
 from .progress import progress_bar
+from .safe_lmdb import begin_read, checked_items, get_value, open_readonly
 
 log = logging.getLogger(__name__)
 

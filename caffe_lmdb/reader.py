@@ -42,7 +42,8 @@ import numpy as np
 
 from .datum import parse_datum_view
 from .errors import DatumError, KeysFileWarning, LmdbFormatError
-from .keys import begin_read, data_file, file_identity, get_value, load_keys, open_readonly, opened_identity, txn_keys
+from .keys import load_keys, txn_keys
+from .safe_lmdb import begin_read, data_file, file_identity, get_value, open_readonly, opened_identity
 from .tool_reading import refuse_foreign_lmdb
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class _ProcessEnvironments:
         self._lock = threading.Lock()
 
     def get(self, lmdb_path: str, **options: Any) -> lmdb.Environment:
-        """This process's environment for `lmdb_path`, opened read-only (see `keys.open_readonly`)."""
+        """This process's environment for `lmdb_path`, opened read-only (see `safe_lmdb.open_readonly`)."""
         with self._lock:
             if self._pid != os.getpid():
                 for env in list(self._envs.values()):
@@ -315,7 +316,7 @@ class PartIndex:
 
 
 def _identity(lmdb_path: str) -> tuple[int, int, int, int]:
-    """`keys.file_identity` of the LMDB's data file; a file gone since is an LmdbFormatError naming it."""
+    """`safe_lmdb.file_identity` of the LMDB's data file; a file gone since is an LmdbFormatError naming it."""
     try:
         return file_identity(data_file(lmdb_path))
     except OSError:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .errors import InputError
 from .files import sidecar_path, temporaries_of
-from .keys import LMDB_MAGIC
 from .publish import remove_path
+from .safe_lmdb import LMDB_MAGIC
 
 #: The files LMDB itself keeps in an LMDB folder: a folder holding anything else is not only an LMDB.
 LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})

@@ -21,7 +21,8 @@ import numpy as np
 from .errors import LmdbFormatError
 from .files import default_keys_path, sidecar_path
 from .foreign_values import foreign_value_hint
-from .keys import begin_read, checked_items, lmdb_errors_named, load_keys, open_readonly, txn_keys
+from .keys import load_keys, txn_keys
+from .safe_lmdb import begin_read, checked_items, lmdb_errors_named, open_readonly
 
 
 def format_key(key: bytes) -> str:
@@ -90,7 +91,7 @@ def read_txn(lmdb_path: str | os.PathLike, *, readahead: bool = False) -> Iterat
     Raises:
         LmdbFormatError: the path is missing or not an LMDB, or it holds pickled/msgpack records
             (then the message says to run `caffe-lmdb migrate`; nothing is unpickled).
-        CorruptLmdbError: the LMDB is truncated or its B-tree damaged (see `keys.open_readonly`).
+        CorruptLmdbError: the LMDB is truncated or its B-tree damaged (see `safe_lmdb.open_readonly`).
     """
     env = open_readonly(lmdb_path, readahead=readahead)
     try:
@@ -119,7 +120,7 @@ def refuse_foreign_lmdb(lmdb_path: str | os.PathLike, txn: lmdb.Transaction) -> 
 def iter_values(txn: lmdb.Transaction) -> Iterator[tuple[bytes, memoryview]]:
     """Every (key, value) of the LMDB in key order; keys as bytes, values as views valid in `txn`.
 
-    The walk is `keys.checked_items`: on a transaction from `read_txn` each page is checked before
+    The walk is `safe_lmdb.checked_items`: on a transaction from `read_txn` each page is checked before
     LMDB reads it, so a damaged LMDB stops the walk with one line instead of crashing the process.
 
     Raises:

@@ -23,7 +23,7 @@ from caffe_lmdb import LmdbDataset_train, LmdbFormatError, save_keys, scan_keys
 from caffe_lmdb.errors import CorruptLmdbError
 from caffe_lmdb.grid_sheet import make_grid
 from caffe_lmdb.inspection import info, verify
-from caffe_lmdb.keys import begin_read, checked_items, open_readonly
+from caffe_lmdb.safe_lmdb import begin_read, checked_items, open_readonly
 from caffe_lmdb.tool_reading import iter_values, read_txn
 
 RECORDS = 400

@@ -306,7 +306,7 @@ def test_a_record_smaller_than_the_crop_is_named_by_its_key(tmp_path, clean):
 def test_each_key_is_looked_up_once_per_batch(data, monkeypatch):
     import caffe_lmdb.batch_workers
     import caffe_lmdb.dataset
-    from caffe_lmdb.keys import get_value
+    from caffe_lmdb.safe_lmdb import get_value
 
     for prefetch in (True, False):
         loader = CaffeLoader(LmdbDataset_train(data["raw"], prefetch=prefetch), BATCH, transform=transform(data))

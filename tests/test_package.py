@@ -19,7 +19,7 @@ GENERATED = {"caffe_pb2"}
 
 #: What reading an LMDB must never load: the conversion machinery (rings, allocator, the pipeline, the writer).
 CONVERSION_MACHINERY = {"workers", "allocator", "conversion", "atomic_lmdb", "encode"}
-READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_sheet", "tool_reading", "keys", "datum",
+READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_sheet", "tool_reading", "keys", "safe_lmdb", "datum",
              "image_files"}
 
 #: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.
