@@ -196,7 +196,7 @@ def _accumulate(total: np.ndarray, squares: np.ndarray, planes: np.ndarray) -> N
 
 # --------------------------------------------------------------------------- mean.binaryproto
 
-def mean_to_blob(mean: np.ndarray) -> caffe_pb2.BlobProto:
+def _mean_to_blob(mean: np.ndarray) -> caffe_pb2.BlobProto:
     """A C x H x W mean as the `BlobProto` Caffe writes: legacy num=1/channels/height/width, float data."""
     blob = caffe_pb2.BlobProto()
     blob.ParseFromString(mean_blob_bytes(mean))  # parsing packed floats is C; extending from a list is not
@@ -204,7 +204,7 @@ def mean_to_blob(mean: np.ndarray) -> caffe_pb2.BlobProto:
 
 
 def mean_blob_bytes(mean: np.ndarray) -> bytearray:
-    """The serialized `BlobProto` of a C x H x W mean: byte for byte what protobuf writes for `mean_to_blob`.
+    """The serialized `BlobProto` of a C x H x W mean: byte for byte what protobuf writes for `_mean_to_blob`.
 
     Built straight from the array (fields 1-4, then `data` packed as little-endian float32), so a
     50-megapixel mean costs its float32 bytes once, not a Python float object per value.

@@ -348,7 +348,7 @@ class CaffeTransform:
         self.transform_into(pixels, out, h_off, w_off, do_mirror)
         return torch.from_numpy(out) if as_tensor else out
 
-    def apply(self, pixels: np.ndarray, h_off: int, w_off: int, do_mirror: bool) -> np.ndarray:
+    def _apply(self, pixels: np.ndarray, h_off: int, w_off: int, do_mirror: bool) -> np.ndarray:
         """The float32 output for a C x H x W array in Datum order (`datum.datum_to_array`) at the given draw."""
         pixels = _datum_order_array(pixels)
         channels, height, width = pixels.shape
@@ -533,7 +533,7 @@ class CaffeTransform:
         Args:
             batch: B x C x h x w, uint8 (or float32 for float records), in output order as
                 `crop_into` writes it: a numpy array, or a torch tensor on any device (CPU
-                tensors go through the numpy code, others through `normalize_tensor`).
+                tensors go through the numpy code, others through `_normalize_tensor`).
             offsets: B x 3 integers (h_off, w_off, do_mirror) per sample, as `params` or
                 `batch_params` give them (numpy, a list, or a tensor).
             out: float32 B x C x h x w to write into (reused across batches, it saves
@@ -549,7 +549,7 @@ class CaffeTransform:
         torch = torch_if_imported()
         if torch is not None and isinstance(batch, torch.Tensor):
             if batch.device.type != "cpu":
-                return self.normalize_tensor(batch, offsets, out)
+                return self._normalize_tensor(batch, offsets, out)
             result = self.normalize(batch.numpy(), offsets, None if out is None else _numpy_view(out))
             return out if out is not None else torch.from_numpy(result)
         if batch.ndim != 4:
@@ -567,7 +567,7 @@ class CaffeTransform:
             self._normalize_one(out[i], mean, h_off, w_off, bool(flip))
         return out
 
-    def normalize_tensor(self, batch: Any, offsets: Any = None, out: Any = None) -> Any:
+    def _normalize_tensor(self, batch: Any, offsets: Any = None, out: Any = None) -> Any:
         """`normalize` in torch operations on the batch's own device (what it does for GPU tensors).
 
         The same two float32 operations (`sub`, then `mul` by a float32 scalar tensor), so the

@@ -159,7 +159,7 @@ def test_batches_identical_for_0_1_2_workers_and_equal_per_sample_transform(data
     for row, index in enumerate(order):  # CaffeTransform on each record alone, at the draw of (seed, epoch, index)
         h_off, w_off, mirror = caffe.params(HEIGHT, WIDTH, 11, 0, index)
         mirrored += mirror
-        expected = caffe.apply(data["planes"][index], h_off, w_off, mirror)
+        expected = caffe._apply(data["planes"][index], h_off, w_off, mirror)
         assert np.array_equal(images[row].numpy(), expected), row
     assert 0 < mirrored < COUNT
 

@@ -13,7 +13,7 @@ from toollmdbs import bgr_planes, converted, hand_written, legacy_encoded, raw_v
 
 from caffe_lmdb import DatumError, caffe_pb2
 from caffe_lmdb.cli import main
-from caffe_lmdb.mean import MeanError, lmdb_mean, load_mean, mean_to_blob, save_mean
+from caffe_lmdb.mean import MeanError, _mean_to_blob, lmdb_mean, load_mean, save_mean
 
 
 @pytest.fixture
@@ -226,7 +226,7 @@ def test_mean_file_bytes_are_what_protobuf_serializes(rng, tmp_path):
     blob.data.extend(mean.astype(np.float32).ravel().tolist())
     path = save_mean(tmp_path / "m.binaryproto", mean)
     assert path.read_bytes() == blob.SerializeToString()
-    assert mean_to_blob(mean) == blob
+    assert _mean_to_blob(mean) == blob
     assert [p.name for p in tmp_path.iterdir()] == ["m.binaryproto"]  # no temporary left beside it
 
 

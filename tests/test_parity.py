@@ -21,7 +21,7 @@ from PIL import Image
 from caffe_lmdb import DatumError, LmdbDataset_train, array_to_datum, caffe_pb2, datum_to_array, open_image
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import datum_to_image
-from caffe_lmdb.mean import MeanError, blob_to_array, mean_to_blob
+from caffe_lmdb.mean import MeanError, _mean_to_blob, blob_to_array
 
 # ---------------------------------------------------------------- references
 
@@ -406,7 +406,7 @@ def test_scalar_blob():
 
 def test_mean_file_blob_reads_as_pycaffe_reads_it():
     mean = np.random.default_rng(2).random((3, 5, 7)) * 255
-    blob = mean_to_blob(mean)
+    blob = _mean_to_blob(mean)
     ours, ref = blob_to_array(blob), pycaffe_blobproto_to_array(blob)
     assert ours.shape == ref.shape == (1, 3, 5, 7) and np.array_equal(ours, ref)
     assert np.array_equal(ours[0], mean.astype(np.float32))

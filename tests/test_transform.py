@@ -389,14 +389,14 @@ def batch_case(rng, tmp_path, **kwargs):
 ])
 def test_normalize_of_crop_into_is_bit_identical_to_call(rng, tmp_path, kwargs):
     transform, records, offsets, mean = batch_case(rng, tmp_path, **kwargs)
-    singles = np.stack([transform.apply(_bgr(r), *map(int, row[:2]), bool(row[2])) for r, row in zip(
+    singles = np.stack([transform._apply(_bgr(r), *map(int, row[:2]), bool(row[2])) for r, row in zip(
         records, offsets, strict=True)])
     # the per-sample path (`__call__`) draws its own offsets: check it at those, sample by sample
     for record, row in zip(records, offsets, strict=True):
         reference = caffe_reference(record, 5, int(row[0]), int(row[1]), bool(row[2]),
                                     mean=mean, mean_values=transform.mean_value, scale=transform.scale)
         reference = reference[::-1] if transform.rgb else reference
-        assert same_bits(transform.apply(_bgr(record), int(row[0]), int(row[1]), bool(row[2])),
+        assert same_bits(transform._apply(_bgr(record), int(row[0]), int(row[1]), bool(row[2])),
                          np.ascontiguousarray(reference))
     numpy_batch = np.empty((10, C, 5, 5), np.uint8)
     torch_batch = torch.empty((10, C, 5, 5), dtype=torch.uint8)
@@ -409,11 +409,11 @@ def test_normalize_of_crop_into_is_bit_identical_to_call(rng, tmp_path, kwargs):
     assert same_bits(transform.normalize(numpy_batch, offsets), singles)
     assert same_bits(transform.normalize(torch_batch, torch.as_tensor(offsets)).numpy(), singles)
     # the torch operations normalize runs on a GPU batch, here on the CPU
-    assert same_bits(transform.normalize_tensor(torch_batch, torch.as_tensor(offsets)).numpy(), singles)
+    assert same_bits(transform._normalize_tensor(torch_batch, torch.as_tensor(offsets)).numpy(), singles)
     reused = np.full((10, C, 5, 5), np.nan, np.float32)
     assert transform.normalize(numpy_batch, offsets, out=reused) is reused and same_bits(reused, singles)
     reused_t = torch.full((10, C, 5, 5), float("nan"))
-    assert transform.normalize_tensor(torch_batch, offsets, out=reused_t) is reused_t
+    assert transform._normalize_tensor(torch_batch, offsets, out=reused_t) is reused_t
     assert same_bits(reused_t.numpy(), singles)
     assert same_bits(fused, singles)
     assert np.array_equal(numpy_batch, torch_batch.numpy())
@@ -543,7 +543,7 @@ def test_arrays_in_image_order_any_layout(planes):
             out = transform(sample)
             assert same_bits(np.asarray(out), reference), type(sample)
         assert isinstance(out, torch.Tensor) == isinstance(sample, torch.Tensor)
-    assert same_bits(CaffeTransform().apply(planes, 0, 0, True), caffe_reference(datum, 0, 0, 0, True))
+    assert same_bits(CaffeTransform()._apply(planes, 0, 0, True), caffe_reference(datum, 0, 0, 0, True))
 
 
 def test_dataloader_workers_do_not_repeat_each_others_crops(tmp_path, rng):
@@ -571,4 +571,4 @@ def test_pickles_for_spawned_workers(planes, tmp_path, mean_image):
     transform.normalize(torch.zeros((1, C, 5, 5), dtype=torch.uint8), [[0, 0, 1]])  # fills the device cache
     copy = pickle.loads(pickle.dumps(transform))
     assert copy._device_means == {}
-    assert same_bits(copy.apply(planes, 1, 2, True), transform.apply(planes, 1, 2, True))
+    assert same_bits(copy._apply(planes, 1, 2, True), transform._apply(planes, 1, 2, True))
