@@ -122,7 +122,6 @@ class Publish:
     def finish(self) -> None:
         """Take the steps that are not done yet, then make the renames durable and drop the replaced LMDB."""
         placed = {step.target: step.identity for step in self.steps if step.source is not None}
-        replaced: list[Path] = []
         for step in self.steps:
             if step.source is None:
                 if os.path.lexists(step.target) and _identity(step.target) != placed.get(step.target):
@@ -131,14 +130,12 @@ class Publish:
                 if _identity(step.source) != step.identity:
                     raise StalePublishError(f"{step.source} is gone")
                 if step.lmdb and os.path.lexists(step.target):
-                    replaced.append(swap_in(step.source, step.target))
+                    swap_in(step.source, step.target)  # the old LMDB: at the source's name, or aside
                 else:
                     os.replace(step.source, step.target)
         for folder in sorted({step.target.parent for step in self.steps}):
             fsync_folder(folder)
-        for old in replaced:
-            remove_path(old)
-        for step in self.steps:  # an earlier run of this publish, killed after its swap, left the old LMDB
+        for step in self.steps:  # the replaced LMDB, left by this swap or by an earlier run killed after its swap
             if step.lmdb:
                 for old in (aside_name(step.source), step.source):
                     if os.path.lexists(old) and _identity(old) != step.identity:
@@ -150,10 +147,7 @@ class Publish:
         waiting = [step for step in moves if not step.done()]
         if not waiting:
             return "complete"
-        first = waiting[0]
-        if _identity(first.source) == first.identity and all(_identity(s.source) == s.identity for s in waiting):
-            return "pending"
-        return "stale"
+        return "pending" if all(_identity(step.source) == step.identity for step in waiting) else "stale"
 
 
 class StalePublishError(Exception):

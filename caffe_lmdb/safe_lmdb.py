@@ -353,19 +353,26 @@ def _leaf_pages(tree: _Tree, fd: int, last: list[bytes] | None = None) -> Iterat
     yield from _descend(tree, fd, tree.root, b"", 1, last)
 
 
+def _checked_nodes(tree: _Tree, fd: int, pgno: int, kind: int, last: list[bytes] | None,
+                   separator: bytes | None) -> tuple[bytes, list[tuple[int, int, int, int]]]:
+    """A branch or leaf page and its node headers, or the CorruptLmdbError naming what is wrong with it."""
+    page = _read_page(tree.opened, fd, pgno)
+    problem = _page_problem(page, pgno, kind, tree.opened.psize)
+    nodes = _nodes(page, tree.opened.psize) if problem is None else None
+    if problem is None and nodes is None:
+        problem = f"has damaged record pointers ({'branch' if kind == _P_BRANCH else 'leaf'} page)"
+    if problem is not None:
+        raise _corrupt(tree, pgno, problem, last, separator)
+    return page, nodes
+
+
 def _descend(tree: _Tree, fd: int, pgno: int, separator: bytes, level: int,
              last: list[bytes] | None) -> Iterator[tuple[int, bytes]]:
     if level == tree.depth:
         yield pgno, separator
         return
     psize = tree.opened.psize
-    page = _read_page(tree.opened, fd, pgno)
-    problem = _page_problem(page, pgno, _P_BRANCH, psize)
-    nodes = _nodes(page, psize) if problem is None else None
-    if problem is None and nodes is None:
-        problem = "has damaged record pointers (branch page)"
-    if problem is not None:
-        raise _corrupt(tree, pgno, problem, last, separator)
+    page, nodes = _checked_nodes(tree, fd, pgno, _P_BRANCH, last, separator)
     for offset, low, flags, ksize in nodes:
         child = low | flags << 32
         start = offset + _NODE_HEADER
@@ -380,13 +387,7 @@ def _check_leaf(
     """Check a leaf page before LMDB reads it; returns its record count and first key."""
     opened = tree.opened
     psize = opened.psize
-    page = _read_page(opened, fd, pgno)
-    problem = _page_problem(page, pgno, _P_LEAF, psize)
-    nodes = _nodes(page, psize) if problem is None else None
-    if problem is None and nodes is None:
-        problem = "has damaged record pointers (leaf page)"
-    if problem is not None:
-        raise _corrupt(tree, pgno, problem, last, separator)
+    page, nodes = _checked_nodes(tree, fd, pgno, _P_LEAF, last, separator)
     for offset, size, flags, ksize in nodes:
         end = offset + _NODE_HEADER + ksize
         if not ksize or end + (8 if flags & _F_BIGDATA else size) > psize:
