@@ -41,8 +41,11 @@ import lmdb
 import numpy as np
 
 from .datum import parse_datum_view
-from .errors import DatumError, KeysFileWarning, LmdbFormatError
+from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import load_keys, txn_keys
+from .layout_datum import DatumLayout
+from .layout_lsun import LsunLayout
+from .layouts import Layout, Probe, chosen_layout
 from .safe_lmdb import begin_read, data_file, file_identity, get_value, open_readonly, opened_identity
 from .tool_reading import refuse_foreign_lmdb
 
@@ -110,96 +113,27 @@ def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
 
 OPEN_ENVS = _ProcessEnvironments()
 
+#: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
+#: scheme or a side file first, Caffe's Datum (recognised by parsing a value) next, then the
+#: layouts recognised by their keys' shape alone. A new layout is a `layouts.Layout` added here.
+LAYOUTS: tuple[type[Layout], ...] = (DatumLayout, LsunLayout)
 
-class LmdbReader:
-    """One LMDB as the read side reads it: its keys, and this process's environment, checked and prefetched.
 
-    Args:
-        lmdb_path: the LMDB: a directory holding `data.mdb` (what Caffe writes) or a single file.
-        keys_path: the `.npy` keys file written with the LMDB; None scans the keys from the LMDB.
-        readahead: OS readahead around each record; None decides from the first record's size
-            (on from `READAHEAD_MIN_BYTES`). Readers of one LMDB share one environment per
-            process, so the first to open it sets this.
-        stacklevel: of the `KeysFileWarning` for a keys file of another length than the LMDB.
+class LmdbHandle:
+    """An LMDB path and this process's read-only environment of it: opened on first use, again after a fork.
 
-    Raises:
-        LmdbFormatError: `lmdb_path` is missing, is not an LMDB or holds pickled/msgpack records;
-            on a later read, the LMDB was replaced since the reader was created.
-        CorruptLmdbError: the LMDB is truncated or damaged.
-        KeysFileError: `keys_path` is missing, pickled or not a 1-D bytes/str array.
+    The base of the readers: the environment is never pickled (`__getstate__`), and every
+    process checks on opening that the data file is still the one the reader was made for.
     """
 
-    def __init__(self, lmdb_path: str | os.PathLike, keys_path: str | os.PathLike | None = None, *,
-                 readahead: bool | None = None, stacklevel: int = 2) -> None:
+    def __init__(self, lmdb_path: str | os.PathLike, *, readahead: bool = False) -> None:
         self.root = os.fspath(lmdb_path)
-        self.keys_path = None if keys_path is None else os.fspath(keys_path)
         self._env_options = {"readahead": bool(readahead)}
-        env = OPEN_ENVS.get(self.root, **self._env_options)  # a missing or non-LMDB path fails here
-        #: The data file the keys belong to; each process checks it on opening (`_open_env`).
+        #: The data file the reader's keys belong to; each process checks it on opening (`_open_env`).
         self._identity = _identity(self.root)
-        entries = env.stat()["entries"]
-        self._keys = load_keys(self.keys_path) if self.keys_path is not None else self._scan_keys(env)
-        #: Whether the first record is encoded (None: empty LMDB, or not a Datum).
-        self.encoded, first_size = _first_record(env, self._keys, self.root)
-        #: Whether the OS reads ahead around each record (see the `readahead` argument).
-        self.readahead = first_size >= READAHEAD_MIN_BYTES if readahead is None else readahead
-        self._env_options["readahead"] = self.readahead
-        del env  # not kept: each process opens its own on first read
         self._data_fd: int | None = None
-        if self.keys_path is not None and len(self._keys) != entries:
-            warnings.warn(
-                f"{self.keys_path}: keys file has {len(self._keys)} keys but the LMDB {self.root} has "
-                f"{entries} entries (a stale keys file, or one for another LMDB?)",
-                KeysFileWarning,
-                stacklevel=stacklevel + 1,
-            )
         self._env = None
         self._pid: int | None = None
-
-    def _scan_keys(self, env: lmdb.Environment) -> np.ndarray:
-        # keys.scan_keys opens the LMDB itself, which py-lmdb refuses while this process has it open
-        started = time.perf_counter()
-        with begin_read(env) as txn:
-            keys = txn_keys(txn)
-        logger.info(
-            "%s: no keys file, scanned %d keys in %.2fs; save them with save_keys() to skip this next time",
-            self.root, len(keys), time.perf_counter() - started,
-        )
-        return keys
-
-    @property
-    def keys(self) -> np.ndarray:
-        """The record keys in order, a numpy bytes (`S`) array (index i reads key i)."""
-        return self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def key_at(self, index: int) -> np.bytes_:
-        """The key of record `index` (negative indices count from the end).
-
-        Raises:
-            TypeError: `index` is not an integer.
-            IndexError: `index` is out of range.
-        """
-        try:
-            i = operator.index(index)
-        except TypeError:
-            raise TypeError(
-                f"{self.root}: dataset indices must be integers, not {type(index).__name__}"
-            ) from None
-        count = len(self._keys)
-        if i < 0:
-            i += count
-        if not 0 <= i < count:
-            raise IndexError(f"{self.root}: index {index} out of range for {count} records")
-        return self._keys[i]
-
-    def keys_origin(self) -> str:
-        """Where the keys came from, for an error about a key the LMDB lacks."""
-        if self.keys_path is None:
-            return "keys scanned at construction: has the LMDB changed since?"
-        return f"listed in keys file {self.keys_path}"
 
     def environment(self) -> lmdb.Environment:
         """This process's read-only environment of the LMDB, opened on first use and again after a fork.
@@ -209,20 +143,6 @@ class LmdbReader:
         if self._pid != os.getpid():
             self._open_env()
         return self._env
-
-    def prefetch_records(self, indices: Sequence[int]) -> None:
-        """Ask the kernel to read the byte ranges of these records now, all at once.
-
-        A record's offset in `data.mdb` is its address in LMDB's memory map minus the map's
-        start; `posix_fadvise(WILLNEED)` queues the reads without waiting, so a cold batch costs
-        about one IO round trip instead of one synchronous page fault per 4 KiB page. Ranges
-        closer than `PREFETCH_MERGE_GAP` are merged into one request: records of a block (see
-        `BlockShuffleSampler`) then arrive as one sequential read.
-        """
-        if not hasattr(os, "posix_fadvise"):
-            return
-        with self.environment().begin(buffers=True) as txn:
-            self.prefetch_values([get_value(txn, self.key_at(index), self.root) for index in indices])
 
     def prefetch_values(self, values: Sequence[Any]) -> None:
         """`prefetch_records` for records already looked up: `buffers=True` views on this process's map (None: absent).
@@ -269,6 +189,174 @@ class LmdbReader:
         state["_pid"] = None
         state["_data_fd"] = None
         return state
+
+
+class LmdbReader(LmdbHandle):
+    """One LMDB as the read side reads it: its keys, and this process's environment, checked and prefetched.
+
+    Args:
+        lmdb_path: the LMDB: a directory holding `data.mdb` (what Caffe writes) or a single file.
+        keys_path: the `.npy` keys file written with the LMDB; None scans the keys from the LMDB.
+        readahead: OS readahead around each record; None decides from the first record's size
+            (on from `READAHEAD_MIN_BYTES`). Readers of one LMDB share one environment per
+            process, so the first to open it sets this.
+        stacklevel: of the `KeysFileWarning` for a keys file of another length than the LMDB.
+
+    Raises:
+        LmdbFormatError: `lmdb_path` is missing, is not an LMDB or holds pickled/msgpack records;
+            on a later read, the LMDB was replaced since the reader was created.
+        CorruptLmdbError: the LMDB is truncated or damaged.
+        KeysFileError: `keys_path` is missing, pickled or not a 1-D bytes/str array.
+    """
+
+    def __init__(self, lmdb_path: str | os.PathLike, keys_path: str | os.PathLike | None = None, *,
+                 readahead: bool | None = None, stacklevel: int = 2) -> None:
+        self.keys_path = None if keys_path is None else os.fspath(keys_path)
+        env = OPEN_ENVS.get(os.fspath(lmdb_path), readahead=bool(readahead))  # a missing or non-LMDB path fails here
+        super().__init__(lmdb_path, readahead=bool(readahead))
+        entries = env.stat()["entries"]
+        self._keys = load_keys(self.keys_path) if self.keys_path is not None else self._scan_keys(env)
+        #: Whether the first record is encoded (None: empty LMDB, or not a Datum).
+        self.encoded, first_size = _first_record(env, self._keys, self.root)
+        #: Whether the OS reads ahead around each record (see the `readahead` argument).
+        self.readahead = first_size >= READAHEAD_MIN_BYTES if readahead is None else readahead
+        self._env_options["readahead"] = self.readahead
+        del env  # not kept: each process opens its own on first read
+        if self.keys_path is not None and len(self._keys) != entries:
+            warnings.warn(
+                f"{self.keys_path}: keys file has {len(self._keys)} keys but the LMDB {self.root} has "
+                f"{entries} entries (a stale keys file, or one for another LMDB?)",
+                KeysFileWarning,
+                stacklevel=stacklevel + 1,
+            )
+
+    def _scan_keys(self, env: lmdb.Environment) -> np.ndarray:
+        # keys.scan_keys opens the LMDB itself, which py-lmdb refuses while this process has it open
+        started = time.perf_counter()
+        with begin_read(env) as txn:
+            keys = txn_keys(txn)
+        logger.info(
+            "%s: no keys file, scanned %d keys in %.2fs; save them with save_keys() to skip this next time",
+            self.root, len(keys), time.perf_counter() - started,
+        )
+        return keys
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The record keys in order, a numpy bytes (`S`) array (index i reads key i)."""
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def key_at(self, index: int) -> np.bytes_:
+        """The key of record `index` (negative indices count from the end).
+
+        Raises:
+            TypeError: `index` is not an integer.
+            IndexError: `index` is out of range.
+        """
+        return self._keys[checked_index(self.root, index, len(self._keys))]
+
+    def keys_origin(self) -> str:
+        """Where the keys came from, for an error about a key the LMDB lacks."""
+        if self.keys_path is None:
+            return "keys scanned at construction: has the LMDB changed since?"
+        return f"listed in keys file {self.keys_path}"
+
+    def prefetch_records(self, indices: Sequence[int]) -> None:
+        """Ask the kernel to read the byte ranges of these records now, all at once.
+
+        A record's offset in `data.mdb` is its address in LMDB's memory map minus the map's
+        start; `posix_fadvise(WILLNEED)` queues the reads without waiting, so a cold batch costs
+        about one IO round trip instead of one synchronous page fault per 4 KiB page. Ranges
+        closer than `PREFETCH_MERGE_GAP` are merged into one request: records of a block (see
+        `BlockShuffleSampler`) then arrive as one sequential read.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        with self.environment().begin(buffers=True) as txn:
+            self.prefetch_values([get_value(txn, self.key_at(index), self.root) for index in indices])
+
+class LayoutReader(LmdbHandle):
+    """One LMDB of any known layout (`LAYOUTS`): its samples, read through this process's environment.
+
+    The layout is detected from the first keys, a value and the side files (or given by name or as
+    a `Layout`), then opened: it learns the sample count and keys, from the cached key index when
+    they must be scanned. Everything a layout does not say is done here once: the environment
+    per process, the identity check, prefetch, and the LMDB and key named in every error.
+
+    Raises:
+        LmdbFormatError: the path is missing or not an LMDB, or no layout recognises it (the
+            message says what was seen), or a count or side file it holds is inconsistent.
+        CorruptLmdbError: the LMDB is truncated or damaged.
+    """
+
+    def __init__(self, lmdb_path: str | os.PathLike, layout: str | Layout | None = None) -> None:
+        env = OPEN_ENVS.get(os.fspath(lmdb_path), readahead=False)  # a missing or non-LMDB path fails here
+        super().__init__(lmdb_path)
+        with begin_read(env, buffers=True) as txn:
+            probe = Probe.of(self.root, txn, self._identity)
+            #: How the LMDB stores its samples (`layouts.Layout`).
+            self.layout = chosen_layout(probe, layout, LAYOUTS)
+            self.layout.open(probe)
+        del env, probe
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def sample_keys(self, index: int) -> Sequence[bytes]:
+        """The keys of sample `index` (negative indices count from the end).
+
+        Raises:
+            TypeError, IndexError: `index` is not an integer, or out of range.
+        """
+        return self.layout.sample_keys(checked_index(self.root, index, len(self.layout)))
+
+    def read(self, index: int) -> tuple[Any, Any]:
+        """`(image, target)` of sample `index`, decoded by the layout (images copied out of the map).
+
+        Raises:
+            KeysFileError: a key of the sample is not in the LMDB.
+            DatumError: a value does not decode as the layout says, naming the LMDB and the key.
+        """
+        keys = self.sample_keys(index)
+        with self.environment().begin(buffers=True) as txn:
+            values = [get_value(txn, key, self.root) for key in keys]
+            for position, (key, value) in enumerate(zip(keys, values, strict=True)):
+                if value is None and position not in self.layout.optional:
+                    raise KeysFileError(f"{self.root}: key {bytes(key)!r} is not in the LMDB "
+                                        f"(sample {index} of the {self.layout.name} layout)")
+            try:
+                return self.layout.decode(values)
+            except (DatumError, ValueError) as exc:
+                raise DatumError(f"{self.root}: key {bytes(keys[0])!r}: {exc}") from None
+
+    def prefetch_samples(self, indices: Sequence[int]) -> None:
+        """Ask the kernel to read these samples' values now, all at once (see `LmdbReader.prefetch_records`)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        with self.environment().begin(buffers=True) as txn:
+            self.prefetch_values([get_value(txn, key, self.root) for index in indices
+                                  for key in self.sample_keys(index)])
+
+
+def checked_index(root: str, index: Any, count: int) -> int:
+    """`index` as a position in 0..count-1 (negative ones count from the end).
+
+    Raises:
+        TypeError: `index` is not an integer.
+        IndexError: `index` is out of range.
+    """
+    try:
+        i = operator.index(index)
+    except TypeError:
+        raise TypeError(f"{root}: dataset indices must be integers, not {type(index).__name__}") from None
+    if i < 0:
+        i += count
+    if not 0 <= i < count:
+        raise IndexError(f"{root}: index {index} out of range for {count} records")
+    return i
 
 
 class PartIndex:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,37 @@ def small_fs(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder and `freeze()`, which makes it read-only for this process: chmod 555, or as root (whom
+    permissions do not stop) a tmpfs remounted read-only; skipped where neither works."""
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+        mounted = True
+
+    def freeze() -> None:
+        if mounted:
+            done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True)
+            assert done.returncode == 0, done.stderr
+        else:
+            folder.chmod(0o555)
+
+    try:
+        yield folder, freeze
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        else:
+            folder.chmod(0o755)
 
 
 # ---------------------------------------------------------------- hostile image files (issue 22, defect 6)
