@@ -59,6 +59,12 @@ class DatumLayout(Layout):
     def sample_keys(self, index: int) -> Sequence[bytes]:
         return (self.keys[index],)
 
+    def stored(self, values: Sequence[Any]) -> tuple[tuple[bytes | np.ndarray, ...], Any]:
+        view = parse_datum_view(values[0])
+        if view.encoded:
+            return (bytes(view.data),), view.label
+        return (np.asarray(datum_to_image(view, "RGB")),), view.label
+
     def decode(self, values: Sequence[Any]) -> tuple[Any, Any]:
         view = parse_datum_view(values[0])
         return datum_to_image(view, "RGB"), view.label

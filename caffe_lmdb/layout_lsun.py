@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .formats import sniff_image_format
-from .layouts import Layout, Probe, decode_image
+from .layouts import Layout, Probe
 
 _HASH_KEY = re.compile(rb"[0-9a-f]{40}")
 _FOLDER = re.compile(r"(?P<category>.+?)_(?P<split>train|val|test)_lmdb")
@@ -53,8 +53,8 @@ class LsunLayout(Layout):
     def sample_keys(self, index: int) -> Sequence[bytes]:
         return (self.keys[index],)
 
-    def decode(self, values: Sequence[Any]) -> tuple[Any, Any]:
-        return decode_image(values[0]), self.category
+    def stored(self, values: Sequence[Any]) -> tuple[tuple[bytes, ...], Any]:
+        return (bytes(values[0]),), self.category
 
     def describe(self) -> str:
         return f"lsun (encoded images under SHA-1 keys; target: the category {self.category!r})"

@@ -87,10 +87,11 @@ class Probe:
 class Layout:
     """One way of storing image samples in an LMDB: found by `detect`, sized by `open`, read by `decode`.
 
-    Subclasses set `name` and implement the four methods. `sample_keys(i)` names the values of
-    sample i (one key, or several: an image and its label); the reader looks them up and hands
-    the values to `decode` (None for a key that is absent, which `decode` may allow for an
-    optional value). A missing required key, or a value that does not decode, is an error
+    Subclasses set `name` and implement `detect`, `open`, `__len__`, `sample_keys` and `stored`
+    (`decode` decodes what `stored` gives; override it when reading can do better). `sample_keys(i)`
+    names the values of sample i (one key, or several: an image and its label); the reader looks
+    them up and hands the values to `stored`/`decode` (None for a key at a position listed in
+    `optional`). A missing required key, or a value that does not decode, is an error
     naming the LMDB and the key (the reader adds both).
     """
 
@@ -115,14 +116,28 @@ class Layout:
         """The keys holding sample `index` (0 <= index < len), in the order `decode` takes their values."""
         raise NotImplementedError
 
-    def decode(self, values: Sequence[Any]) -> tuple[Any, Any]:
-        """`(image, target)` from the sample's values (views on the memory map: copy what you keep).
+    def stored(self, values: Sequence[Any]) -> tuple[tuple[bytes | np.ndarray, ...], Any]:
+        """The sample as the LMDB stores it: its images and its target, copied out of the map.
+
+        Each image is its encoded file bytes (`bytes`, exactly as stored), or, for a layout that
+        stores pixels, an H x W x 3 RGB (or H x W gray) uint8 array. `migrate` writes these
+        unchanged, so an encoded image is never decoded and encoded again.
 
         Raises:
             DatumError (or ValueError): a value that is not what the layout stores; the reader
                 prefixes the LMDB and the key.
         """
         raise NotImplementedError
+
+    def decode(self, values: Sequence[Any]) -> tuple[Any, Any]:
+        """`(image, target)` from the sample's values (views on the memory map, valid during the call).
+
+        By default the `stored` images decoded to RGB PIL images (OpenCV's pixels); a layout
+        with several images gives them as a tuple.
+        """
+        images, target = self.stored(values)
+        decoded = tuple(decode_image(image) if isinstance(image, bytes) else array_image(image) for image in images)
+        return (decoded[0] if len(decoded) == 1 else decoded), target
 
     def describe(self) -> str:
         """One line for `repr` and `info`: the layout and what a target is."""
@@ -152,6 +167,15 @@ def decode_image(value: Any) -> Image.Image:
     if value is None:
         raise DatumError("no image bytes")
     return open_image(bytes(value), gray=False)
+
+
+def array_image(pixels: np.ndarray) -> Image.Image:
+    """Stored pixels (H x W x 3 RGB or H x W gray, uint8) as an RGB PIL image."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
+        raise DatumError(f"stored pixels must be H x W x 3 or H x W uint8, got {pixels.dtype} {pixels.shape}")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
 
 
 def text_target(value: Any) -> str:
