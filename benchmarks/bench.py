@@ -39,17 +39,18 @@ class BenchConfig:
     scale_sizes: Sequence[int] = (1000, 5000, 20000)
     classes: int = 10
     seed: int = 0
-    sections: Sequence[str] = ("reading", "conversion", "scale", "training", "continuing")
+    sections: Sequence[str] = ("reading", "conversion", "scale", "training", "continuing", "instant")
     training_n: int = 2000  # records of the training-path section (raw 256x256, as CaffeNet's LMDBs)
     continuing_n: int = 12000  # list-file lines of the write_dataset / --resume section
     cold_n: int = 11000  # 11000 raw 256x256 records: 2.1 GB
     cold_count: int = 4000
+    instant_keys: int = 200_000  # keys of the instant-start section's LSUN-layout LMDB
     results: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, workdir: Path, n: int = 500) -> BenchConfig:
         return cls(workdir=workdir, n=n, passes=3, scale_sizes=(max(n // 5, 10), max(n // 2, 20), n),
-                   training_n=n, continuing_n=max(n, 40))
+                   training_n=n, continuing_n=max(n, 40), instant_keys=max(4 * n, 100))
 
 
 # --------------------------------------------------------------------------- timing
@@ -466,6 +467,10 @@ def format_report(results: dict[str, Any]) -> str:
         from benchmarks.continuing import format_report as continuing_report
 
         lines += ["", continuing_report(results["continuing"])]
+    if "instant" in results:
+        from benchmarks.instant_start import format_report as instant_report
+
+        lines += ["", instant_report(results["instant"])]
     return "\n".join(lines)
 
 
@@ -512,6 +517,15 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = print) -> d
 
         log(f"write_dataset and --resume ({config.continuing_n} images) ...")
         results["continuing"] = bench_continuing(workdir, config.continuing_n, config.passes)
+    if "instant" in config.sections:
+        from benchmarks.instant_start import bench_instant_start
+
+        log(f"instant start ({config.instant_keys} keys) ...")
+        instant = workdir / "instant"
+        shutil.rmtree(instant, ignore_errors=True)
+        instant.mkdir()
+        results["instant"] = bench_instant_start(instant, config.instant_keys, max(config.passes, 3))
+        shutil.rmtree(instant, ignore_errors=True)
     return results
 
 
@@ -531,8 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1 minute run (N=500) instead of the full one")
     parser.add_argument("--n", type=int, help="images to generate (default 5000, --quick 500)")
     parser.add_argument("--passes", type=int, help="passes per measurement (median; default 3)")
-    parser.add_argument("--sections", default="reading,conversion,scale,training,continuing",
-                        help="comma-separated: reading, conversion, scale, training, continuing, cold")
+    parser.add_argument("--sections", default="reading,conversion,scale,training,continuing,instant",
+                        help="comma-separated: reading, conversion, scale, training, continuing, instant, cold")
     parser.add_argument("--cold", action="store_true",
                         help="add the cold-read section: a >= 2 GB LMDB evicted from the page cache before each pass")
     parser.add_argument("--cold-n", type=int, default=11000,
@@ -555,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n is not None:
         config.training_n = min(args.n, config.training_n)
         config.continuing_n = args.n
-    unknown = set(config.sections) - {"reading", "conversion", "scale", "training", "continuing", "cold"}
+    unknown = set(config.sections) - {"reading", "conversion", "scale", "training", "continuing", "instant", "cold"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     results = run_benchmarks(config)

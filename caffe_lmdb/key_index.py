@@ -55,6 +55,19 @@ def index_paths(lmdb_path: str | os.PathLike, identity: tuple[int, ...]) -> list
             cache_home() / f"{path.name}-{digest}{_PREFIX_MARK}{tag}.npy"]
 
 
+def kept_index(lmdb_path: str | os.PathLike, identity: tuple[int, ...]) -> Path | None:
+    """The key index file kept for this LMDB at this identity, if there is one (not yet validated).
+
+    One exists only once a whole key scan of the file at this identity ended, and that scan
+    checked every page it read (`safe_lmdb.checked_items`): so its presence also tells
+    `safe_lmdb.open_readonly` that the file's pages were checked at this identity.
+    """
+    for candidate in index_paths(lmdb_path, identity):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def load_index(lmdb_path: str | os.PathLike, identity: tuple[int, ...], entries: int) -> np.ndarray | None:
     """The cached keys of this LMDB at this identity, memory-mapped, or None when there are none usable.
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from .datum import parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
+from .key_index import kept_index
 from .keys import load_keys, txn_keys
 from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
@@ -293,7 +294,10 @@ class LayoutReader(LmdbHandle):
     """
 
     def __init__(self, lmdb_path: str | os.PathLike, layout: str | Layout | None = None) -> None:
-        env = OPEN_ENVS.get(os.fspath(lmdb_path), readahead=False)  # a missing or non-LMDB path fails here
+        root = os.fspath(lmdb_path)
+        identity = _existing_identity(root)
+        checked = identity if identity is not None and kept_index(root, identity) is not None else None
+        env = OPEN_ENVS.get(root, readahead=False, checked_identity=checked)  # a non-LMDB path fails here
         super().__init__(lmdb_path)
         with begin_read(env, buffers=True) as txn:
             probe = Probe.of(self.root, txn, self._identity)
@@ -409,6 +413,14 @@ def _identity(lmdb_path: str) -> tuple[int, int, int, int]:
         return file_identity(data_file(lmdb_path))
     except OSError:
         raise LmdbFormatError(f"{lmdb_path}: LMDB not found (removed since this dataset was created?)") from None
+
+
+def _existing_identity(lmdb_path: str) -> tuple[int, int, int, int] | None:
+    """`safe_lmdb.file_identity` of the LMDB's data file, or None when there is none (opening says why)."""
+    try:
+        return file_identity(data_file(lmdb_path))
+    except OSError:
+        return None
 
 
 def _merge_ranges(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:

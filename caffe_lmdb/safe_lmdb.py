@@ -44,13 +44,17 @@ def opened_identity(env: lmdb.Environment) -> tuple[int, int, int, int] | None:
     return None if opened is None else opened.identity
 
 
-def open_readonly(lmdb_path: str | os.PathLike, **kwargs) -> lmdb.Environment:
+def open_readonly(lmdb_path: str | os.PathLike, *, checked_identity: tuple[int, ...] | None = None,
+                  **kwargs) -> lmdb.Environment:
     """Open an existing LMDB read-only without creating anything, with a clear error if it is not one.
 
     Both layouts are accepted: a directory holding `data.mdb` (what Caffe writes) and a single file
     (`subdir=False`). Before anything is read, the file's size is compared with what its meta page
     says (a shorter file would crash the process with SIGBUS) and the B-tree's branch pages are
-    checked (see the module docstring).
+    checked (see the module docstring), unless `checked_identity` says they were: it is the
+    `file_identity` the data file had when a whole checked scan of it ended (`key_index` keeps
+    one per key index), and the walk is skipped only while the file still has exactly that
+    identity (same inode, size and modification time: no write since).
 
     Raises:
         LmdbFormatError: the path is missing, unreadable or not an LMDB.
@@ -88,7 +92,8 @@ def open_readonly(lmdb_path: str | os.PathLike, **kwargs) -> lmdb.Environment:
             identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
             if file_identity(file) != identity:
                 raise LmdbFormatError(f"{path}: the LMDB was replaced while it was being opened; try again")
-            _OPENED[env] = _check_opened(env, _Opened(path, file, env.stat()["psize"], identity), fd)
+            opened = _Opened(path, file, env.stat()["psize"], identity)
+            _OPENED[env] = _check_opened(env, opened, fd, walk=checked_identity != identity)
         except BaseException:
             env.close()
             raise
@@ -235,12 +240,13 @@ _OPENED: weakref.WeakKeyDictionary[lmdb.Environment, _Opened] = weakref.WeakKeyD
 _TXNS: weakref.WeakKeyDictionary[lmdb.Transaction, _Opened] = weakref.WeakKeyDictionary()
 
 
-def _check_opened(env: lmdb.Environment, opened: _Opened, fd: int) -> _Opened:
+def _check_opened(env: lmdb.Environment, opened: _Opened, fd: int, *, walk: bool = True) -> _Opened:
     """The checks `open_readonly` makes: the file's size, the branch pages, the first and last leaves.
 
     The first and last leaves are where `cursor.first()` and `cursor.last()` land (every tool
     reads the first record to refuse pickled LMDBs, `info` the last key); the other leaves are
-    checked as a scan reaches them (`checked_items`).
+    checked as a scan reaches them (`checked_items`). Without `walk` (the pages were checked at
+    this file identity before) only the size and the meta pages are.
     """
     last_pgno = env.info()["last_pgno"]
     expected = (last_pgno + 1) * opened.psize
@@ -254,6 +260,8 @@ def _check_opened(env: lmdb.Environment, opened: _Opened, fd: int) -> _Opened:
     tree = _read_tree(opened, fd)
     if tree is None or tree.last_pgno != last_pgno:  # not a layout these checks know: leave it to LMDB
         return opened
+    if not walk:
+        return replace(opened, checkable=True)
     first = last = None
     for leaf in _leaf_pages(tree, fd):  # reads the branch pages only
         first, last = first or leaf, leaf
@@ -373,12 +381,16 @@ def _descend(tree: _Tree, fd: int, pgno: int, separator: bytes, level: int,
         return
     psize = tree.opened.psize
     page, nodes = _checked_nodes(tree, fd, pgno, _P_BRANCH, last, separator)
+    leaves_next = level + 1 == tree.depth  # children yielded here: no generator per leaf
     for offset, low, flags, ksize in nodes:
         child = low | flags << 32
         start = offset + _NODE_HEADER
         if start + ksize > psize or not 2 <= child <= tree.last_pgno:
             raise _corrupt(tree, pgno, "has damaged entries (branch page)", last, separator)
-        yield from _descend(tree, fd, child, page[start:start + ksize] or separator, level + 1, last)
+        if leaves_next:
+            yield child, page[start:start + ksize] or separator
+        else:
+            yield from _descend(tree, fd, child, page[start:start + ksize] or separator, level + 1, last)
 
 
 def _check_leaf(

@@ -38,3 +38,6 @@ def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     assert continuing["images"] == 40 and len(continuing["resume / full run"]["runs"]) == 1
     assert continuing["write_dataset / convert"]["median"] > 0 and continuing["resume / full run"]["median"] > 0
     assert "killed at 60% + --resume" in table
+    instant = results["instant"]
+    assert instant["keys"] == 160 and len(instant["second / first"]["runs"]) == 3
+    assert "instant start: 160 keys" in table

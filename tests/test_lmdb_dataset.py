@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import struct
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from caffe_lmdb import LmdbDataset, LmdbDataset_train, open_tree, write_dataset
-from caffe_lmdb.errors import DatumError, KeysFileError, LmdbFormatError, LmdbNotFoundError
+from caffe_lmdb.errors import CorruptLmdbError, DatumError, KeysFileError, LmdbFormatError, LmdbNotFoundError
 from caffe_lmdb.lmdb_dataset import find_lmdbs
 
 
@@ -163,3 +164,18 @@ def test_workers_read_the_same_items(tmp_path, rng, start_method):
         assert ta == tb
         np.testing.assert_array_equal(a, np.asarray(b))
     assert pickle.loads(pickle.dumps(dataset)).layout.keys.tolist() == dataset.layout.keys.tolist()
+
+
+def test_the_kept_index_skips_the_page_walk_only_while_the_file_is_unchanged(tmp_path, rng):
+    path = tmp_path / "big_train_lmdb"
+    make_lsun(path, 200, rng)
+    LmdbDataset(path)  # scans, keeps the key index (and so vouches for the pages at this identity)
+    data = bytearray((path / "data.mdb").read_bytes())
+    metas = [struct.unpack_from("<QQ", data, page * 4096 + 128) for page in (0, 1)]  # (root, last_pgno)
+    txnids = [struct.unpack_from("<Q", data, page * 4096 + 144)[0] for page in (0, 1)]
+    root = metas[txnids.index(max(txnids))][0]
+    assert struct.unpack_from("<H", data, root * 4096 + 10)[0] & 0x01, "the root should be a branch page"
+    data[root * 4096 + 16:root * 4096 + 24] = bytes(8)  # its first node pointers now point into the header
+    (path / "data.mdb").write_bytes(data)  # a write: a new modification time, so the walk runs again
+    with pytest.raises(CorruptLmdbError, match="big_train_lmdb: corrupt LMDB: page"):
+        LmdbDataset(path)
