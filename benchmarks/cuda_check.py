@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/cuda_check.py`: make 
 import torch
 
 from benchmarks.training import BATCH, CROP, SCALE, prepare
-from caffe_lmdb.loader import CaffeLoader
+from caffe_lmdb.loader import CaffeLoader, WorkerOptions
 from caffe_lmdb.transform import CaffeTransform
 
 
@@ -104,10 +104,10 @@ def run_checks(workdir: Path, n: int, device_name: str, workers: int) -> dict[st
         ("float32 to device", {}, False),
     ):
         timed = loader(num_workers=workers, device=device if cuda else None, pin_memory=cuda,
-                       persistent_workers=True, **kwargs)
+                       worker_options=WorkerOptions(persistent_workers=True), **kwargs)
         rates[name] = _rate(timed, device, normalize)
         timed.close()
-    cpu = loader(num_workers=workers, persistent_workers=True)
+    cpu = loader(num_workers=workers, worker_options=WorkerOptions(persistent_workers=True))
     rates["float32 on the CPU only"] = _rate(cpu, torch.device("cpu"), False)
     cpu.close()
     results["samples_per_s"] = rates

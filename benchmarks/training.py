@@ -46,7 +46,7 @@ from caffe_lmdb.conversion import convert
 from caffe_lmdb.dataset import LmdbDataset_train
 from caffe_lmdb.datum import parse_datum_view
 from caffe_lmdb.encode import ConvertOptions
-from caffe_lmdb.loader import CaffeLoader
+from caffe_lmdb.loader import CaffeLoader, WorkerOptions
 from caffe_lmdb.mean import save_mean
 from caffe_lmdb.reader import OPEN_ENVS
 from caffe_lmdb.safe_lmdb import open_readonly
@@ -208,7 +208,7 @@ def bench_training(workdir: Path, n: int = 2000, passes: int = 5, seed: int = 0,
     def loader(path: Path, output: str, prefetch: bool = True) -> CaffeLoader:
         source = LmdbDataset_train(path, keys_path=default_keys_path(path), prefetch=prefetch)
         return CaffeLoader(source, BATCH, transform=transform, shuffle=True, num_workers=WORKERS, output=output,
-                           seed=seed, persistent_workers=True)
+                           seed=seed, worker_options=WorkerOptions(persistent_workers=True))
 
     log("uint8 CaffeLoader vs the one-process floor ...")
     uint8 = loader(data["raw"], "uint8", prefetch=False)  # as the floor: no batch prefetch (a warm page cache)

@@ -33,7 +33,7 @@ import torch
 
 from .dataset import LmdbDataset_train
 from .datum import DatumView, RawRecordLayout, parse_datum_view, record_planes
-from .errors import CaffeLmdbError, DatumError, KeysFileError, LoaderError, TransformError
+from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, LoaderError, TransformError
 from .reader import PartIndex
 from .safe_lmdb import get_value
 from .transform import CaffeTransform
@@ -498,6 +498,34 @@ def _close_fds(fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How `CaffeLoader` runs its worker processes (with `num_workers` > 0); the defaults are DataLoader's.
+
+    Attributes:
+        multiprocessing_context: as DataLoader's: a start method name ("fork", "spawn",
+            "forkserver") or a context; None uses multiprocessing's default.
+        prefetch_factor: batches each worker prepares ahead; it owns this many slots plus one.
+        persistent_workers: keep the worker processes from one epoch to the next (the slots are
+            kept either way); leaving an epoch early then waits for the batches in flight.
+        timeout: seconds to wait for one batch before failing; 0 waits as long as the workers live.
+
+    Raises:
+        InputError: `prefetch_factor` < 1 or `timeout` < 0.
+    """
+
+    multiprocessing_context: str | Any | None = None
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+    timeout: float = 0
+
+    def __post_init__(self) -> None:
+        if self.prefetch_factor < 1:
+            raise InputError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.timeout < 0:
+            raise InputError(f"timeout must be >= 0, got {self.timeout}")
 
 
 class WorkerPool:

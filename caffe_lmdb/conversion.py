@@ -100,6 +100,8 @@ class WriteTuning:
     """Knobs of the write path that change speed and memory, never the output (the tests set them small).
 
     Attributes:
+        commit_every: most records per write transaction (Caffe: 1000). Used by `write_dataset`;
+            `write_lmdb` and `convert` take `commit_every` directly and ignore this field.
         commit_bytes: a transaction also ends when its records reach this many bytes, so large
             raw records commit more often than every `commit_every`.
         initial_map_size: the LMDB map's first size in bytes; it doubles whenever it fills up.
@@ -109,6 +111,7 @@ class WriteTuning:
             (raised to two transactions' worth, `2 * commit_bytes`, if smaller).
     """
 
+    commit_every: int = 1000
     commit_bytes: int = COMMIT_BYTES
     initial_map_size: int = INITIAL_MAP_SIZE
     grow_ahead: bool = True
@@ -242,7 +245,8 @@ def write_lmdb(
         progress: show a progress bar (default: when stderr is a terminal).
         resume: continue the temporary a killed run with the same arguments left (`--resume`),
             from its last committed record; without one, start from the beginning.
-        tuning: speed and memory knobs that never change the output (default `WriteTuning()`).
+        tuning: speed and memory knobs that never change the output (default `WriteTuning()`);
+            its `commit_every` is not used here: the argument above is.
 
     Returns:
         The summary of what was written.

@@ -20,7 +20,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -218,19 +218,15 @@ def write_dataset(
     dataset: Sequence[Any] | Iterable[Any],
     output: str | os.PathLike,
     *,
-    keys_path: str | os.PathLike | None = None,
-    encoded: bool = False,
-    encode_type: str = "",
+    options: ConvertOptions | None = None,
     workers: int | None = None,
     key: Callable[[int, Any], str] | None = None,
     classes: Sequence[str] | None = None,
     overwrite: bool = False,
-    strict: bool = False,
-    progress: bool | None = None,
     append: bool = False,
     extend_classes: bool = False,
-    options: ConvertOptions | None = None,
-    commit_every: int = 1000,
+    strict: bool = False,
+    progress: bool | None = None,
     tuning: WriteTuning | None = None,
 ) -> ConvertResult:
     """Write a dataset of `(image, target)` samples to a Caffe Datum LMDB, as `convert` writes files.
@@ -238,8 +234,9 @@ def write_dataset(
     Images may be a PIL image; an H x W x 3 (RGB) or H x W uint8 numpy array; a C x H x W uint8
     torch tensor with RGB channels (torchvision's `ToTensor`/`PILToTensor` layout, C = 3 or 1);
     the bytes of an encoded image file; or a path. Paths and file bytes follow `convert`'s rules
-    (with `encoded`, a file's bytes are stored unchanged when nothing would change them); decoded
-    images are stored raw, or with `encoded` as `encode_type` (default PNG, lossless).
+    (with `options.encoded`, a file's bytes are stored unchanged when nothing would change them);
+    decoded images are stored raw, or with `options.encoded` as `options.encode_type` (default
+    PNG, lossless).
 
     Targets may be an int (the Datum's `label`); a sequence, array or tensor of numbers (all
     stored in `float_data`, the first, a whole number, also as `label`: the list-file rule for
@@ -254,24 +251,25 @@ def write_dataset(
 
     Args:
         dataset: the samples.
-        output: the LMDB to create (or, with `append`, to add to).
-        keys_path: the keys file (default `<out>_keys.npy` beside the LMDB).
-        encoded, encode_type: store encoded images (Caffe's `--encoded`, `--encode_type`).
+        output: the LMDB to create (or, with `append`, to add to); its keys file is
+            `<out>_keys.npy` beside it.
+        options: the record layout: gray, resize, encoded, encode_type, ... (default `ConvertOptions()`:
+            raw records as they are).
         workers: processes reading a map-style dataset (default: one per CPU; 0 reads here).
         key: `key(i, sample) -> str`, the name in key `"%08d_%s" % (i, name)`; default the path
             when the image is one, else the index `i`. An exception it raises fails that sample
             alone (skipped and listed, or the run under `strict`), as one from `__getitem__` does.
         classes: class names, saved as `<out>_classes.txt` (label i is `classes[i]`).
         overwrite: replace an existing output.
-        strict: fail on the first sample that cannot be stored, instead of skipping it.
-        progress: show a progress bar (default: when stderr is a terminal).
         append: add the samples after an existing LMDB's records (`convert --append`): sample i
             gets line id `next + i` (the `i` that `key` and the default name see), so writing a
             dataset in two appended parts gives what one run gives; `classes` must then keep the
             LMDB's own classes at their indices.
         extend_classes: with `append`, allow `classes` to add names after the existing ones.
-        options: the full record layout (gray, resize, ...) instead of `encoded`/`encode_type`.
-        commit_every, tuning: as in `conversion.write_lmdb`.
+        strict: fail on the first sample that cannot be stored, instead of skipping it.
+        progress: show a progress bar (default: when stderr is a terminal).
+        tuning: speed and memory knobs that never change the records, `commit_every` (records
+            per transaction, Caffe's 1000) among them (default `WriteTuning()`).
 
     Returns:
         The summary; bad samples are in `skipped_files` as (index, reason).
@@ -280,10 +278,7 @@ def write_dataset(
         InputError: no samples, bad arguments, or an output that exists without `overwrite`.
         ConversionError: `strict` and a bad sample, no sample could be stored, or the iterator raised.
     """
-    if options is None:
-        options = ConvertOptions(encoded=encoded, encode_type=encode_type)
-    elif encoded or encode_type:
-        raise InputError("give either options or encoded/encode_type, not both")
+    options = options or ConvertOptions()
     tuning = tuning or WriteTuning()
     workers = workers if workers is not None else default_workers()
     if workers < 0:
@@ -296,34 +291,44 @@ def write_dataset(
     if append:
         if overwrite:
             raise InputError("append adds to the existing LMDB; overwrite would replace it: give one of them")
-        previous = read_previous(output, keys_path)
+        previous = read_previous(output)
         line_offset, classes = previous.next_line_id, merged_classes(previous, classes, extend=extend_classes)
     start = time.perf_counter()
     total = count if mapped else _length_hint(dataset)
     if previous is not None:
         check_append_layout(previous, options)
-    with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every,
+    with AtomicLmdb(output, overwrite=overwrite, commit_every=tuning.commit_every,
                     commit_bytes=tuning.commit_bytes, initial_map_size=tuning.initial_map_size,
                     grow_ahead=tuning.grow_ahead, previous=previous) as out:
         result = ConvertResult(output=out.output, keys_path=out.keys_path)
-        if mapped:
-            work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
-            records = dispatched(range(count), work, workers, max(2 * tuning.commit_bytes, tuning.ring_bytes),
-                                 needs_fork=True)  # a dataset need not be picklable under fork
-        else:
-            records = nullcontext(_iterated_records(dataset, options, key, line_offset))
-
-        def place(index: int, record: Record) -> tuple[bytes, Any] | str:
-            if record.error is not None:
-                return record.error
-            name, value = split_record(record.value)
-            return make_key(line_offset + index, name), value
-
-        front = Front(place, lambda index: (f"sample {index}", str(index)), strict_flag="strict",
-                      nothing_stored="no sample could be stored", first_skipped="sample ")
-        write_records(out, records, front, strict=strict, skipped=result.skipped_files, classes=classes,
-                      previous=previous, total=total, progress=progress, unit="sample")
+        records = _records(dataset, count, options, key, line_offset, workers, tuning)
+        write_records(out, records, _sample_front(line_offset), strict=strict, skipped=result.skipped_files,
+                      classes=classes, previous=previous, total=total, progress=progress, unit="sample")
     return summarise(result, out, previous, start)
+
+
+def _records(dataset: Any, count: int | None, options: ConvertOptions, key: Callable[[int, Any], str] | None,
+             line_offset: int, workers: int, tuning: WriteTuning) -> AbstractContextManager[Any]:
+    """The samples' records in order, for `write_records`: a map-style dataset of `count` samples
+    read in `workers` forked processes, anything else (`count` None) iterated in this one."""
+    if count is None:
+        return nullcontext(_iterated_records(dataset, options, key, line_offset))
+    work = partial(_encode_index, dataset=dataset, options=options, key=key, line_offset=line_offset)
+    return dispatched(range(count), work, workers, max(2 * tuning.commit_bytes, tuning.ring_bytes),
+                      needs_fork=True)  # a dataset need not be picklable under fork
+
+
+def _sample_front(line_offset: int) -> Front:
+    """How `write_records` keys the records of samples (line id `line_offset + index`) and names bad ones."""
+
+    def place(index: int, record: Record) -> tuple[bytes, Any] | str:
+        if record.error is not None:
+            return record.error
+        name, value = split_record(record.value)
+        return make_key(line_offset + index, name), value
+
+    return Front(place, lambda index: (f"sample {index}", str(index)), strict_flag="strict",
+                 nothing_stored="no sample could be stored", first_skipped="sample ")
 
 
 def _length_hint(dataset: Any) -> int | None:

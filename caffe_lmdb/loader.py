@@ -51,6 +51,7 @@ from .batch_workers import (
     Output,
     Rings,
     SlotLayout,
+    WorkerOptions,
     WorkerPool,
     available_memory,
     exit_reason,
@@ -131,16 +132,12 @@ class CaffeLoader:
             asynchronously; with `device` set, a pinned slot returns to its worker only once the
             copy from it finished.
         output: "float32" (Caffe's blob) or "uint8" (crops only; see `normalize`).
-        multiprocessing_context: as DataLoader's: a start method name ("fork", "spawn",
-            "forkserver") or a context; None uses multiprocessing's default.
-        prefetch_factor: batches each worker prepares ahead; it owns this many slots plus one.
-        persistent_workers: keep the worker processes from one epoch to the next (the slots are
-            kept either way); leaving an epoch early then waits for the batches in flight.
-        timeout: seconds to wait for one batch before failing; 0 waits as long as the workers live.
+        worker_options: the start method, prefetch factor, persistent workers and timeout of the
+            worker processes (`WorkerOptions`; None: its defaults, DataLoader's).
 
     Raises:
         ValueError: an argument is out of range, or a dataset carries its own transform.
-        TypeError: the transform lacks a `BatchTransform` method.
+        TypeError: the transform lacks a `BatchTransform` method, or `worker_options` is not a `WorkerOptions`.
         LmdbFormatError, CorruptLmdbError, KeysFileError, DatumError: as `LmdbDataset_train`, and
             for the first record, which sets the batch shape; during iteration, for any record,
             naming the LMDB and the key (and the worker).
@@ -162,19 +159,16 @@ class CaffeLoader:
         device: str | torch.device | None = None,
         pin_memory: bool = False,
         output: Output = "float32",
-        multiprocessing_context: str | Any | None = None,
-        prefetch_factor: int = 2,
-        persistent_workers: bool = False,
-        timeout: float = 0,
+        worker_options: WorkerOptions | None = None,
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise InputError(f"num_workers must be >= 0, got {num_workers}")
-        if prefetch_factor < 1:
-            raise InputError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
-        if timeout < 0:
-            raise InputError(f"timeout must be >= 0, got {timeout}")
+        if worker_options is None:
+            worker_options = WorkerOptions()
+        elif not isinstance(worker_options, WorkerOptions):
+            raise TypeError(f"worker_options must be a WorkerOptions, got {type(worker_options).__name__}")
         if output not in _OUTPUTS:
             raise InputError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
         if sampler is not None and shuffle:
@@ -201,12 +195,14 @@ class CaffeLoader:
         self.seed = seed
         self.pin_memory = pin_memory
         self.output = output
-        self.prefetch_factor = prefetch_factor
-        self.persistent_workers = persistent_workers
-        self.timeout = timeout
-        if isinstance(multiprocessing_context, str) or multiprocessing_context is None:
-            multiprocessing_context = multiprocessing.get_context(multiprocessing_context)
-        self.multiprocessing_context = multiprocessing_context
+        self.worker_options = worker_options
+        self.prefetch_factor = worker_options.prefetch_factor
+        self.persistent_workers = worker_options.persistent_workers
+        self.timeout = worker_options.timeout
+        context = worker_options.multiprocessing_context
+        if isinstance(context, str) or context is None:
+            context = multiprocessing.get_context(context)
+        self.multiprocessing_context = context
         maker = BatchMaker(self.parts, transform, seed, output, (0, 0, 0))
         if not len(maker):
             raise LmdbFormatError(f"{self.parts[0].root}: no records to load")

@@ -551,7 +551,7 @@ def data_layer(
 def loader_for(spec: DataLayerSpec, *, shuffle: bool = False, **loader_options: Any) -> CaffeLoader:
     """A `CaffeLoader` feeding what `spec`'s layer feeds: its LMDB, batch size and transform, in key order.
 
-    `loader_options` go to `CaffeLoader` (num_workers, device, seed, output, sampler, drop_last, ...).
+    `loader_options` go to `CaffeLoader` (num_workers, device, seed, output, sampler, drop_last, worker_options, ...).
 
     Raises:
         TransformError, MeanError: the layer's transform is refused (e.g. a mean file that is not
@@ -595,7 +595,7 @@ def loader_from_prototxt(
         layer: the name of the Data layer to read.
         shuffle: a new random order each epoch, instead of key order.
         level, stages: the net state's level and extra stages (see `data_layers`).
-        **loader_options: passed to `CaffeLoader` (num_workers, device, seed, output, drop_last, ...).
+        **loader_options: passed to `CaffeLoader` (num_workers, device, seed, output, drop_last, worker_options, ...).
 
     Raises:
         PrototxtError, InputError: as `data_layer`.

@@ -79,10 +79,16 @@ def test_gray_images_and_encoded_kinds(tmp_path, rng):
         assert parse_datum(value).data == gray.tobytes() * 3
     pixels = noise(rng, 5, 7)
     file_bytes = png(pixels)
-    write_dataset([(file_bytes, 0), (Image.fromarray(pixels), 1)], tmp_path / "e.lmdb", encoded=True, workers=0)
+    write_dataset([(file_bytes, 0), (Image.fromarray(pixels), 1)], tmp_path / "e.lmdb",
+                  options=ConvertOptions(encoded=True), workers=0)
     first, second = (parse_datum(value) for _, value in records(tmp_path / "e.lmdb"))
     assert first.encoded and first.data == file_bytes  # file bytes are kept, as convert keeps them
     assert second.encoded and np.array_equal(np.asarray(Image.open(io.BytesIO(second.data))), pixels)
+    assert Image.open(io.BytesIO(second.data)).format == "PNG"  # no encode_type: decoded images go lossless
+    write_dataset([(Image.fromarray(pixels), 1)], tmp_path / "j.lmdb", options=ConvertOptions(encode_type="jpg"),
+                  workers=0)
+    ((_, value),) = records(tmp_path / "j.lmdb")
+    assert Image.open(io.BytesIO(parse_datum(value).data)).format == "JPEG"
 
 
 @pytest.mark.parametrize("target, label, floats", [
@@ -145,6 +151,22 @@ def test_workers_give_byte_identical_output(tmp_path, rng):
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(load_keys(tmp_path / "w0_keys.npy")) == 40
     assert outputs[0][2].startswith("40\t")
+
+
+def test_commit_every_comes_from_tuning_and_never_changes_the_records(tmp_path, rng):
+    samples = Samples([(noise(rng, 3, 4), i % 2) for i in range(9)])  # 9 >= 4 x 2 workers: read in workers
+    write_dataset(samples, tmp_path / "one.lmdb", workers=0)
+    write_dataset(samples, tmp_path / "two.lmdb", workers=2, tuning=WriteTuning(commit_every=2))
+    assert records(tmp_path / "two.lmdb") == records(tmp_path / "one.lmdb")
+    assert (tmp_path / "two_keys.npy").read_bytes() == (tmp_path / "one_keys.npy").read_bytes()
+    transactions = {}
+    for name in ("one", "two"):
+        with lmdb.open(str(tmp_path / f"{name}.lmdb"), readonly=True, lock=False) as env:
+            transactions[name] = env.info()["last_txnid"]
+    assert transactions == {"one": 1, "two": 5}  # 9 records: one transaction of up to 1000, or five of <= 2
+    with pytest.raises(InputError, match="commit_every must be >= 1"):
+        write_dataset(samples, tmp_path / "zero.lmdb", workers=0, tuning=WriteTuning(commit_every=0))
+    assert not (tmp_path / "zero.lmdb").exists()
 
 
 def test_coco_like_dataset_reads_back_identical(tmp_path, rng):
@@ -228,7 +250,7 @@ def test_zero_height_or_width_images_are_skipped_not_stored(tmp_path, rng):
                (torch.zeros((3, 5, 0), dtype=torch.uint8), 1), (np.zeros((6, 0), np.uint8), 1)]
     for encoded in (False, True):
         out = tmp_path / f"e{int(encoded)}.lmdb"
-        result = write_dataset(samples, out, workers=0, encoded=encoded)
+        result = write_dataset(samples, out, workers=0, options=ConvertOptions(encoded=encoded))
         assert (result.written, result.skipped) == (2, 4)
         skipped = (tmp_path / f"e{int(encoded)}_skipped.txt").read_text().splitlines()
         assert [line.split("\t")[0] for line in skipped] == ["1", "2", "4", "5"]

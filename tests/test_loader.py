@@ -26,11 +26,12 @@ from toollmdbs import converted
 from torch.utils.data import DistributedSampler
 from wire import field_bytes, field_float, field_varint
 
+import caffe_lmdb
 from caffe_lmdb import caffe_pb2
 from caffe_lmdb.dataset import LmdbDataset_train
 from caffe_lmdb.datum import datum_to_array, parse_datum
-from caffe_lmdb.errors import CaffeLmdbError, DatumError
-from caffe_lmdb.loader import CaffeLoader, LoaderError
+from caffe_lmdb.errors import CaffeLmdbError, DatumError, InputError
+from caffe_lmdb.loader import CaffeLoader, LoaderError, WorkerOptions
 from caffe_lmdb.samplers import BlockShuffleSampler
 from caffe_lmdb.transform import CaffeTransform, TransformError
 
@@ -221,7 +222,8 @@ def test_new_epoch_new_crops_and_set_epoch_repeats_them(data, clean):
 def test_slot_reuse_never_corrupts_a_batch_within_its_lifetime(data, clean):
     caffe = transform(data)
     expected = run(CaffeLoader(data["raw"], 4, transform=caffe, num_workers=0))
-    loader = CaffeLoader(data["raw"], 4, transform=caffe, num_workers=2, prefetch_factor=1, persistent_workers=True)
+    loader = CaffeLoader(data["raw"], 4, transform=caffe, num_workers=2,
+                         worker_options=WorkerOptions(persistent_workers=True, prefetch_factor=1))
     for _ in range(2):
         loader.set_epoch(0)
         addresses = set()
@@ -333,9 +335,27 @@ def test_a_transform_without_every_batch_transform_method_is_refused_at_once(dat
         CaffeLoader(data["raw"], 4, transform=CropOnly())
 
 
+def test_worker_options_are_checked_when_made(data):
+    with pytest.raises(InputError, match=r"^prefetch_factor must be >= 1, got 0$"):
+        WorkerOptions(prefetch_factor=0)
+    with pytest.raises(InputError, match=r"^timeout must be >= 0, got -0.5$"):
+        WorkerOptions(timeout=-0.5)
+    assert caffe_lmdb.WorkerOptions is WorkerOptions
+    default = CaffeLoader(data["raw"], 4)
+    assert default.worker_options == WorkerOptions(None, 2, False, 0)  # DataLoader's defaults
+    assert (default.prefetch_factor, default.persistent_workers, default.timeout) == (2, False, 0)
+    given = CaffeLoader(data["raw"], 4, worker_options=WorkerOptions("spawn", 3, True, 5))
+    assert (given.prefetch_factor, given.persistent_workers, given.timeout) == (3, True, 5)
+    assert given.multiprocessing_context.get_start_method() == "spawn"
+    with pytest.raises(TypeError, match="worker_options must be a WorkerOptions, got dict"):
+        CaffeLoader(data["raw"], 4, worker_options={"prefetch_factor": 1})
+    with pytest.raises(TypeError, match="prefetch_factor"):  # the options moved into WorkerOptions
+        CaffeLoader(data["raw"], 4, prefetch_factor=1)
+
+
 def test_sigkill_of_a_worker_ends_the_loop_with_one_error(data, clean):
     before = children()
-    loader = CaffeLoader(data["raw"], 2, transform=transform(data), num_workers=2, timeout=30)
+    loader = CaffeLoader(data["raw"], 2, transform=transform(data), num_workers=2, worker_options=WorkerOptions(timeout=30))
     iterator = iter(loader)
     next(iterator)
     workers = sorted(children() - before)
@@ -482,7 +502,8 @@ def test_slots_of_a_rank_hold_its_share(data, clean):
 def test_slots_that_cannot_fit_in_memory_are_refused_in_one_line(data, clean):
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # A slot takes at least a page: twice the machine's memory in slots, whatever its size.
-    loader = CaffeLoader(data["raw"], BATCH, num_workers=2, prefetch_factor=memory // mmap.PAGESIZE)
+    loader = CaffeLoader(data["raw"], BATCH, num_workers=2,
+                         worker_options=WorkerOptions(prefetch_factor=memory // mmap.PAGESIZE))
     with pytest.raises(LoaderError) as info:
         next(iter(loader))
     message = str(info.value)
@@ -498,7 +519,7 @@ def test_spawn_start_method(data, clean):
     caffe = transform(data)
     expected = run(CaffeLoader(data["raw"], BATCH, transform=caffe, shuffle=True, num_workers=0))
     spawned = CaffeLoader(data["raw"], BATCH, transform=caffe, shuffle=True, num_workers=1,
-                          multiprocessing_context="spawn")
+                          worker_options=WorkerOptions(multiprocessing_context="spawn"))
     assert same(run(spawned), expected)
 
 
