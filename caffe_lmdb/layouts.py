@@ -144,6 +144,15 @@ class Layout:
         return self.name
 
 
+class ValueAtError(DatumError):
+    """A value of a sample that does not decode, raised by a layout that knows which: `position` in
+    `sample_keys`, so that the reader names that key (an OCR label) instead of the sample's first."""
+
+    def __init__(self, position: int, message: str) -> None:
+        super().__init__(message)
+        self.position = position
+
+
 def checked_count(probe: Probe, key: bytes, text: Any, *, per_sample: int = 1) -> int:
     """A sample count stored in the LMDB (ASCII decimal), checked against its entries before it is used.
 

@@ -44,9 +44,11 @@ from .datum import parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .key_index import kept_index
 from .keys import load_keys, txn_keys
+from .layout_crnn import CrnnLayout, CrnnSrLayout
 from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
-from .layouts import Layout, Probe, chosen_layout
+from .layout_stylegan2 import Stylegan2Layout
+from .layouts import Layout, Probe, ValueAtError, chosen_layout
 from .safe_lmdb import begin_read, data_file, file_identity, get_value, open_readonly, opened_identity
 from .tool_reading import refuse_foreign_lmdb
 
@@ -117,7 +119,7 @@ OPEN_ENVS = _ProcessEnvironments()
 #: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
 #: scheme or a side file first, Caffe's Datum (recognised by parsing a value) next, then the
 #: layouts recognised by their keys' shape alone. A new layout is a `layouts.Layout` added here.
-LAYOUTS: tuple[type[Layout], ...] = (DatumLayout, LsunLayout)
+LAYOUTS: tuple[type[Layout], ...] = (CrnnLayout, CrnnSrLayout, Stylegan2Layout, DatumLayout, LsunLayout)
 
 
 class LmdbHandle:
@@ -334,7 +336,8 @@ class LayoutReader(LmdbHandle):
             try:
                 return self.layout.decode(values)
             except (DatumError, ValueError) as exc:
-                raise DatumError(f"{self.root}: key {bytes(keys[0])!r}: {exc}") from None
+                key = keys[exc.position] if isinstance(exc, ValueAtError) else keys[0]
+                raise DatumError(f"{self.root}: key {bytes(key)!r}: {exc}") from None
 
     def prefetch_samples(self, indices: Sequence[int]) -> None:
         """Ask the kernel to read these samples' values now, all at once (see `LmdbReader.prefetch_records`)."""
