@@ -43,6 +43,7 @@ import numpy as np
 from .datum import parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import load_keys, txn_keys
+from .layout_caffe2 import Caffe2Layout
 from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
 from .layouts import Layout, Probe, chosen_layout
@@ -114,9 +115,10 @@ def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
 OPEN_ENVS = _ProcessEnvironments()
 
 #: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
-#: scheme or a side file first, Caffe's Datum (recognised by parsing a value) next, then the
-#: layouts recognised by their keys' shape alone. A new layout is a `layouts.Layout` added here.
-LAYOUTS: tuple[type[Layout], ...] = (DatumLayout, LsunLayout)
+#: scheme or a side file first, then those recognised by strictly parsing a value: Caffe2's
+#: TensorProtos before Caffe's Datum (neither parses as the other), then the layouts recognised by
+#: their keys' shape alone. A new layout is a `layouts.Layout` added here.
+LAYOUTS: tuple[type[Layout], ...] = (Caffe2Layout, DatumLayout, LsunLayout)
 
 
 class LmdbHandle:
