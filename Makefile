@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PB2    := caffe_lmdb/caffe_pb2.py
+# generated from proto/caffe.proto and proto/caffe2.proto (not committed: see docs/development.md)
+PB2    := caffe_lmdb/caffe_pb2.py caffe_lmdb/caffe2_pb2.py
+PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb
 
 .PHONY: venv proto demo test lint bench clean
 
@@ -18,11 +20,11 @@ $(STAMP): pyproject.toml setup.py
 
 venv: $(STAMP)
 
-$(PB2): proto/caffe.proto $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb proto/caffe.proto
+caffe_lmdb/%_pb2.py: proto/%.proto $(STAMP)
+	$(PROTOC) $<
 
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb proto/caffe.proto
+	$(PROTOC) proto/caffe.proto proto/caffe2.proto
 
 demo: $(STAMP) $(PB2)
 	$(BIN)/python tools/convert.py img --overwrite
@@ -38,5 +40,5 @@ bench: $(STAMP) $(PB2)
 	$(BIN)/python tools/bench.py --cold
 
 clean:
-	rm -rf $(VENV) $(PB2) caffe_lmdb/caffe_pb2.pyi .pytest_cache .ruff_cache *.egg-info build dist
+	rm -rf $(VENV) $(PB2) $(PB2:.py=.pyi) .pytest_cache .ruff_cache *.egg-info build dist
 	rm -rf img/*.lmdb img/*_keys.npy img/*classes.txt img/*skipped.txt bench-data bench-results.json
