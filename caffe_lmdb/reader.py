@@ -43,6 +43,7 @@ import numpy as np
 from .datum import parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import load_keys, txn_keys
+from .layout_basicsr import BasicSRLayout, EdvrLayout
 from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
 from .layouts import Layout, Probe, chosen_layout
@@ -116,7 +117,7 @@ OPEN_ENVS = _ProcessEnvironments()
 #: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
 #: scheme or a side file first, Caffe's Datum (recognised by parsing a value) next, then the
 #: layouts recognised by their keys' shape alone. A new layout is a `layouts.Layout` added here.
-LAYOUTS: tuple[type[Layout], ...] = (DatumLayout, LsunLayout)
+LAYOUTS: tuple[type[Layout], ...] = (BasicSRLayout, EdvrLayout, DatumLayout, LsunLayout)
 
 
 class LmdbHandle:
