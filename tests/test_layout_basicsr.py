@@ -125,6 +125,8 @@ def test_a_bad_meta_info_line_names_the_file_and_line_and_a_missing_key_fails_on
     make_basicsr(tmp_path / "m.lmdb", images)
     meta = tmp_path / "m.lmdb" / "meta_info.txt"
     good = meta.read_text()
+    meta.write_bytes(good.replace("\n", "\r\n").encode())  # Windows line ends read the same
+    assert LmdbDataset(tmp_path / "m.lmdb").layout.keys.tolist() == [b"a", b"b"]
     meta.write_text(good + "\nc.png (3,3,3) 1\n")  # a blank line is skipped; c is not in the LMDB
     dataset = LmdbDataset(tmp_path / "m.lmdb")
     assert len(dataset) == 3
