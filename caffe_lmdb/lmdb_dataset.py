@@ -3,7 +3,8 @@
 Caffe Datums, LSUN, the CRNN/OCR family, BasicSR, tensorpack, stylegan2, Caffe2 ... (`reader.LAYOUTS`)
 all read the same way: `LmdbDataset(path)` detects the layout, learns the samples once (from the
 cached key index when keys must be scanned, so the second open is instant) and gives
-`(image, target)` items as torchvision's datasets do. `open_tree(folder)` reads every LMDB under a
+`(image, target)` items as torchvision's datasets do. `PairedLmdbDataset(lq, gt)` reads the
+LQ/GT pairs of BasicSR's super-resolution LMDBs. `open_tree(folder)` reads every LMDB under a
 folder as one dataset, as the OCR trainers read their dozens of LMDBs. For Caffe Datum LMDBs
 with their `float_data`, tensor output or Caffe's gray modes, `LmdbDataset_train` is the richer
 reader; `CaffeLoader` is the fast training path.
@@ -16,11 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from .errors import LmdbNotFoundError
+from .errors import LmdbFormatError, LmdbNotFoundError
 from .layouts import Layout
-from .reader import LayoutReader, PartIndex
+from .reader import LayoutReader, PartIndex, checked_index
 
 #: An LMDB's meta page starts 16 bytes into the file with this magic number (little-endian).
 _LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
@@ -99,6 +101,84 @@ class LmdbDataset(Dataset[tuple[Any, Any]]):
             if transform is not None:
                 body.append(head + repr(transform).splitlines()[0] if repr(transform) else head)
         return "\n".join([f"Dataset {type(self).__name__}"] + ["    " + line for line in body])
+
+
+class PairedLmdbDataset(Dataset[tuple[Any, Any]]):
+    """BasicSR's paired super-resolution LMDBs (LQ and GT, the same keys): items `(lq_image, gt_image)`.
+
+    As BasicSR's `paired_paths_from_lmdb` pairs them: by key, in sorted key order, from the two
+    LMDBs' meta_info.txt. Each LMDB is read by its own `LayoutReader` (environment per process,
+    identity check, prefetch), so the pair works with any number of workers under fork or spawn.
+
+    Args:
+        lq_path: the low-quality (input) LMDB.
+        gt_path: the ground-truth LMDB.
+        transform: called as `transform(lq_image, gt_image)` and returning the item, so that a
+            random crop or flip can treat both images alike (a scale-aware crop, say).
+        layout: the layout of both LMDBs: `"basicsr"` (default; any layout without targets works).
+
+    Raises:
+        LmdbFormatError: either is not such an LMDB, or their key lists differ (naming the first
+            key that is not in both the same number of times).
+    """
+
+    def __init__(self, lq_path: str | os.PathLike, gt_path: str | os.PathLike,
+                 transform: Callable[[Any, Any], Any] | None = None, layout: str | Layout = "basicsr") -> None:
+        #: The readers of the LQ and the GT LMDB.
+        self.lq, self.gt = LayoutReader(lq_path, layout), LayoutReader(gt_path, layout)
+        self.transform = transform
+        lq_keys, gt_keys = (np.asarray(reader.layout.keys) for reader in (self.lq, self.gt))
+        #: Positions of each LMDB's samples in sorted key order (item i reads sample lq_order[i] and gt_order[i]).
+        self.lq_order, self.gt_order = np.argsort(lq_keys, kind="stable"), np.argsort(gt_keys, kind="stable")
+        first = first_difference(lq_keys[self.lq_order], gt_keys[self.gt_order])
+        if first is not None:
+            raise LmdbFormatError(
+                f"{self.lq.root} and {self.gt.root} do not hold the same keys (LQ and GT are paired by key): "
+                f"{first!r} is listed {int(np.count_nonzero(lq_keys == first))} times in the LQ LMDB "
+                f"and {int(np.count_nonzero(gt_keys == first))} in the GT LMDB")
+
+    def __len__(self) -> int:
+        return len(self.lq_order)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """Read and decode the pair at `index` (negative indices count from the end), then transform it.
+
+        Raises:
+            IndexError: `index` is out of range.
+            KeysFileError: a key is not in one of the LMDBs.
+            DatumError: a value does not decode, naming the LMDB and the key.
+        """
+        position = checked_index(self.gt.root, index, len(self))
+        lq_image = self.lq.read(int(self.lq_order[position]))[0]
+        gt_image = self.gt.read(int(self.gt_order[position]))[0]
+        if self.transform is not None:
+            return self.transform(lq_image, gt_image)
+        return lq_image, gt_image
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any]]:
+        """A whole batch: prefetch both LMDBs' values, then read each pair."""
+        if len(indices) > 1:
+            positions = [checked_index(self.gt.root, index, len(self)) for index in indices]
+            self.lq.prefetch_samples([int(self.lq_order[p]) for p in positions])
+            self.gt.prefetch_samples([int(self.gt_order[p]) for p in positions])
+        return [self[i] for i in indices]
+
+    def __repr__(self) -> str:
+        return "\n".join([f"Dataset {type(self).__name__}", f"    Number of pairs: {len(self)}",
+                          f"    LQ: {self.lq.root}", f"    GT: {self.gt.root}",
+                          f"    Layout: {self.gt.layout.describe()}"])
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> bytes | None:
+    """The first key at which two sorted key arrays differ (in one more often than in the other); None if equal."""
+    common = min(len(a), len(b))
+    unequal = np.flatnonzero(a[:common] != b[:common])
+    if len(unequal):
+        i = int(unequal[0])
+        return bytes(min(a[i], b[i]))
+    if len(a) != len(b):
+        return bytes((a if len(a) > len(b) else b)[common])
+    return None
 
 
 class LmdbTree(ConcatDataset):

@@ -44,6 +44,7 @@ from .datum import parse_datum_view
 from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .key_index import kept_index
 from .keys import load_keys, txn_keys
+from .layout_basicsr import BasicSRLayout, EdvrLayout
 from .layout_caffe2 import Caffe2Layout
 from .layout_crnn import CrnnLayout, CrnnSrLayout
 from .layout_datum import DatumLayout
@@ -121,8 +122,8 @@ OPEN_ENVS = _ProcessEnvironments()
 #: scheme or a side file first, then those recognised by strictly parsing a value: Caffe2's
 #: TensorProtos before Caffe's Datum (neither parses as the other), then the layouts recognised by
 #: their keys' shape alone. A new layout is a `layouts.Layout` added here.
-LAYOUTS: tuple[type[Layout], ...] = (CrnnLayout, CrnnSrLayout, Stylegan2Layout, Caffe2Layout, DatumLayout,
-                                     LsunLayout)
+LAYOUTS: tuple[type[Layout], ...] = (CrnnLayout, CrnnSrLayout, Stylegan2Layout, BasicSRLayout, EdvrLayout,
+                                     Caffe2Layout, DatumLayout, LsunLayout)
 
 
 class LmdbHandle:

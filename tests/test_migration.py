@@ -484,7 +484,7 @@ def test_deep_record_after_migrated_ones_leaves_nothing(tmp_path, image_files):
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
 def test_pickle_screen_counts_tuples_at_every_protocol(protocol):
-    from caffe_lmdb.migration import MAX_PICKLE_TUPLES, PickleTooComplexError
+    from caffe_lmdb.safe_unpickle import MAX_PICKLE_TUPLES, PickleTooComplexError
 
     pairs = [(i, i + 1) for i in range(MAX_PICKLE_TUPLES // 2)]  # a label of 5000 pairs is still read
     assert safe_unpickle(pickle.dumps(pairs, protocol=protocol)) == pairs
