@@ -2,10 +2,12 @@
 
 The PyTorch recipes this toolkit replaces store Python objects in their LMDBs, and reading those
 with `pickle.loads` runs whatever the writer of the file put in it (`os.system`, `exec`, ...).
-This module reads them with a restricted unpickler instead: `find_class` admits only an explicit
-list of globals (builtin containers and scalars, what numpy needs to rebuild arrays and scalars,
-and any module's `LMDB_Image`, which becomes an inert record of ours), so anything else is refused
-before it can be called. msgpack values cannot name code at all and are read with `msgpack`.
+This module reads them with a restricted unpickler instead (`safe_unpickle`): `find_class` admits
+only an explicit list of globals (builtin containers and scalars, what numpy needs to rebuild
+arrays and scalars, and any module's `LMDB_Image`, which becomes an inert record of ours), so
+anything else is refused before it can be called. msgpack values cannot name code at all and are
+read with `msgpack`. Values are decoded and recognised by `legacy_records`, which the read side's
+layouts share; this module adds the Datums and the writing.
 
 Formats read (as the recipes write them):
 
@@ -24,46 +26,30 @@ alone (nothing is unpickled), for readers that meet such an LMDB and should poin
 
 from __future__ import annotations
 
-import builtins
-import io
 import logging
-import pickle
-import pickletools
-import struct
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from .atomic_lmdb import AtomicLmdb
-from .datum import (
-    DatumError,
-    check_datum,
-    encoded_to_datum,
-    image_to_datum_bytes,
-    parse_datum_view,
-    serialize_datum,
-)
+from .datum import DatumError, encoded_to_datum, image_to_datum_bytes, serialize_datum
 from .encode import ConvertOptions, encoded_payload
 from .errors import InputError, InputNotFoundError, MigrationError
 from .files import default_keys_path
-from .foreign_values import (
-    MSGPACK_CONTAINERS,
-    OLD_PICKLE_FIRST,
-    PYARROW_GONE,
-    is_new_pickle,
-    is_old_pickle,
-    is_pyarrow_serialized,
-    unpack_msgpack,
-)
 from .formats import sniff_image_format
 from .keys import make_key
 from .labels import label_fields, short_repr
+from .legacy_records import (
+    TOO_DEEP,
+    LegacyRecord,
+    UnreadableValueError,
+    decode_value,
+    describe_object,
+    to_legacy_record,
+)
 from .progress import progress_bar
 from .safe_lmdb import begin_read, checked_items, get_value, open_readonly
 
@@ -80,326 +66,8 @@ FORMATS = {
     "lmdb-image": "pickled LMDB_Image objects (H x W x C RGB pixels and a label)",
 }
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle names a global outside the allow-list; raised before anything is called."""
-
-    def __init__(self, global_name: str) -> None:
-        super().__init__(f"refused to unpickle global {global_name}")
-        self.global_name = global_name
-
-
-def _is_datum(data: bytes) -> bool:
-    try:
-        check_datum(parse_datum_view(data))
-    except DatumError:
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------- the restricted unpickler
-
-class LmdbImageRecord:
-    """What a pickled `LMDB_Image` becomes: its attributes as plain data, and no methods of its own.
-
-    The recipe's class lives in the user's script (`__main__.LMDB_Image`), so it could not be
-    imported anyway; and importing it would run that script. Attribute names are in `fields`.
-    """
-
-    __slots__ = ("fields",)
-
-    def __init__(self) -> None:
-        self.fields: dict[str, Any] = {}
-
-    def __setstate__(self, state: Any) -> None:
-        slots = None
-        if isinstance(state, tuple) and len(state) == 2:
-            state, slots = state
-        fields: dict[str, Any] = {}
-        for part in (state, slots):
-            if part is None:
-                continue
-            if not isinstance(part, dict):
-                raise pickle.UnpicklingError(f"LMDB_Image state must be a dict, got {type(part).__name__}")
-            for name, item in part.items():
-                fields[name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)] = item
-        self.fields = fields
-
-    def __repr__(self) -> str:
-        return f"LMDB_Image({', '.join(sorted(self.fields))})"
-
-
-_NDARRAY = object()  # numpy.ndarray as unpickled: only a marker for `_reconstruct`, never callable
-_NUMPY_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy(._core).multiarray._reconstruct, by a public route
-_NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy(._core).multiarray.scalar
-
-
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """numpy's `_reconstruct(ndarray, (0,), b'b')`: an empty array that BUILD then fills from the state."""
-    if subtype is not _NDARRAY or not isinstance(shape, tuple) or 0 not in shape:
-        raise pickle.UnpicklingError("numpy _reconstruct called with arguments numpy never pickles")
-    return _NUMPY_RECONSTRUCT(np.ndarray, shape, dtype)
-
-
-def _frombuffer(buffer: Any, dtype: np.dtype, shape: Any, order: str) -> np.ndarray:
-    """numpy's protocol-5 array rebuild, restated: the pickled buffer viewed with dtype and shape."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise pickle.UnpicklingError("numpy _frombuffer with an object dtype")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
-
-
-def _scalar(dtype: np.dtype, data: Any = None) -> Any:
-    if not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError("numpy scalar without a dtype")
-    if dtype.hasobject:
-        if dtype != np.dtype(object):
-            raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype} holds objects")
-        return data
-    return _NUMPY_SCALAR(dtype, data)
-
-
-def _latin1(text: Any, encoding: str = "latin1") -> bytes:
-    """`_codecs.encode(text, "latin1")`: how protocols 0-2 store bytes. No other codec is run."""
-    if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
-    return text.encode("latin-1")
-
-
-def _no_sized_alloc(kind: type) -> Callable[..., Any]:
-    """`bytes`/`bytearray` as protocols 0-2 call them, minus `bytes(10**12)`-style allocations."""
-
-    def build(*args: Any) -> Any:
-        if args and isinstance(args[0], int):
-            raise pickle.UnpicklingError(f"{kind.__name__}(<int>) is not allowed")
-        if len(args) == 2:
-            return kind(_latin1(*args))
-        return kind(*args)
-
-    return build
-
-
-def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    """copyreg._reconstructor, as protocols 0/1 rebuild plain objects: only for LMDB_Image records."""
-    if cls is not LmdbImageRecord or base is not object or state is not None:
-        raise pickle.UnpicklingError("copyreg._reconstructor is allowed only for LMDB_Image records")
-    return LmdbImageRecord()
-
-
-_BUILTINS = {
-    name: getattr(builtins, name)
-    for name in ("list", "dict", "tuple", "set", "frozenset", "str", "int", "float", "complex", "bool", "object")
-}
-_BUILTINS.update(bytes=_no_sized_alloc(bytes), bytearray=_no_sized_alloc(bytearray))
-
-#: Everything a pickle may name. Python 2 spellings (`__builtin__`, `copy_reg`) appear in
-#: protocol 0-2 pickles; numpy < 2 pickles name `numpy.core`, numpy >= 2 `numpy._core`.
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{(module, name): target for module in ("builtins", "__builtin__") for name, target in _BUILTINS.items()},
-    ("collections", "OrderedDict"): OrderedDict,
-    ("_codecs", "encode"): _latin1,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("copy_reg", "_reconstructor"): _reconstructor,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): np.dtype,
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _reconstruct for core in ("core", "_core")},
-    **{(f"numpy.{core}.multiarray", "scalar"): _scalar for core in ("core", "_core")},
-    **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler whose `find_class` is an allow-list: a pickle can call nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        target = ALLOWED_GLOBALS.get((module, name))
-        if target is not None:
-            return target
-        if name.rpartition(".")[2] == "LMDB_Image":  # any module's: usually __main__, the user's script
-            return LmdbImageRecord
-        raise UnsafePickleError(f"{module}.{name}")
-
-
-def safe_unpickle(data: bytes) -> Any:
-    """Unpickle `data` allowing only `ALLOWED_GLOBALS` and `LMDB_Image`; never `pickle.loads`.
-
-    Python 2 `str` values come back as bytes (image bytes written by Python 2 stay bytes). The
-    opcodes are walked first (parsed, never run, `_screen_pickle`) to refuse what would crash or
-    exhaust the interpreter before any object is built.
-
-    Raises:
-        UnsafePickleError: the pickle names any other global (nothing of it has been called).
-        PickleTooComplexError: the pickle builds more tuples or objects than `MAX_PICKLE_TUPLES`.
-        MemoryError: the pickle claims an object too large to build.
-        pickle.UnpicklingError, ValueError, TypeError, ...: the data is not a valid pickle (e.g. a
-            length that runs past its end).
-    """
-    _screen_pickle(data)
-    return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-
-
-#: Most tuples (and objects made by calls) a pickle may build; no recipe's record comes near it.
-#: Hashing a tuple recurses in C once per level of nesting, with no recursion check, so a tuple
-#: nested ~150,000 deep (two bytes a level in a pickle) used as a dict key or set member kills
-#: the interpreter with a segmentation fault. A pickle cannot nest tuples deeper than it builds them.
-MAX_PICKLE_TUPLES = 10_000
-
-#: Opcodes that build a tuple, or an object by a call (which may return a tuple, `tuple(x)`).
-_TUPLE_OR_CALL = frozenset(b"t\x85\x86\x87)R\x81\x92io")
-
-_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
-                  pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
-
-#: Every binary opcode, from pickletools' own table: byte -> (size of its argument, or of the length
-#: prefix its argument follows; that prefix's struct format, or None). Text opcodes (protocol 0/1,
-#: ended by a newline) are left out: pickles using them are walked by `pickletools.genops`.
-_BINARY_OPCODES = {
-    ord(op.code): (0, None) if op.arg is None else (op.arg.n, None) if op.arg.n >= 0
-    else (struct.calcsize(_LENGTH_PREFIX[op.arg.n]), _LENGTH_PREFIX[op.arg.n])
-    for op in pickletools.opcodes if op.arg is None or op.arg.n != pickletools.UP_TO_NEWLINE
-}
-
-
-class PickleTooComplexError(pickle.UnpicklingError):
-    """A pickle builds more tuples than `MAX_PICKLE_TUPLES`: refused unread, as they could nest too deeply."""
-
-    def __init__(self) -> None:
-        super().__init__(f"the pickle builds more than {MAX_PICKLE_TUPLES} tuples or objects (no recipe's record "
-                         "holds that many), which could nest deeper than Python survives unpickling")
-
-
-def _screen_pickle(data: bytes) -> None:
-    """Walk the opcodes (parsed, never run) and refuse what CPython's unpickler would not survive.
-
-    Tuples that could nest deep enough to crash hashing (`MAX_PICKLE_TUPLES`), and lengths that
-    claim more bytes than the pickle holds: for BYTEARRAY8 CPython allocates the claim first and,
-    when that fails, prints a stray "SystemError: deallocated bytearray object has exported
-    buffers" to stderr besides raising MemoryError. Binary pickles (the recipes' protocols 2-5)
-    are walked by their opcodes' argument lengths alone, at a few times the speed of
-    `pickletools.genops`, which walks the rest.
-
-    Raises:
-        PickleTooComplexError, pickle.UnpicklingError: as above, or a malformed opcode.
-    """
-    if _binary_walk(data):
-        return
-    built = 0
-    try:
-        for opcode, _arg, _pos in pickletools.genops(data):
-            code = ord(opcode.code)
-            if code in _TUPLE_OR_CALL:
-                built += 1
-                if built > MAX_PICKLE_TUPLES:
-                    raise PickleTooComplexError()
-            elif code == 0x2E:  # STOP
-                return
-    except ValueError as exc:  # pickletools' word for a length past the end, or any malformed opcode
-        raise pickle.UnpicklingError(str(exc)) from None
-
-
-def _binary_walk(data: bytes) -> bool:
-    """`_screen_pickle` for binary opcodes: True if the pickle reached STOP, False at a text opcode."""
-    pos, end, built = 0, len(data), 0
-    layout, unpack = _BINARY_OPCODES, struct.unpack_from
-    while pos < end:
-        start, code = pos, data[pos]
-        pos += 1
-        if code in _TUPLE_OR_CALL:
-            built += 1
-            if built > MAX_PICKLE_TUPLES:
-                raise PickleTooComplexError()
-        elif code == 0x2E:  # STOP
-            return True
-        entry = layout.get(code)
-        if entry is None:
-            return False
-        size, prefix = entry
-        if prefix is not None:
-            if pos + size > end:
-                break
-            (length,) = unpack(prefix, data, pos)
-            if length < 0:
-                raise pickle.UnpicklingError(f"negative length {length} at byte {start}")
-            size += length
-        pos += size
-        if pos > end:
-            raise pickle.UnpicklingError(f"opcode at byte {start} claims {pos - end} bytes more than the pickle holds")
-    raise pickle.UnpicklingError("pickle data was truncated (no STOP)")
-
 
 # --------------------------------------------------------------------------- old records -> Datums
-
-@dataclass(frozen=True)
-class LegacyRecord:
-    """One old record, decoded: an image file's bytes or H x W x C RGB pixels, and its label as stored."""
-
-    label: Any
-    file_bytes: bytes | None = None
-    pixels: np.ndarray | None = None
-    wrapped: bool = False  # the file bytes were in a one-element list/tuple (DataLoader collation)
-
-
-def _file_bytes(part: Any) -> tuple[bytes, bool]:
-    """The image file bytes of a record's image part, and whether they were list-wrapped."""
-    wrapped = False
-    if isinstance(part, list | tuple) and len(part) == 1:
-        part, wrapped = part[0], True
-    if isinstance(part, dict):
-        part = part.get(b"data", part.get("data"))
-    if isinstance(part, np.ndarray) and part.dtype == np.uint8 and part.ndim == 1:
-        part = part.tobytes()
-    if isinstance(part, bytes | bytearray):
-        if not part:
-            raise ValueError("image bytes are empty")
-        return bytes(part), wrapped
-    raise ValueError(f"expected image file bytes, got {_describe_object(part)}")
-
-
-def _lmdb_image_pixels(record: LmdbImageRecord) -> np.ndarray:
-    """The H x W x C uint8 RGB pixels of an LMDB_Image record, checked against its `size`/`channels`."""
-    fields = record.fields
-    image, size = fields.get("image"), fields.get("size")
-    if image is None or size is None:
-        raise ValueError(f"LMDB_Image record lacks image or size (it has: {', '.join(sorted(fields)) or 'nothing'})")
-    try:
-        dims = [int(d) for d in size]
-    except (TypeError, ValueError):
-        raise ValueError(f"LMDB_Image size {short_repr(size)} is not (height, width)") from None
-    if len(dims) not in (2, 3) or min(dims) <= 0:
-        raise ValueError(f"LMDB_Image size {short_repr(size)} is not (height, width)")
-    height, width = dims[:2]
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"LMDB_Image image is a {image.dtype} array; only uint8 pixels are supported")
-        image = image.tobytes()
-    if not isinstance(image, bytes | bytearray):
-        raise ValueError(f"LMDB_Image image is {_describe_object(image)}, expected pixel bytes")
-    channels = fields.get("channels", dims[2] if len(dims) == 3 else len(image) // (height * width))
-    channels = int(channels)
-    if channels not in (1, 3, 4):
-        raise ValueError(f"LMDB_Image has {channels} channels; 1, 3 or 4 are supported")
-    expected = height * width * channels
-    if len(image) != expected:
-        raise ValueError(
-            f"LMDB_Image image has {len(image)} bytes, expected height*width*channels = "
-            f"{height}*{width}*{channels} = {expected} uint8 pixels (float images are not supported)"
-        )
-    return np.frombuffer(image, dtype=np.uint8).reshape(height, width, channels)
-
-
-def to_legacy_record(obj: Any) -> LegacyRecord:
-    """Recognise a decoded old value: an `(image, label)` pair (formats 1 and 2) or an LMDB_Image.
-
-    Raises:
-        ValueError: the object has neither shape (the message says what it is).
-    """
-    if isinstance(obj, LmdbImageRecord):
-        if "label" not in obj.fields:
-            raise ValueError(f"LMDB_Image record has no label (it has: {', '.join(sorted(obj.fields))})")
-        return LegacyRecord(label=obj.fields["label"], pixels=_lmdb_image_pixels(obj))
-    if isinstance(obj, list | tuple) and len(obj) == 2:
-        data, wrapped = _file_bytes(obj[0])
-        return LegacyRecord(label=obj[1], file_bytes=data, wrapped=wrapped)
-    raise ValueError(f"expected an (image, label) pair or an LMDB_Image, got {_describe_object(obj)}")
-
 
 def record_to_datum(record: LegacyRecord) -> tuple[bytes | bytearray, bool]:
     """The serialized Datum for an old record, and whether its image had to be re-encoded.
@@ -425,66 +93,26 @@ def record_to_datum(record: LegacyRecord) -> tuple[bytes | bytearray, bool]:
     return serialize_datum(datum), not kept
 
 
-def _describe_object(obj: Any) -> str:
-    if isinstance(obj, bytes | bytearray):
-        fmt = sniff_image_format(bytes(obj[:16]))
-        return f"{fmt + ' file' if fmt else 'bytes'}, {len(obj)} bytes"
-    if isinstance(obj, np.ndarray):
-        return f"numpy {obj.dtype} array of shape {obj.shape}"
-    if isinstance(obj, np.generic):
-        return f"numpy {obj.dtype} scalar {obj.item()!r}"
-    if isinstance(obj, list | tuple):
-        return f"a {type(obj).__name__} of {len(obj)}"
-    if isinstance(obj, LmdbImageRecord):
-        return repr(obj)
-    return f"{type(obj).__name__} {short_repr(obj)}"
-
-
 # --------------------------------------------------------------------------- reading values
 
 def _decode(value: bytes, where: str) -> tuple[str, Any]:
     """("pickle" | "msgpack", the decoded object) for one old value; `where` prefixes errors."""
-    if is_new_pickle(value) or (value[:1] and value[0] in OLD_PICKLE_FIRST and is_old_pickle(value)):
-        try:
-            return "pickle", safe_unpickle(value)
-        except UnsafePickleError as exc:
-            raise MigrationError(
-                f"{where}: refused to unpickle global {exc.global_name} (only builtin containers and scalars, "
-                "numpy arrays and LMDB_Image records are allowed); nothing was written"
-            ) from None
-        except MemoryError:
-            raise MigrationError(f"{where}: the pickle claims an object too large to build (MemoryError); "
-                                 "nothing was written") from None
-        except PickleTooComplexError as exc:
-            raise MigrationError(f"{where}: {exc}; nothing was written") from None
-        except RecursionError:
-            raise MigrationError(f"{where}: {_TOO_DEEP}") from None
-        except Exception as exc:  # a corrupt pickle raises many kinds; none of them ran code
-            raise MigrationError(f"{where}: cannot unpickle the value safely ({type(exc).__name__}: {exc})") from None
-    if value[:1] and value[0] in MSGPACK_CONTAINERS:
-        try:
-            return "msgpack", unpack_msgpack(value)
-        except Exception as exc:
-            raise MigrationError(f"{where}: not a valid msgpack value ({type(exc).__name__}: {exc})") from None
-    if is_pyarrow_serialized(value):
-        raise MigrationError(f"{where}: holds pyarrow-serialized data (pyarrow.serialize); {PYARROW_GONE}")
-    if _is_datum(value):
-        raise InputError(f"{where}: already holds a Caffe Datum; nothing to migrate")
-    raise MigrationError(
-        f"{where}: {len(value)} bytes that are neither a pickle, msgpack nor a Caffe Datum "
-        f"(starting {value[:8]!r})"
-    )
+    try:
+        return decode_value(value)
+    except UnreadableValueError as exc:
+        if exc.datum:
+            raise InputError(f"{where}: already holds a Caffe Datum; nothing to migrate") from None
+        raise MigrationError(f"{where}: {exc}{'; nothing was written' if exc.refused else ''}") from None
 
 
 #: Why a value whose objects nest too deeply for Python to walk (`RecursionError`) is refused.
-_TOO_DEEP = ("the value nests objects too deeply to read (RecursionError; no recipe stores more than a few levels); "
-             "nothing was written")
+_TOO_DEEP = f"{TOO_DEEP}; nothing was written"
 
 
 def _decode_keys(value: bytes, where: str) -> list[bytes]:
     _, keys = _decode(value, where)
     if not isinstance(keys, list | tuple) or not all(isinstance(k, bytes | str) for k in keys):
-        raise MigrationError(f"{where}: expected a list of keys, got {_describe_object(keys)}")
+        raise MigrationError(f"{where}: expected a list of keys, got {describe_object(keys)}")
     return [k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in keys]
 
 
@@ -500,14 +128,14 @@ def _sample_lines(record: LegacyRecord, value: bytes | bytearray, reencoded: boo
         image = f"{height} x {width} x {channels} uint8 pixels ({'RGB' if channels >= 3 else 'gray'}, LMDB_Image)"
         stored = f"raw {1 if channels == 1 else 3} x {height} x {width} planar {'BGR' if channels >= 3 else 'gray'}"
     else:
-        image = _describe_object(record.file_bytes) + (", in a one-element list" if record.wrapped else "")
+        image = describe_object(record.file_bytes) + (", in a one-element list" if record.wrapped else "")
         fmt = sniff_image_format(record.file_bytes[:16]) or "image"
         stored = "encoded PNG (re-encoded)" if reencoded else f"encoded {fmt}, bytes unchanged"
     label, targets = label_fields(record.label)
     mapped = f"label {label}" + (f", float_data of {len(targets)} values" if targets else "")
     return [
         f"image: {image}",
-        f"label: {_describe_object(record.label)} -> {mapped}",
+        f"label: {describe_object(record.label)} -> {mapped}",
         f"datum: {stored}, {len(value)} bytes",
     ]
 

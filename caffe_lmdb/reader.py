@@ -45,6 +45,7 @@ from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .keys import load_keys, txn_keys
 from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
+from .layout_tensorpack import Folder2LmdbLayout, TensorpackLayout
 from .layouts import Layout, Probe, chosen_layout
 from .safe_lmdb import begin_read, data_file, file_identity, get_value, open_readonly, opened_identity
 from .tool_reading import refuse_foreign_lmdb
@@ -114,9 +115,11 @@ def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
 OPEN_ENVS = _ProcessEnvironments()
 
 #: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
-#: scheme or a side file first, Caffe's Datum (recognised by parsing a value) next, then the
-#: layouts recognised by their keys' shape alone. A new layout is a `layouts.Layout` added here.
-LAYOUTS: tuple[type[Layout], ...] = (DatumLayout, LsunLayout)
+#: scheme or a side file first (tensorpack and folder2lmdb: numbered keys holding a pickle or
+#: msgpack value, so a Datum under numbered keys still reads as a Datum), Caffe's Datum (recognised
+#: by parsing a value) next, then the layouts recognised by their keys' shape alone. A new layout
+#: is a `layouts.Layout` added here.
+LAYOUTS: tuple[type[Layout], ...] = (TensorpackLayout, Folder2LmdbLayout, DatumLayout, LsunLayout)
 
 
 class LmdbHandle:

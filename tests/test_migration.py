@@ -31,14 +31,9 @@ from caffe_lmdb.cli import main
 from caffe_lmdb.datum import DatumError, image_to_datum, serialize_datum
 from caffe_lmdb.errors import LmdbFormatError, MigrationError
 from caffe_lmdb.foreign_values import foreign_kind, foreign_value_hint
-from caffe_lmdb.migration import (
-    LegacyRecord,
-    LmdbImageRecord,
-    label_fields,
-    migrate,
-    record_to_datum,
-    safe_unpickle,
-)
+from caffe_lmdb.legacy_records import LegacyRecord
+from caffe_lmdb.migration import label_fields, migrate, record_to_datum
+from caffe_lmdb.safe_unpickle import LmdbImageRecord, safe_unpickle
 
 
 def _what(value) -> str | None:
@@ -484,7 +479,7 @@ def test_deep_record_after_migrated_ones_leaves_nothing(tmp_path, image_files):
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 4, 5])
 def test_pickle_screen_counts_tuples_at_every_protocol(protocol):
-    from caffe_lmdb.migration import MAX_PICKLE_TUPLES, PickleTooComplexError
+    from caffe_lmdb.safe_unpickle import MAX_PICKLE_TUPLES, PickleTooComplexError
 
     pairs = [(i, i + 1) for i in range(MAX_PICKLE_TUPLES // 2)]  # a label of 5000 pairs is still read
     assert safe_unpickle(pickle.dumps(pairs, protocol=protocol)) == pairs
