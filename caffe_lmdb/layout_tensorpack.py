@@ -266,11 +266,13 @@ def _listed_keys(probe: Probe, value: Any, samples: int, *, exact: bool) -> np.n
     if len(listed) > samples or (exact and len(listed) != samples):
         raise LmdbFormatError(f"{where}: lists {len(listed)} keys but the LMDB has {samples} entries besides "
                               "its meta keys")
-    odd = next((key for key in listed if not isinstance(key, bytes | str)), None)
-    if odd is not None:
+    kinds = set(map(type, listed))  # C speed: a million keys in milliseconds
+    if not kinds <= {bytes, str}:
+        odd = next(key for key in listed if type(key) not in (bytes, str))
         raise LmdbFormatError(f"{where}: lists {describe_object(odd)}, not a key")
-    keys = [key.encode("utf-8") if isinstance(key, str) else key for key in listed]
-    return np.array(keys, dtype=bytes) if keys else np.empty(0, dtype="S1")
+    if str in kinds:
+        listed = [key.encode("utf-8") if isinstance(key, str) else key for key in listed]
+    return np.array(listed, dtype=bytes) if listed else np.empty(0, dtype="S1")
 
 
 def _stored_count(probe: Probe, value: Any, samples: int, serializer: str) -> int:

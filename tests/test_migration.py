@@ -488,6 +488,8 @@ def test_pickle_screen_counts_tuples_at_every_protocol(protocol):
         safe_unpickle(pickle.dumps(many, protocol=protocol))
     with pytest.raises(pickle.UnpicklingError, match="more than the pickle holds|truncated|expected"):
         safe_unpickle(pickle.dumps(b"x" * 300, protocol=4)[:-20] + b".")  # BINBYTES claims 300
+    with pytest.raises(pickle.UnpicklingError, match="more than the pickle holds|truncated|expected"):
+        safe_unpickle(pickle.dumps([b"x" * 30], protocol=5)[:-20] + b".")  # SHORT_BINBYTES claims 30
 
 
 # ---------------------------------------------------------------- dry run, overwrite, refusals
