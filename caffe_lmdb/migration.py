@@ -2,11 +2,12 @@
 
 The PyTorch recipes this toolkit replaces store Python objects in their LMDBs, and reading those
 with `pickle.loads` runs whatever the writer of the file put in it (`os.system`, `exec`, ...).
-This module reads them with a restricted unpickler instead (`safe_unpickle`): `find_class`
-admits only an explicit list of globals (builtin containers and scalars, what numpy needs to
-rebuild arrays and scalars, and any module's `LMDB_Image`, which becomes an inert record of
-ours), so anything else is refused before it can be called. msgpack values cannot name code at
-all and are read with `msgpack`.
+This module reads them with a restricted unpickler instead (`safe_unpickle`): `find_class` admits
+only an explicit list of globals (builtin containers and scalars, what numpy needs to rebuild
+arrays and scalars, and any module's `LMDB_Image`, which becomes an inert record of ours), so
+anything else is refused before it can be called. msgpack values cannot name code at all and are
+read with `msgpack`. Values are decoded and recognised by `legacy_records`, which the read side's
+layouts share; this module adds the Datums and the writing.
 
 Formats read (as the recipes write them):
 
@@ -31,36 +32,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from .atomic_lmdb import AtomicLmdb
-from .datum import (
-    DatumError,
-    check_datum,
-    encoded_to_datum,
-    image_to_datum_bytes,
-    parse_datum_view,
-    serialize_datum,
-)
+from .datum import DatumError, encoded_to_datum, image_to_datum_bytes, serialize_datum
 from .encode import ConvertOptions, encoded_payload
 from .errors import InputError, InputNotFoundError, MigrationError
 from .files import default_keys_path
-from .foreign_values import (
-    MSGPACK_CONTAINERS,
-    OLD_PICKLE_FIRST,
-    PYARROW_GONE,
-    is_new_pickle,
-    is_old_pickle,
-    is_pyarrow_serialized,
-    unpack_msgpack,
-)
 from .formats import sniff_image_format
 from .keys import make_key
 from .labels import label_fields, short_repr
+from .legacy_records import (
+    TOO_DEEP,
+    LegacyRecord,
+    UnreadableValueError,
+    decode_value,
+    describe_object,
+    to_legacy_record,
+)
 from .progress import progress_bar
 from .safe_lmdb import begin_read, checked_items, get_value, open_readonly
-from .safe_unpickle import LmdbImageRecord, PickleTooComplexError, UnsafePickleError, safe_unpickle
 
 log = logging.getLogger(__name__)
 
@@ -75,89 +66,8 @@ FORMATS = {
     "lmdb-image": "pickled LMDB_Image objects (H x W x C RGB pixels and a label)",
 }
 
-def _is_datum(data: bytes) -> bool:
-    try:
-        check_datum(parse_datum_view(data))
-    except DatumError:
-        return False
-    return True
-
 
 # --------------------------------------------------------------------------- old records -> Datums
-
-@dataclass(frozen=True)
-class LegacyRecord:
-    """One old record, decoded: an image file's bytes or H x W x C RGB pixels, and its label as stored."""
-
-    label: Any
-    file_bytes: bytes | None = None
-    pixels: np.ndarray | None = None
-    wrapped: bool = False  # the file bytes were in a one-element list/tuple (DataLoader collation)
-
-
-def _file_bytes(part: Any) -> tuple[bytes, bool]:
-    """The image file bytes of a record's image part, and whether they were list-wrapped."""
-    wrapped = False
-    if isinstance(part, list | tuple) and len(part) == 1:
-        part, wrapped = part[0], True
-    if isinstance(part, dict):
-        part = part.get(b"data", part.get("data"))
-    if isinstance(part, np.ndarray) and part.dtype == np.uint8 and part.ndim == 1:
-        part = part.tobytes()
-    if isinstance(part, bytes | bytearray):
-        if not part:
-            raise ValueError("image bytes are empty")
-        return bytes(part), wrapped
-    raise ValueError(f"expected image file bytes, got {_describe_object(part)}")
-
-
-def _lmdb_image_pixels(record: LmdbImageRecord) -> np.ndarray:
-    """The H x W x C uint8 RGB pixels of an LMDB_Image record, checked against its `size`/`channels`."""
-    fields = record.fields
-    image, size = fields.get("image"), fields.get("size")
-    if image is None or size is None:
-        raise ValueError(f"LMDB_Image record lacks image or size (it has: {', '.join(sorted(fields)) or 'nothing'})")
-    try:
-        dims = [int(d) for d in size]
-    except (TypeError, ValueError):
-        raise ValueError(f"LMDB_Image size {short_repr(size)} is not (height, width)") from None
-    if len(dims) not in (2, 3) or min(dims) <= 0:
-        raise ValueError(f"LMDB_Image size {short_repr(size)} is not (height, width)")
-    height, width = dims[:2]
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"LMDB_Image image is a {image.dtype} array; only uint8 pixels are supported")
-        image = image.tobytes()
-    if not isinstance(image, bytes | bytearray):
-        raise ValueError(f"LMDB_Image image is {_describe_object(image)}, expected pixel bytes")
-    channels = fields.get("channels", dims[2] if len(dims) == 3 else len(image) // (height * width))
-    channels = int(channels)
-    if channels not in (1, 3, 4):
-        raise ValueError(f"LMDB_Image has {channels} channels; 1, 3 or 4 are supported")
-    expected = height * width * channels
-    if len(image) != expected:
-        raise ValueError(
-            f"LMDB_Image image has {len(image)} bytes, expected height*width*channels = "
-            f"{height}*{width}*{channels} = {expected} uint8 pixels (float images are not supported)"
-        )
-    return np.frombuffer(image, dtype=np.uint8).reshape(height, width, channels)
-
-
-def to_legacy_record(obj: Any) -> LegacyRecord:
-    """Recognise a decoded old value: an `(image, label)` pair (formats 1 and 2) or an LMDB_Image.
-
-    Raises:
-        ValueError: the object has neither shape (the message says what it is).
-    """
-    if isinstance(obj, LmdbImageRecord):
-        if "label" not in obj.fields:
-            raise ValueError(f"LMDB_Image record has no label (it has: {', '.join(sorted(obj.fields))})")
-        return LegacyRecord(label=obj.fields["label"], pixels=_lmdb_image_pixels(obj))
-    if isinstance(obj, list | tuple) and len(obj) == 2:
-        data, wrapped = _file_bytes(obj[0])
-        return LegacyRecord(label=obj[1], file_bytes=data, wrapped=wrapped)
-    raise ValueError(f"expected an (image, label) pair or an LMDB_Image, got {_describe_object(obj)}")
-
 
 def record_to_datum(record: LegacyRecord) -> tuple[bytes | bytearray, bool]:
     """The serialized Datum for an old record, and whether its image had to be re-encoded.
@@ -183,66 +93,26 @@ def record_to_datum(record: LegacyRecord) -> tuple[bytes | bytearray, bool]:
     return serialize_datum(datum), not kept
 
 
-def _describe_object(obj: Any) -> str:
-    if isinstance(obj, bytes | bytearray):
-        fmt = sniff_image_format(bytes(obj[:16]))
-        return f"{fmt + ' file' if fmt else 'bytes'}, {len(obj)} bytes"
-    if isinstance(obj, np.ndarray):
-        return f"numpy {obj.dtype} array of shape {obj.shape}"
-    if isinstance(obj, np.generic):
-        return f"numpy {obj.dtype} scalar {obj.item()!r}"
-    if isinstance(obj, list | tuple):
-        return f"a {type(obj).__name__} of {len(obj)}"
-    if isinstance(obj, LmdbImageRecord):
-        return repr(obj)
-    return f"{type(obj).__name__} {short_repr(obj)}"
-
-
 # --------------------------------------------------------------------------- reading values
 
 def _decode(value: bytes, where: str) -> tuple[str, Any]:
     """("pickle" | "msgpack", the decoded object) for one old value; `where` prefixes errors."""
-    if is_new_pickle(value) or (value[:1] and value[0] in OLD_PICKLE_FIRST and is_old_pickle(value)):
-        try:
-            return "pickle", safe_unpickle(value)
-        except UnsafePickleError as exc:
-            raise MigrationError(
-                f"{where}: refused to unpickle global {exc.global_name} (only builtin containers and scalars, "
-                "numpy arrays and LMDB_Image records are allowed); nothing was written"
-            ) from None
-        except MemoryError:
-            raise MigrationError(f"{where}: the pickle claims an object too large to build (MemoryError); "
-                                 "nothing was written") from None
-        except PickleTooComplexError as exc:
-            raise MigrationError(f"{where}: {exc}; nothing was written") from None
-        except RecursionError:
-            raise MigrationError(f"{where}: {_TOO_DEEP}") from None
-        except Exception as exc:  # a corrupt pickle raises many kinds; none of them ran code
-            raise MigrationError(f"{where}: cannot unpickle the value safely ({type(exc).__name__}: {exc})") from None
-    if value[:1] and value[0] in MSGPACK_CONTAINERS:
-        try:
-            return "msgpack", unpack_msgpack(value)
-        except Exception as exc:
-            raise MigrationError(f"{where}: not a valid msgpack value ({type(exc).__name__}: {exc})") from None
-    if is_pyarrow_serialized(value):
-        raise MigrationError(f"{where}: holds pyarrow-serialized data (pyarrow.serialize); {PYARROW_GONE}")
-    if _is_datum(value):
-        raise InputError(f"{where}: already holds a Caffe Datum; nothing to migrate")
-    raise MigrationError(
-        f"{where}: {len(value)} bytes that are neither a pickle, msgpack nor a Caffe Datum "
-        f"(starting {value[:8]!r})"
-    )
+    try:
+        return decode_value(value)
+    except UnreadableValueError as exc:
+        if exc.datum:
+            raise InputError(f"{where}: already holds a Caffe Datum; nothing to migrate") from None
+        raise MigrationError(f"{where}: {exc}{'; nothing was written' if exc.refused else ''}") from None
 
 
 #: Why a value whose objects nest too deeply for Python to walk (`RecursionError`) is refused.
-_TOO_DEEP = ("the value nests objects too deeply to read (RecursionError; no recipe stores more than a few levels); "
-             "nothing was written")
+_TOO_DEEP = f"{TOO_DEEP}; nothing was written"
 
 
 def _decode_keys(value: bytes, where: str) -> list[bytes]:
     _, keys = _decode(value, where)
     if not isinstance(keys, list | tuple) or not all(isinstance(k, bytes | str) for k in keys):
-        raise MigrationError(f"{where}: expected a list of keys, got {_describe_object(keys)}")
+        raise MigrationError(f"{where}: expected a list of keys, got {describe_object(keys)}")
     return [k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in keys]
 
 
@@ -258,14 +128,14 @@ def _sample_lines(record: LegacyRecord, value: bytes | bytearray, reencoded: boo
         image = f"{height} x {width} x {channels} uint8 pixels ({'RGB' if channels >= 3 else 'gray'}, LMDB_Image)"
         stored = f"raw {1 if channels == 1 else 3} x {height} x {width} planar {'BGR' if channels >= 3 else 'gray'}"
     else:
-        image = _describe_object(record.file_bytes) + (", in a one-element list" if record.wrapped else "")
+        image = describe_object(record.file_bytes) + (", in a one-element list" if record.wrapped else "")
         fmt = sniff_image_format(record.file_bytes[:16]) or "image"
         stored = "encoded PNG (re-encoded)" if reencoded else f"encoded {fmt}, bytes unchanged"
     label, targets = label_fields(record.label)
     mapped = f"label {label}" + (f", float_data of {len(targets)} values" if targets else "")
     return [
         f"image: {image}",
-        f"label: {_describe_object(record.label)} -> {mapped}",
+        f"label: {describe_object(record.label)} -> {mapped}",
         f"datum: {stored}, {len(value)} bytes",
     ]
 

@@ -50,6 +50,7 @@ from .layout_crnn import CrnnLayout, CrnnSrLayout
 from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
 from .layout_stylegan2 import Stylegan2Layout
+from .layout_tensorpack import Folder2LmdbLayout, TensorpackLayout
 from .layouts import Layout, Probe, ValueAtError, chosen_layout
 from .safe_lmdb import begin_read, data_file, file_identity, get_value, open_readonly, opened_identity
 from .tool_reading import refuse_foreign_lmdb
@@ -119,11 +120,13 @@ def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
 OPEN_ENVS = _ProcessEnvironments()
 
 #: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
-#: scheme or a side file first, then those recognised by strictly parsing a value: Caffe2's
-#: TensorProtos before Caffe's Datum (neither parses as the other), then the layouts recognised by
-#: their keys' shape alone. A new layout is a `layouts.Layout` added here.
+#: scheme or a side file first (tensorpack and folder2lmdb: numbered keys holding a pickle or
+#: msgpack value, so a Datum under numbered keys still reads as a Datum), then those recognised by
+#: strictly parsing a value: Caffe2's TensorProtos before Caffe's Datum (neither parses as the
+#: other), then the layouts recognised by their keys' shape alone. A new layout is a
+#: `layouts.Layout` added here.
 LAYOUTS: tuple[type[Layout], ...] = (CrnnLayout, CrnnSrLayout, Stylegan2Layout, BasicSRLayout, EdvrLayout,
-                                     Caffe2Layout, DatumLayout, LsunLayout)
+                                     TensorpackLayout, Folder2LmdbLayout, Caffe2Layout, DatumLayout, LsunLayout)
 
 
 class LmdbHandle:

@@ -31,14 +31,9 @@ from caffe_lmdb.cli import main
 from caffe_lmdb.datum import DatumError, image_to_datum, serialize_datum
 from caffe_lmdb.errors import LmdbFormatError, MigrationError
 from caffe_lmdb.foreign_values import foreign_kind, foreign_value_hint
-from caffe_lmdb.migration import (
-    LegacyRecord,
-    LmdbImageRecord,
-    label_fields,
-    migrate,
-    record_to_datum,
-    safe_unpickle,
-)
+from caffe_lmdb.legacy_records import LegacyRecord
+from caffe_lmdb.migration import label_fields, migrate, record_to_datum
+from caffe_lmdb.safe_unpickle import LmdbImageRecord, safe_unpickle
 
 
 def _what(value) -> str | None:
@@ -493,6 +488,8 @@ def test_pickle_screen_counts_tuples_at_every_protocol(protocol):
         safe_unpickle(pickle.dumps(many, protocol=protocol))
     with pytest.raises(pickle.UnpicklingError, match="more than the pickle holds|truncated|expected"):
         safe_unpickle(pickle.dumps(b"x" * 300, protocol=4)[:-20] + b".")  # BINBYTES claims 300
+    with pytest.raises(pickle.UnpicklingError, match="more than the pickle holds|truncated|expected"):
+        safe_unpickle(pickle.dumps([b"x" * 30], protocol=5)[:-20] + b".")  # SHORT_BINBYTES claims 30
 
 
 # ---------------------------------------------------------------- dry run, overwrite, refusals

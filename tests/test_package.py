@@ -22,7 +22,8 @@ CONVERSION_MACHINERY = {"workers", "allocator", "conversion", "atomic_lmdb", "en
 READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_sheet", "tool_reading", "keys", "safe_lmdb", "datum",
              "image_files", "reader", "lmdb_dataset", "layouts", "key_index", "layout_datum", "layout_lsun",
              "layout_crnn", "layout_stylegan2",
-             "layout_caffe2", "layout_basicsr", "safe_unpickle"}
+             "layout_caffe2", "layout_basicsr", "safe_unpickle",
+             "legacy_records", "layout_tensorpack"}
 
 #: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.
 LAZY_ALLOWED = {"torch", "cv2", "msgpack", "importlib", "google.protobuf.unknown_fields", "warnings", "multiprocessing"}
