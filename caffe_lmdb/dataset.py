@@ -8,9 +8,8 @@ memory map into the image, tensor or array returned.
 
 from __future__ import annotations
 
-import bisect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 from .datum import DECODE_MODES, DatumView, datum_to_image, datum_to_image_array, parse_datum_view
 from .errors import DatumError, KeysFileError
 from .keys import save_keys
-from .reader import LmdbReader
+from .reader import LmdbReader, PartIndex
 from .safe_lmdb import get_value
 from .shards import find_shards
 from .tool_reading import keys_file_for
@@ -270,21 +269,20 @@ class LmdbConcatDataset(torch.utils.data.ConcatDataset):
     batch is split by part, so each LMDB prefetches its own records, and reassembled in order.
     """
 
+    def __init__(self, datasets: Iterable[torch.utils.data.Dataset]) -> None:
+        super().__init__(datasets)
+        #: Where an index lies among the parts (`reader.PartIndex`, as `CaffeLoader` locates them).
+        self.parts = PartIndex([len(dataset) for dataset in self.datasets])
+
     def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any]]:
-        by_part: dict[int, list[tuple[int, int]]] = {}
-        for position, index in enumerate(indices):
-            if index < 0:
-                index += len(self)
-            part = bisect.bisect_right(self.cumulative_sizes, index)
-            local = index - (self.cumulative_sizes[part - 1] if part else 0)
-            by_part.setdefault(part, []).append((position, local))
+        count = len(self)
         out: list[Any] = [None] * len(indices)
-        for part, items in by_part.items():
+        wanted = [index + count if index < 0 else index for index in indices]
+        for part, positions, locals_, _ in self.parts.group(wanted):
             dataset = self.datasets[part]
-            locals_ = [local for _, local in items]
             values = dataset.__getitems__(locals_) if hasattr(dataset, "__getitems__") else \
                 [dataset[local] for local in locals_]
-            for (position, _), value in zip(items, values, strict=True):
+            for position, value in zip(positions, values, strict=True):
                 out[position] = value
         return out
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
+from .dataset import LmdbConcatDataset
 from .errors import LmdbFormatError, LmdbNotFoundError
 from .layouts import Layout
-from .reader import LayoutReader, PartIndex, checked_index
+from .reader import LayoutReader, checked_index
 
 #: An LMDB's meta page starts 16 bytes into the file with this magic number (little-endian).
 _LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
@@ -91,8 +92,9 @@ class LmdbDataset(Dataset[tuple[Any, Any]]):
             self.reader.prefetch_samples(indices)
         return [self[i] for i in indices]
 
-    def __add__(self, other: Dataset) -> ConcatDataset:
-        return ConcatDataset([self, other])
+    def __add__(self, other: Dataset) -> LmdbConcatDataset:
+        """`ds1 + ds2`: torch's ConcatDataset semantics, with batch prefetch kept (`LmdbConcatDataset`)."""
+        return LmdbConcatDataset([self, other])
 
     def __repr__(self) -> str:
         body = [f"Number of datapoints: {len(self)}", f"Root location: {self.root}",
@@ -181,7 +183,7 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> bytes | None:
     return None
 
 
-class LmdbTree(ConcatDataset):
+class LmdbTree(LmdbConcatDataset):
     """Every LMDB under a folder as one dataset, in sorted path order (`open_tree`).
 
     Index i reads the LMDB `source(i)` holds it; `sources` lists them all.
@@ -190,13 +192,12 @@ class LmdbTree(ConcatDataset):
     def __init__(self, datasets: Sequence[LmdbDataset]) -> None:
         super().__init__(datasets)
         self.sources = [dataset.root for dataset in datasets]
-        self._parts = PartIndex([len(dataset) for dataset in datasets])
 
     def source(self, index: int) -> str:
         """The path of the LMDB holding item `index`."""
         if index < 0:
             index += len(self)
-        return self.sources[self._parts.locate(index)[0]]
+        return self.sources[self.parts.locate(index)[0]]
 
 
 def open_tree(root: str | os.PathLike, layout: str | Layout | None = None,

@@ -179,3 +179,27 @@ def test_the_kept_index_skips_the_page_walk_only_while_the_file_is_unchanged(tmp
     (path / "data.mdb").write_bytes(data)  # a write: a new modification time, so the walk runs again
     with pytest.raises(CorruptLmdbError, match="big_train_lmdb: corrupt LMDB: page"):
         LmdbDataset(path)
+
+
+def test_a_sum_of_layouts_reads_batches_in_order_under_the_samplers(tmp_path, rng):
+    from torch.utils.data import DistributedSampler
+
+    from caffe_lmdb import BlockShuffleSampler
+
+    make_lsun(tmp_path / "a_train_lmdb", 5, rng)
+    samples = [(rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8), i) for i in range(4)]
+    write_dataset(samples, tmp_path / "d.lmdb", workers=0)
+    both = LmdbDataset(tmp_path / "a_train_lmdb", transform=_pixels) + LmdbDataset(tmp_path / "d.lmdb",
+                                                                                    transform=_pixels)
+    assert len(both) == 9
+    expected = [both[i] for i in range(9)]
+    batch = both.__getitems__([8, 0, 5, -1, 3])  # parts interleaved, a negative index: each part prefetches its own
+    for got, index in zip(batch, [8, 0, 5, 8, 3], strict=True):
+        assert got[1] == expected[index][1]
+        np.testing.assert_array_equal(got[0], expected[index][0])
+    for sampler in (DistributedSampler(both, num_replicas=2, rank=1, shuffle=True, seed=3),
+                    BlockShuffleSampler(both, block_size=2, num_replicas=2, rank=1, seed=3)):
+        order = list(sampler)
+        loader = DataLoader(both, batch_size=2, sampler=sampler, num_workers=1, collate_fn=list)
+        delivered = [item for batch in loader for item in batch]
+        assert [target for _, target in delivered] == [expected[i][1] for i in order]
