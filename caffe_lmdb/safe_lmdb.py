@@ -151,19 +151,23 @@ def lmdb_errors_named(lmdb_path: str | os.PathLike, what: str) -> Iterator[None]
 def checked_items(txn: lmdb.Transaction, *, values: bool = True) -> Iterator[Any]:
     """Every record of the LMDB in key order, as `txn.cursor().iternext(values=values)` gives them.
 
-    For a transaction from `begin_read`, each leaf page is checked before the cursor steps onto
-    it, and the records seen are counted against the meta page; LMDB's own errors are raised with
-    the LMDB and the last good key. Other transactions are walked unchecked.
+    The transaction must come from `begin_read` (on an environment from `open_readonly`): each
+    leaf page is then checked before the cursor steps onto it, and the records seen are counted
+    against the meta page; LMDB's own errors are raised with the LMDB and the last good key. A
+    plain `env.begin()` transaction is refused (`TypeError`) rather than walked unchecked.
 
     Raises:
         CorruptLmdbError: a damaged page or a record count that disagrees with the meta page, naming
             the LMDB, the page, and the last record read before the damage.
     """
     opened = _TXNS.get(txn)
+    if opened is None:
+        raise TypeError("checked_items needs a transaction from safe_lmdb.begin_read (on an environment from "
+                        "open_readonly), not env.begin(): its pages could not be checked")
     items = txn.cursor().iternext(keys=True, values=values)
     last: list[bytes] = []  # the last key yielded, for the messages
     try:
-        if opened is None or not opened.checkable:
+        if not opened.checkable:
             for item in items:
                 last[:] = [bytes(item[0] if values else item)]
                 yield item

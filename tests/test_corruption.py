@@ -220,14 +220,14 @@ def test_intact_deep_tree_with_overflow_values_passes_the_checks(tmp_path):
 
 
 def test_checked_items_counts_records_against_the_meta_page(tmp_path):
-    """A transaction not from `begin_read` is walked as LMDB walks it (no file to check against)."""
+    """A transaction not from `begin_read` is refused: it would be walked with no page checked."""
     path = tmp_path / "db.lmdb"
     keys = many_record_lmdb(path, 50)
     with open_readonly(path) as env:
         with begin_read(env) as txn:
             assert [bytes(k) for k in checked_items(txn, values=False)] == keys
-        with env.begin() as txn:
-            assert [bytes(k) for k in checked_items(txn, values=False)] == keys
+        with env.begin() as txn, pytest.raises(TypeError, match="needs a transaction from safe_lmdb.begin_read"):
+            next(iter(checked_items(txn, values=False)))
 
 
 def test_truncated_lmdb_is_refused_before_any_read(tmp_path):
