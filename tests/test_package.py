@@ -20,7 +20,8 @@ GENERATED = {"caffe_pb2"}
 #: What reading an LMDB must never load: the conversion machinery (rings, allocator, the pipeline, the writer).
 CONVERSION_MACHINERY = {"workers", "allocator", "conversion", "atomic_lmdb", "encode"}
 READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_sheet", "tool_reading", "keys", "safe_lmdb", "datum",
-             "image_files", "reader", "lmdb_dataset", "layouts", "key_index", "layout_datum", "layout_lsun"}
+             "image_files", "reader", "lmdb_dataset", "layouts", "key_index", "layout_datum", "layout_lsun",
+             "text_targets"}
 
 #: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.
 LAZY_ALLOWED = {"torch", "cv2", "msgpack", "importlib", "google.protobuf.unknown_fields", "warnings", "multiprocessing"}
