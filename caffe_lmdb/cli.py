@@ -125,14 +125,15 @@ def positive_int(value: str) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe an LMDB with `inspection.info`; exit 1 if some of its records are not Datums."""
-    result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed)
+    result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed, layout=args.layout)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return EXIT_PROBLEMS if result.invalid else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every record and the keys file with `inspection.verify`; print each problem with its key."""
-    report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None)
+    report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None,
+                    layout=args.layout)
     for line in report.problem_lines():
         print(line)
     print(report)
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_selftest)
 
     keys_help = "keys file (default: <stem>_keys.npy beside the LMDB if present, else keys are scanned)"
+    layout_help = (f"read the LMDB as this layout (default: detected; known: {', '.join(x.name for x in LAYOUTS)}); "
+                   "layouts other than datum: the sample count and a sample's kinds (info), every sample read (verify)")
     p = sub.add_parser(
         "info",
         help="summarise an LMDB: record kinds, sizes, labels, disk use, key range",
@@ -307,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=positive_int, metavar="N",
                    help="count only N records drawn at random from the keys: a quick estimate on big LMDBs")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
+    p.add_argument("--layout", metavar="NAME", help=layout_help)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -320,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", metavar="FILE.npy",
                    help="keys file to compare with the LMDB (default: <stem>_keys.npy beside the LMDB if present)")
     p.add_argument("--decode", action="store_true", help="also decode every encoded image (slower)")
+    p.add_argument("--layout", metavar="NAME", help=layout_help)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
