@@ -38,6 +38,7 @@ from .targets import (
     remove_temporaries_of,
     single_file_lock,
 )
+from .text_targets import texts_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +366,13 @@ class AtomicLmdb:
         self.bytes_written += len(value)
         self._lmdb(self.writer.put, key, value)
 
-    def finish(self, classes: Sequence[str] | None = None, skipped: Iterable[tuple[str, str]] = ()) -> None:
-        """Commit, flush everything to disk, and move the side files, the LMDB, then its keys file into place."""
+    def finish(self, classes: Sequence[str] | None = None, skipped: Iterable[tuple[str, str]] = (),
+               texts: Sequence[str] | None = None) -> None:
+        """Commit, flush everything to disk, and move the side files, the LMDB, then its keys file into place.
+
+        `texts` (record i's text target, `migrate`'s rule) become `<out>_texts.txt`, escaped as
+        `text_targets.escape_text` says, one line per record in key order.
+        """
         self._lmdb(self.writer.commit)
         self._lmdb(self.env.sync, True)
         self._close()
@@ -374,12 +380,15 @@ class AtomicLmdb:
         contents = {
             "classes.txt": None if classes is None else "".join(f"{name}\n" for name in classes).encode(),
             "skipped.txt": "".join(f"{path}\t{reason}\n" for path, reason in skipped).encode() if skipped else None,
+            "texts.txt": None if texts is None else texts_file_bytes(texts),
         }
         keys = keys_to_array(self.keys)
         self._write_temporary(self._keys_tmp, self.keys_path, lambda f: np.save(f, keys, allow_pickle=False))
         for name, data in contents.items():
             if data is not None:
                 self._write_temporary(self._side_tmps[name], self.side_paths[name], lambda f, data=data: f.write(data))
+            else:  # reserved, not needed: this run has no such list (removed now: a kill after the publish
+                self._os(os.unlink, self.side_paths[name], self._side_tmps[name])  # would leave it behind)
         self._os(self._publish, self.output, self.output, contents)
         self._finished = True
         self._release()
@@ -410,9 +419,6 @@ class AtomicLmdb:
             steps.append(removal_step(lock_file))  # the replaced single-file LMDB's lock table
         steps.append(rename_step(self._keys_tmp, self.keys_path))
         Publish(output, steps).run()
-        for name, data in contents.items():
-            if data is None:
-                os.unlink(self._side_tmps[name])  # reserved, not needed: this run has no such list
 
     def discard(self) -> None:
         """Drop everything this run made (temporaries), keep everything it did not.

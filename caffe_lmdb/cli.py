@@ -25,10 +25,12 @@ from .exporting import export
 from .files import sidecar_path
 from .grid_sheet import grid
 from .inspection import info, verify
+from .layout_migration import TARGET_RULES
 from .mean import compute_mean
 from .merging import merge
 from .migration import migrate
 from .prototxt import describe_prototxt_batches
+from .reader import LAYOUTS
 from .selftest import codec_roundtrip
 from .shards import find_shards
 from .sources import IMAGE_EXTENSIONS
@@ -91,7 +93,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Rewrite a pickle/msgpack LMDB as a Datum LMDB with `migrate.migrate` (never unpickling unsafely)."""
     print(migrate(args.old, args.new, keys_path=args.keys, overwrite=args.overwrite, dry_run=args.dry_run,
-                       progress=False if args.quiet else None))
+                  progress=False if args.quiet else None, layout=args.layout, targets=args.targets,
+                  image=args.image, workers=args.workers))
     return EXIT_OK
 
 
@@ -122,14 +125,15 @@ def positive_int(value: str) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe an LMDB with `inspection.info`; exit 1 if some of its records are not Datums."""
-    result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed)
+    result = info(args.lmdb, keys_path=args.keys, sample=args.sample, seed=args.seed, layout=args.layout)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return EXIT_PROBLEMS if result.invalid else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every record and the keys file with `inspection.verify`; print each problem with its key."""
-    report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None)
+    report = verify(args.lmdb, keys_path=args.keys, decode=args.decode, progress=False if args.quiet else None,
+                    layout=args.layout)
     for line in report.problem_lines():
         print(line)
     print(report)
@@ -255,11 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "migrate",
-        help="rewrite a pickle/msgpack LMDB (Efficient-PyTorch folder2lmdb, LMDB_Image) as a Datum LMDB, safely",
+        help="rewrite a pickle/msgpack LMDB (Efficient-PyTorch folder2lmdb, LMDB_Image), or any other layout "
+        "(LSUN, ...), as a Datum LMDB, safely",
         description="Rewrite an LMDB of pickled or msgpack records (Efficient-PyTorch folder2lmdb, the LMDB_Image "
         "recipe) as Caffe Datum records plus a .npy keys file. Pickles are read by a restricted unpickler "
         "(builtin containers, numpy arrays, LMDB_Image only): a record naming anything else is refused, and "
-        "nothing is written. Example: caffe-lmdb migrate train_old.lmdb train.lmdb --dry-run",
+        "nothing is written. Any other layout the readers know (LSUN, ...; --layout forces one) is brought over "
+        "sample by sample: encoded images stored unchanged, text targets to a classes or texts file (--targets), "
+        "one image of a pair (--image). Example: caffe-lmdb migrate train_old.lmdb train.lmdb --dry-run",
     )
     p.add_argument("old", metavar="OLD.lmdb", help="the pickle/msgpack LMDB to read (never modified)")
     p.add_argument("new", metavar="NEW.lmdb", help="the Datum LMDB to create")
@@ -267,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output LMDB and keys file")
     p.add_argument("--dry-run", action="store_true",
                    help="print the detected format, record count and a sample record; write nothing")
+    p.add_argument("--layout", metavar="NAME", help="read OLD as this layout (default: detected; "
+                   f"known: {', '.join(layout.name for layout in LAYOUTS)})")
+    p.add_argument("--targets", choices=TARGET_RULES, default="auto",
+                   help="text targets: classes (<new>_classes.txt, label = class number) or texts (<new>_texts.txt, "
+                   "one escaped line per record, label 0); auto: classes for category names (LSUN), else texts")
+    p.add_argument("--image", type=int, metavar="INDEX",
+                   help="for layouts holding several images per sample (pairs): store image INDEX of each")
+    p.add_argument("-j", "--workers", type=int, metavar="N", help="processes making records (default: one per CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_migrate)
 
@@ -280,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_selftest)
 
     keys_help = "keys file (default: <stem>_keys.npy beside the LMDB if present, else keys are scanned)"
+    layout_help = (f"read the LMDB as this layout (default: detected; known: {', '.join(x.name for x in LAYOUTS)}); "
+                   "layouts other than datum: the sample count and a sample's kinds (info), every sample read (verify)")
     p = sub.add_parser(
         "info",
         help="summarise an LMDB: record kinds, sizes, labels, disk use, key range",
@@ -293,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=positive_int, metavar="N",
                    help="count only N records drawn at random from the keys: a quick estimate on big LMDBs")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
+    p.add_argument("--layout", metavar="NAME", help=layout_help)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -306,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", metavar="FILE.npy",
                    help="keys file to compare with the LMDB (default: <stem>_keys.npy beside the LMDB if present)")
     p.add_argument("--decode", action="store_true", help="also decode every encoded image (slower)")
+    p.add_argument("--layout", metavar="NAME", help=layout_help)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 

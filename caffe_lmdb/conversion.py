@@ -173,13 +173,15 @@ class Front:
 
 def write_records(out: AtomicLmdb, records: AbstractContextManager[Any], front: Front, *, strict: bool,
                   skipped: list[tuple[str, str]], classes: Sequence[str] | None, previous: Previous | None,
-                  total: int | None, done: int = 0, progress: bool | None = None, unit: str = "img") -> None:
+                  total: int | None, done: int = 0, progress: bool | None = None, unit: str = "img",
+                  texts: Sequence[str] | None = None) -> None:
     """Put the records of `records` (a `dispatched` context) into `out` and finish it: the one write loop.
 
     Record i (counting from `done`, the records a resumed temporary holds) is put under the key
     `front.place` gives, or skipped for the reason it gives: listed in `skipped` and logged, or,
     with `strict`, the end of the run. `out` is finished with `classes` and the skipped list
-    (the previous LMDB's first, when appending).
+    (the previous LMDB's first, when appending), and `texts` (`migrate`'s text targets; `classes`
+    and `texts` may be lists `front.place` fills as it goes: they are read at the end).
 
     Raises:
         ConversionError: `strict` and a skipped record, or every record skipped.
@@ -203,7 +205,7 @@ def write_records(out: AtomicLmdb, records: AbstractContextManager[Any], front: 
             first_name, first_reason = skipped[0]
             raise ConversionError(f"{out.output}: {front.nothing_stored} ({len(skipped)} skipped; the first, "
                                   f"{front.first_skipped}{first_name}: {first_reason})")
-        out.finish(classes, [*(previous.skipped if previous is not None else ()), *skipped])
+        out.finish(classes, [*(previous.skipped if previous is not None else ()), *skipped], texts=texts)
 
 
 def summarise(result: ConvertResult, out: AtomicLmdb, previous: Previous | None, start: float) -> ConvertResult:

@@ -1,6 +1,7 @@
 """The files beside an LMDB and every file users see: their names, and writing them whole or not at all.
 
-A conversion leaves `NAME_keys.npy`, `NAME_classes.txt` and `NAME_skipped.txt` beside `NAME.lmdb`;
+A conversion leaves `NAME_keys.npy`, `NAME_classes.txt` and `NAME_skipped.txt` beside `NAME.lmdb`
+(`migrate` of text targets also `NAME_texts.txt`, `text_targets.py`);
 the readers find them by the same names (`sidecar_path`). Every other output caffe-lmdb writes
 (keys, class and skipped lists, list files, mean files, exported images) goes through
 `write_bytes_atomic`. Its temporary is a new file, never an existing path opened for writing, so a
@@ -25,7 +26,7 @@ from .errors import OutputPathError
 TMP_MARK = ".tmp-"
 
 #: The side files a conversion writes beside `NAME.lmdb`, as `NAME_<suffix>`.
-SIDE_FILES = ("keys.npy", "classes.txt", "skipped.txt")
+SIDE_FILES = ("keys.npy", "classes.txt", "skipped.txt", "texts.txt")
 
 #: Opens a FIFO or device to write through it: never creates or truncates, never follows a link,
 #: never waits for a FIFO's reader (no reader is an error), never makes a terminal ours.

@@ -21,11 +21,13 @@ import lmdb
 import numpy as np
 
 from .datum import check_datum, datum_to_image, parse_datum_view, read_encoded_header
-from .errors import CorruptLmdbError, DatumError, InputError, KeysFileError
+from .errors import CaffeLmdbError, CorruptLmdbError, DatumError, InputError, KeysFileError
 from .keys import load_keys, txn_keys
+from .layouts import Layout, Probe, detect_layout
 from .progress import progress_bar
 from .publish import pending_publish
-from .safe_lmdb import get_value, lmdb_errors_named
+from .reader import LAYOUTS, LayoutReader
+from .safe_lmdb import begin_read, data_file, file_identity, get_value, lmdb_errors_named, open_readonly
 from .tool_reading import (
     class_names,
     disk_bytes,
@@ -36,6 +38,7 @@ from .tool_reading import (
     label_name,
     random_subset,
     read_txn,
+    refuse_foreign_lmdb,
 )
 
 # --------------------------------------------------------------------------- info
@@ -178,7 +181,8 @@ def info(
     keys_path: str | os.PathLike | None = None,
     sample: int | None = None,
     seed: int = 0,
-) -> LmdbInfo:
+    layout: str | Layout | None = None,
+) -> LmdbInfo | LayoutInfo:
     """Describe an LMDB: kinds of record, sizes, labels, disk use, key range. Decodes no image.
 
     Args:
@@ -186,6 +190,8 @@ def info(
         keys_path: its keys file; default the converter's `<stem>_keys.npy` when present.
         sample: count only this many records, drawn at random (seeded) from the keys; None reads all.
         seed: the seed of the sample.
+        layout: read the LMDB as this layout (default: detected). Any layout but Caffe's Datums
+            gets `layout_info` (a `LayoutInfo`: the layout, the sample count, a sample's kinds).
 
     Returns:
         The summary; `str()` gives the text `caffe-lmdb info` prints, `to_dict()` its JSON.
@@ -198,6 +204,9 @@ def info(
     """
     if sample is not None and sample < 1:
         raise InputError(f"--sample must be at least 1, got {sample}")
+    other = tool_layout(lmdb_path, layout)
+    if other is not None:
+        return layout_info(lmdb_path, other, sample, seed)
     path = Path(lmdb_path)
     resolved_keys = keys_file_for(path, keys_path)
     with read_txn(path) as txn:
@@ -310,6 +319,7 @@ def verify(
     keys_path: str | os.PathLike | None = None,
     decode: bool = False,
     progress: bool | None = None,
+    layout: str | Layout | None = None,
 ) -> VerifyReport:
     """Check every record of an LMDB, and its keys file, and collect each problem with its key.
 
@@ -325,6 +335,8 @@ def verify(
         keys_path: the keys file to compare; default the converter's, when present.
         decode: also decode every encoded image (slower: a full image decode per record).
         progress: show a progress bar (default: when stderr is a terminal).
+        layout: read the LMDB as this layout (default: detected). Any layout but Caffe's Datums
+            gets `layout_verify`: every sample read and decoded, each failure with its key.
 
     Returns:
         The report; `report.ok` says whether nothing was found.
@@ -333,6 +345,9 @@ def verify(
         LmdbFormatError: the path is not an LMDB.
         KeysFileError: the keys file cannot be read at all.
     """
+    other = tool_layout(lmdb_path, layout)
+    if other is not None:
+        return layout_verify(lmdb_path, other, progress)
     path = Path(lmdb_path)
     report = VerifyReport(path=path, keys_path=keys_file_for(path, keys_path))
     if pending_publish(path) is not None:
@@ -388,3 +403,170 @@ def _compare_keys(keys_path: Path, file_keys: list[bytes], lmdb_keys: list[bytes
         seen.add(key)
     problems += [(key, f"in the LMDB but not in keys file {keys_path}") for key in lmdb_keys if key not in seen]
     return problems
+
+
+# --------------------------------------------------------------------------- other layouts (LSUN, ...)
+
+def tool_layout(lmdb_path: str | os.PathLike, layout: str | Layout | None = None) -> Layout | str | None:
+    """The layout `info`/`verify` read `lmdb_path` with when it is not Caffe's Datums, else None (the Datum path).
+
+    Detection looks at the first keys and a value only (nothing is scanned or written). Datum
+    LMDBs, LMDBs of pickle/msgpack records (the Datum path points them to `migrate`) and LMDBs
+    no layout recognises keep the Datum path and its messages; `layout` forces one.
+    """
+    if layout is not None:
+        return None if layout == "datum" or getattr(layout, "name", None) == "datum" else layout
+    path = Path(lmdb_path)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open_readonly(path) as env, begin_read(env, buffers=True) as txn:
+            refuse_foreign_lmdb(path, txn)
+            probe = Probe.of(str(path), txn, file_identity(data_file(path)))
+            found = detect_layout(probe, LAYOUTS)
+    except (CaffeLmdbError, OSError):
+        return None
+    return None if found.name == "datum" else found
+
+
+@dataclass
+class LayoutInfo:
+    """What `info` says of an LMDB of another layout: the layout, the sample count, and a sample's kinds.
+
+    Attributes:
+        path, layout: the LMDB and its layout (`Layout.describe()`).
+        samples: samples in it (exact); entries: its LMDB entries.
+        scanned: samples read for the counts below (a random sample, seeded).
+        images_per_sample: images a sample holds (1; 2 for a pair).
+        formats: stored image format (JPEG, WEBP, "pixels") -> count.
+        shapes: channels x height x width -> count (encoded dims from the file header).
+        targets: target kind (int, str, None, ...) -> count; examples: a few targets.
+        invalid: sampled samples that could not be read; problems: (key, message) of each.
+        disk_bytes: bytes the LMDB's files take on disk.
+    """
+
+    path: Path
+    layout: str
+    samples: int
+    entries: int
+    scanned: int = 0
+    images_per_sample: int = 1
+    formats: Counter = field(default_factory=Counter)
+    shapes: Counter = field(default_factory=Counter)
+    targets: Counter = field(default_factory=Counter)
+    examples: list[Any] = field(default_factory=list)
+    invalid: int = 0
+    problems: list[str] = field(default_factory=list)
+    disk_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "path": str(self.path), "layout": self.layout, "samples": self.samples, "entries": self.entries,
+            "scanned": self.scanned, "images_per_sample": self.images_per_sample,
+            "formats": dict(sorted(self.formats.items())),
+            "shapes": [{"shape": format_shape(shape), "count": count} for shape, count in self.shapes.most_common()],
+            "targets": dict(sorted(self.targets.items())), "examples": [repr(example) for example in self.examples],
+            "invalid": self.invalid, "problems": self.problems, "disk_bytes": self.disk_bytes,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.samples} samples ({self.entries} LMDB entries), layout {self.layout}",
+                 f"  disk: {_mib(self.disk_bytes)}; kinds below from {self.scanned} samples"
+                 + (f", {self.images_per_sample} images each" if self.images_per_sample != 1 else "")]
+        if self.formats:
+            lines.append("  image formats: " + ", ".join(f"{fmt} {n}" for fmt, n in sorted(self.formats.items())))
+        if self.shapes:
+            lines.append("  channels x height x width:")
+            lines += [f"    {format_shape(shape):<16} {count}" for shape, count in self.shapes.most_common(_TEXT_ROWS)]
+        if self.targets:
+            lines.append("  targets: " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.targets.items()))
+                         + (f" (e.g. {', '.join(repr(example)[:40] for example in self.examples)})"
+                            if self.examples else ""))
+        lines += [f"  UNREADABLE: {problem}" for problem in self.problems[:_TEXT_ROWS]]
+        return "\n".join(lines)
+
+
+#: Samples `info` reads of a layout LMDB when no `sample` is given (it reads values, unlike the Datum scan).
+LAYOUT_INFO_SAMPLES = 64
+
+
+def layout_info(lmdb_path: str | os.PathLike, layout: str | Layout, sample: int | None = None,
+                seed: int = 0) -> LayoutInfo:
+    """`info` of a non-Datum layout: layout, sample count, and the formats, sizes and targets of a random sample.
+
+    Images are not decoded: sizes come from the file headers (`read_encoded_header`), pixels' own shape.
+    """
+    reader = _layout_reader(lmdb_path, layout)
+    path = Path(lmdb_path)
+    with read_txn(path) as txn:
+        entries = txn.stat()["entries"]
+    result = LayoutInfo(path=path, layout=reader.layout.describe(), samples=len(reader), entries=entries,
+                        disk_bytes=disk_bytes(path))
+    count = min(len(reader), sample or LAYOUT_INFO_SAMPLES)
+    chosen = np.sort(np.random.default_rng(seed).choice(len(reader), size=count, replace=False)) if count else []
+    for index in chosen:
+        result.scanned += 1
+        try:
+            images, target = reader.stored(int(index))
+        except (KeysFileError, DatumError) as exc:
+            result.invalid += 1
+            result.problems.append(str(exc).removeprefix(f"{reader.root}: "))
+            continue
+        result.images_per_sample = len(images)
+        for image in images:
+            _count_image(result, image)
+        kind = "None" if target is None else type(target).__name__
+        result.targets[kind] += 1
+        if len(result.examples) < 3 and target not in result.examples:
+            result.examples.append(target)
+    return result
+
+
+def _count_image(result: LayoutInfo, image: bytes | np.ndarray) -> None:
+    if isinstance(image, bytes):
+        try:
+            header = read_encoded_header(image)
+        except DatumError:
+            result.formats["unknown"] += 1
+            result.shapes[None] += 1
+            return
+        result.formats[header.format] += 1
+        result.shapes[(header.channels, header.height, header.width)] += 1
+        return
+    result.formats["pixels"] += 1
+    height, width = image.shape[:2]
+    result.shapes[(1 if image.ndim == 2 else image.shape[2], height, width)] += 1
+
+
+def layout_verify(lmdb_path: str | os.PathLike, layout: str | Layout, progress: bool | None = None) -> VerifyReport:
+    """`verify` of a non-Datum layout: every sample read and decoded through `LayoutReader.read`.
+
+    Each failure (a key the layout names that the LMDB lacks, e.g. a count or meta file pointing
+    at absent keys; a value that does not decode) is a problem naming the key.
+    """
+    reader = _layout_reader(lmdb_path, layout)
+    path = Path(lmdb_path)
+    report = VerifyReport(path=path)
+    with progress_bar(len(reader), path.name, progress) as bar:
+        for index in range(len(reader)):
+            report.records += 1
+            try:
+                reader.read(index)
+                report.decoded += 1
+            except (KeysFileError, DatumError) as exc:
+                report.problems.append((None, str(exc).removeprefix(f"{reader.root}: ")))
+            bar.update()
+    if not len(reader):
+        report.problems.append((None, f"the LMDB has no samples ({reader.layout.describe()})"))
+    return report
+
+
+def _layout_reader(lmdb_path: str | os.PathLike, layout: str | Layout) -> LayoutReader:
+    """`LayoutReader(lmdb_path, layout)`, an unknown layout name being an InputError naming the LMDB."""
+    try:
+        return LayoutReader(lmdb_path, layout)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CaffeLmdbError):
+            raise
+        raise InputError(f"{lmdb_path}: {exc}") from None

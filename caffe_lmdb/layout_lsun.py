@@ -30,6 +30,7 @@ class LsunLayout(Layout):
     """LSUN's layout; the target is the category (the folder name without `_<split>_lmdb`), a str."""
 
     name = "lsun"
+    class_targets = True
 
     def __init__(self, category: str) -> None:
         self.category = category

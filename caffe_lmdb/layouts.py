@@ -99,6 +99,10 @@ class Layout:
     name: ClassVar[str] = ""
     #: Keys that may be absent: the reader passes None for them instead of failing.
     optional: ClassVar[frozenset[int]] = frozenset()
+    #: Whether a str target names a class (LSUN's category) rather than being free text (an OCR
+    #: label): `migrate` maps class names to labels with a classes file, and writes free text to a
+    #: texts file (`text_targets`).
+    class_targets: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, probe: Probe) -> Layout | None:

@@ -37,11 +37,14 @@ from PIL import Image
 from .atomic_lmdb import AtomicLmdb
 from .datum import DatumError, encoded_to_datum, image_to_datum_bytes, serialize_datum
 from .encode import ConvertOptions, encoded_payload
-from .errors import InputError, InputNotFoundError, MigrationError
+from .errors import CaffeLmdbError, InputError, InputNotFoundError, MigrationError
 from .files import default_keys_path
+from .foreign_values import foreign_kind
 from .formats import sniff_image_format
 from .keys import make_key
 from .labels import label_fields, short_repr
+from .layout_migration import LayoutMigrateResult, layout_reader, migrate_layout
+from .layouts import Layout
 from .legacy_records import (
     TOO_DEEP,
     LegacyRecord,
@@ -208,8 +211,18 @@ def migrate(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool | None = None,
-) -> MigrateResult:
-    """Rewrite a pickle/msgpack LMDB (Efficient-PyTorch `folder2lmdb`, `LMDB_Image`) as a Datum LMDB.
+    *,
+    layout: str | Layout | None = None,
+    targets: str = "auto",
+    image: int | None = None,
+    workers: int | None = None,
+) -> MigrateResult | LayoutMigrateResult:
+    """Rewrite a pickle/msgpack LMDB (Efficient-PyTorch `folder2lmdb`, `LMDB_Image`), or any layout, as Datums.
+
+    An LMDB of pickle/msgpack records takes the path described here. Any other LMDB a read
+    layout recognises (LSUN, ...: `reader.LAYOUTS`, Caffe's own excepted), or any LMDB given
+    `layout`, goes to `layout_migration.migrate_layout`, whose rules say how each image and
+    target is kept (`targets`, `image`, `workers` apply there only).
 
     Record i of the old order (its `__keys__`, or cursor order without one) gets the key
     `"%08d_%s" % (i, old_key)`; meta records are dropped and the keys go to the `.npy` keys file.
@@ -240,6 +253,17 @@ def migrate(
     old, new = Path(old), Path(new)
     if not old.exists():
         raise InputNotFoundError(f"{old}: LMDB not found")
+    if layout is not None or not _holds_legacy_records(old):
+        reader = layout_reader(old, layout)
+        if reader is not None:
+            return migrate_layout(reader, new, keys_path=keys_path, overwrite=overwrite, dry_run=dry_run,
+                                  progress=progress, targets=targets, image=image, workers=workers)
+    return _migrate_records(old, new, keys_path, overwrite=overwrite, dry_run=dry_run, progress=progress)
+
+
+def _migrate_records(old: Path, new: Path, keys_path: str | Path | None, *, overwrite: bool, dry_run: bool,
+                     progress: bool | None) -> MigrateResult:
+    """`migrate` of pickle/msgpack records (this module's path)."""
     if new.exists() and new.resolve() == old.resolve():
         raise InputError(f"{new}: the output must not be the LMDB being migrated")
     keys_path = Path(keys_path) if keys_path is not None else default_keys_path(new)
@@ -297,6 +321,18 @@ def migrate(
         result.written, result.bytes_written = len(out.keys), out.bytes_written
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _holds_legacy_records(old: Path) -> bool:
+    """Whether `old` has the recipes' meta keys or a pickle/msgpack/pyarrow first value (this module's path)."""
+    try:
+        with open_readonly(old) as env, begin_read(env, buffers=True) as txn:
+            if any(get_value(txn, key, old) is not None for key in META_KEYS):
+                return True
+            cursor = txn.cursor()
+            return bool(cursor.first()) and foreign_kind(cursor.value()) is not None
+    except CaffeLmdbError:
+        return True  # this module's path says what is wrong with it
 
 
 def _legacy(obj: Any, where: str) -> LegacyRecord:

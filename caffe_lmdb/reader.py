@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,18 @@ class LayoutReader(LmdbHandle):
             KeysFileError: a key of the sample is not in the LMDB.
             DatumError: a value does not decode as the layout says, naming the LMDB and the key.
         """
+        return self._through(self.layout.decode, index)
+
+    def stored(self, index: int) -> tuple[tuple[bytes | np.ndarray, ...], Any]:
+        """Sample `index` as the LMDB stores it (`Layout.stored`: encoded bytes or pixels, and the target).
+
+        Raises:
+            KeysFileError, DatumError: as `read`.
+        """
+        return self._through(self.layout.stored, index)
+
+    def _through(self, call: Callable[[Sequence[Any]], Any], index: int) -> Any:
+        """`call(values)` on sample `index`'s values, with missing keys and bad values named."""
         keys = self.sample_keys(index)
         with self.environment().begin(buffers=True) as txn:
             values = [get_value(txn, key, self.root) for key in keys]
@@ -341,7 +353,7 @@ class LayoutReader(LmdbHandle):
                     raise KeysFileError(f"{self.root}: key {bytes(key)!r} is not in the LMDB "
                                         f"(sample {index} of the {self.layout.name} layout)")
             try:
-                return self.layout.decode(values)
+                return call(values)
             except (DatumError, ValueError) as exc:
                 key = keys[exc.position] if isinstance(exc, ValueAtError) else keys[0]
                 raise DatumError(f"{self.root}: key {bytes(key)!r}: {exc}") from None

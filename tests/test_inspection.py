@@ -217,3 +217,68 @@ def test_verify_decode_on_hostile_payloads_names_the_key_never_a_traceback(hosti
     findings = [line for line in result.stdout.splitlines() if "key b'" in line]
     assert findings == [f"{broken}: {NO_IDAT_KEY}: cannot decode image bytes (45 bytes): "
                         "PNG has no image data (no IDAT chunk)"], result.stdout
+
+
+# --------------------------------------------------------------------------- other layouts (LSUN, a test layout)
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_info_on_lsun_says_the_layout_samples_formats_sizes_and_targets(tmp_path, rng, fmt, capsys):
+    from test_lmdb_dataset import make_lsun
+
+    make_lsun(tmp_path / "church_outdoor_train_lmdb", 12, rng, fmt)
+    result = info(tmp_path / "church_outdoor_train_lmdb")
+    assert result.samples == 12 and result.scanned == 12 and result.formats == {fmt: 12}
+    assert result.targets == {"str": 12} and result.examples == ["church_outdoor"] and result.invalid == 0
+    assert sum(result.shapes.values()) == 12 and {shape[2] for shape in result.shapes} == {9}
+    assert main(["info", str(tmp_path / "church_outdoor_train_lmdb")]) == 0
+    out = capsys.readouterr().out
+    assert "12 samples (12 LMDB entries), layout lsun (encoded images" in out and f"{fmt} 12" in out
+    assert main(["info", str(tmp_path / "church_outdoor_train_lmdb"), "--json", "--sample", "5"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 12 and summary["scanned"] == 5 and summary["targets"] == {"str": 5}
+
+
+def test_verify_reads_every_lsun_sample_and_names_each_bad_key(tmp_path, rng, capsys):
+    import lmdb
+    from test_lmdb_dataset import make_lsun
+
+    values = make_lsun(tmp_path / "bedroom_val_lmdb", 6, rng)
+    report = verify(tmp_path / "bedroom_val_lmdb")
+    assert report.ok and report.records == report.decoded == 6
+    bad = sorted(values)[3]
+    env = lmdb.open(str(tmp_path / "bedroom_val_lmdb"))
+    with env.begin(write=True) as txn:
+        txn.put(bad, values[bad][:40])  # a truncated JPEG
+    env.close()
+    assert main(["verify", str(tmp_path / "bedroom_val_lmdb"), "-q"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and f"key {bad!r}" in out[0] and out[1].endswith("1 problems")
+
+
+def test_verify_of_a_layout_whose_count_points_at_absent_keys_names_them(tmp_path, rng):
+    import lmdb
+    from test_layout_migration import OcrLayout, make_ocr
+
+    make_ocr(tmp_path / "ocr.lmdb", ["a", "b", "c", "d"], rng)
+    env = lmdb.open(str(tmp_path / "ocr.lmdb"))
+    with env.begin(write=True) as txn:
+        txn.delete(b"txt-00001")
+        txn.delete(b"img-00003")
+        txn.put(b"pad1", b"x")
+        txn.put(b"pad2", b"x")
+    env.close()
+    report = verify(tmp_path / "ocr.lmdb", layout=OcrLayout())
+    assert report.records == 4 and report.decoded == 2
+    assert [why.split(" is not")[0] for _, why in report.problems] == ["key b'txt-00001'", "key b'img-00003'"]
+    result = info(tmp_path / "ocr.lmdb", layout=OcrLayout())
+    assert result.samples == 4 and result.invalid == 2 and result.targets == {"str": 2}
+
+
+def test_info_and_verify_with_an_unknown_or_wrong_layout_say_one_line(tmp_path, rng):
+    from test_lmdb_dataset import make_lsun
+
+    make_lsun(tmp_path / "tower_val_lmdb", 2, rng)
+    result = run_cli("verify", tmp_path / "tower_val_lmdb", "--layout", "nope")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "unknown layout 'nope'" in result.stderr
+    result = run_cli("info", tmp_path / "tower_val_lmdb", "--layout", "datum")
+    assert "Traceback" not in result.stderr and result.returncode != 0
