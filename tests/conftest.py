@@ -184,7 +184,8 @@ def kill_when_temporary_reaches(cmd: list[str], folder: Path, output: str, size:
         except FileNotFoundError:  # the temporary was renamed or removed between glob and stat
             pass
         time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # once poll() has reaped it, its pid may be gone (ProcessLookupError) or reused
+        os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     return proc
 
