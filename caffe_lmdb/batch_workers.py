@@ -31,11 +31,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from .dataset import LmdbDataset_train
-from .datum import DatumView, RawRecordLayout, parse_datum_view, record_planes
-from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, LoaderError, TransformError
+from .batch_sources import LayoutSource, Record, error_cause, named_error, record_source
+from .datum import DatumView, record_planes
+from .errors import CaffeLmdbError, DatumError, InputError, LoaderError, TransformError
 from .reader import PartIndex
-from .safe_lmdb import get_value
 from .transform import CaffeTransform
 from .workers import start_processes
 
@@ -84,9 +83,6 @@ def missing_methods(transform: Any) -> list[str]:
 
 # --------------------------------------------------------------------------- reading one batch
 
-#: `_read`'s value of a record not looked up yet.
-_LOOK_UP = object()
-
 @dataclass(frozen=True)
 class SlotLayout:
     """Where a batch's images, labels and per-sample params lie in a slot; slots are page-aligned.
@@ -134,13 +130,17 @@ class SlotLayout:
 class BatchMaker:
     """Fills a batch slot from dataset indices: what the main process (num_workers=0) and every worker run.
 
-    Picklable for spawned workers: the datasets pickle without their environments (each process
-    opens its own, see `LmdbDataset_train`), and the transform must pickle too.
+    Each part reads its samples through its record source (`batch_sources`: Caffe Datums with the
+    raw fast path, or another layout with int labels); the crop, mirror and mean are the same for
+    all. Picklable for spawned workers: the datasets pickle without their environments (each
+    process opens its own, see `LmdbDataset_train`), and the transform must pickle too.
     """
 
-    def __init__(self, parts: list[LmdbDataset_train], transform: BatchTransform | None, seed: int,
+    def __init__(self, parts: list[Any], transform: BatchTransform | None, seed: int,
                  output: Output, sample_shape: tuple[int, int, int]) -> None:
         self.parts = parts
+        #: Per part: how its samples are read (`batch_sources.record_source`).
+        self.sources = [record_source(part) for part in parts]
         self.index = PartIndex([len(part) for part in parts])  # where a dataset index lies among the parts
         self.transform = transform
         self.seed = seed
@@ -148,16 +148,25 @@ class BatchMaker:
         self.sample_shape = sample_shape
         self._one_pass = output == "float32" and transform is not None
         self._scratch: np.ndarray | None = None  # the uint8 crops of a float32 batch, before normalize
-        # Raw records skip the full parse only where reading them is known to be plain: Caffe's own
-        # decoding (a custom transform may treat raw records its own way).
-        self._raw_fast_path = transform is None or type(transform) is CaffeTransform
-        self._layouts: dict[int, RawRecordLayout] = {}  # per part: the layout of its raw records, once seen
+        #: Raw records skip the full parse only where reading them is known to be plain: Caffe's own
+        #: decoding (a custom transform may treat raw records its own way).
+        self.raw_fast_path = transform is None or type(transform) is CaffeTransform
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_scratch": None, "_layouts": {}}
+        return {**self.__dict__, "_scratch": None}
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def check_targets(self) -> None:
+        """Refuse, in one line, a layout part whose targets are not int labels (its first sample's, read now).
+
+        Raises:
+            InputError: naming the LMDB and what its targets are ("crnn targets are text: ...").
+        """
+        for source in self.sources:
+            if isinstance(source, LayoutSource):
+                source.check_target()
 
     def describe(self, index: int) -> str:
         """`LMDB: key b'...' (index i)`: where a dataset index is read from."""
@@ -165,20 +174,16 @@ class BatchMaker:
             part, local = self.index.locate(index)
         except IndexError as exc:
             return str(exc)
-        dataset = self.parts[part]
-        return f"{dataset.root}: key {bytes(dataset.keys[local])!r} (index {index})"
+        return f"{self.parts[part].root}: key {self.sources[part].key(local)!r} (index {index})"
 
     def first_pixels_shape(self) -> tuple[int, int, int]:
         """The C x H x W of the first record (decoded if encoded): what fixes the batch shape."""
-        number, dataset = next((i, part) for i, part in enumerate(self.parts) if len(part))
-        key = dataset.reader.keys[0]
-        env = dataset.reader.environment()
-        with env.begin(buffers=True) as txn:
-            value = get_value(txn, key, dataset.root)
-            if value is None:
-                raise KeysFileError(f"{dataset.root}: key {bytes(key)!r} is not in the LMDB")
+        number, source = next((i, source) for i, source in enumerate(self.sources) if len(source))
+        dataset = source.dataset
+        with dataset.reader.environment().begin(buffers=True) as txn:
+            key, pixels = source.first_pixels(txn, self)  # a missing key: KeysFileError naming the LMDB and key
             try:
-                shape = tuple(self._decode(parse_datum_view(value)).shape)
+                shape = tuple(pixels().shape)
                 if self.transform is not None:  # crop bigger than the record, mean of another size
                     self.transform.check_shape(*shape)
                 return shape
@@ -203,17 +208,8 @@ class BatchMaker:
             pixels_out = self._scratch
         for part, positions, locals_, part_indices in self.index.group(indices):
             dataset = self.parts[part]
-            reader = dataset.reader
-            env = reader.environment()
-            keys = [reader.keys[local] for local in locals_]
-            with env.begin(buffers=True) as txn:
-                if dataset.prefetch and len(locals_) > 1:  # every key looked up (once) before any record is read
-                    values = [get_value(txn, key, dataset.root) for key in keys]
-                    reader.prefetch_values(values)
-                else:
-                    values = [_LOOK_UP] * len(keys)
-                records = [self._read(txn, part, dataset, key, value, index)
-                           for key, value, index in zip(keys, values, part_indices, strict=True)]
+            with dataset.reader.environment().begin(buffers=True) as txn:
+                records = self.sources[part].records(txn, locals_, part_indices, self)
                 draws = self._draws(records, part_indices, epoch, dataset)
                 copy = self._copy
                 for position, index, (key, _, pixels), draw in zip(positions, part_indices, records, draws,
@@ -221,7 +217,7 @@ class BatchMaker:
                     try:
                         copy(pixels, pixels_out[position], draw)
                     except Exception as exc:
-                        raise _named(exc, dataset, key, index) from _cause(exc)
+                        raise named_error(exc, dataset, key, index) from error_cause(exc)
             labels[positions] = [label for _, label, _ in records]
             params[positions] = draws
         if pixels_out is not images:
@@ -235,38 +231,12 @@ class BatchMaker:
                 raise LoaderError(f"{self.describe(int(indices[0]))}: normalizing the batch of {count} from it "
                                   f"failed: {type(exc).__name__}: {exc}") from exc
 
-    def _read(self, txn: Any, part: int, dataset: LmdbDataset_train, key: Any, value: Any,
-              index: int) -> tuple[Any, int, np.ndarray]:
-        """(key, label, C x H x W pixels) of one record: a view on the memory map, or decoded.
-
-        Raw uint8 records of the shape the part's first one had are read through its
-        `RawRecordLayout` (no full parse, no repeated checks); any other record is parsed and
-        checked in full.
-        """
-        if value is _LOOK_UP:
-            value = get_value(txn, key, dataset.root)  # names the LMDB and the key itself
-        if value is None:
-            raise KeysFileError(f"{dataset.root}: key {bytes(key)!r} (index {index}) is not in the LMDB")
-        layout = self._layouts.get(part)
-        if layout is not None:
-            hit = layout.read(value)
-            if hit is not None:
-                return key, hit[1], np.frombuffer(hit[0], np.uint8).reshape(layout.shape)
-        try:
-            view = parse_datum_view(value)
-            pixels = self._decode(view)
-            self._check(pixels)
-        except Exception as exc:
-            raise _named(exc, dataset, key, index) from _cause(exc)
-        if layout is None and self._raw_fast_path and not view.encoded and pixels.dtype == np.uint8:
-            self._layouts[part] = RawRecordLayout(*pixels.shape)
-        return key, view.label, pixels
-
-    def _decode(self, view: DatumView) -> np.ndarray:
+    def decode(self, view: DatumView) -> np.ndarray:
         """A record's C x H x W pixels: as the transform decodes them (force_color, force_gray), or as Caffe does."""
         return record_planes(view) if self.transform is None else self.transform.record_pixels(view)
 
-    def _check(self, pixels: np.ndarray) -> None:
+    def check(self, pixels: np.ndarray) -> None:
+        """Refuse pixels that do not make a sample of this loader's shape and output (a DatumError)."""
         channels, height, width = pixels.shape
         transform = self.transform
         shape = (channels, height, width) if transform is None else transform.output_shape(channels, height, width)
@@ -279,8 +249,7 @@ class BatchMaker:
             raise DatumError("a float record (float_data) can only be loaded as float32"
                              + ("" if self.output == "float32" else ": use output='float32'"))
 
-    def _draws(self, records: list[tuple[Any, Any, np.ndarray]], indices: list[int], epoch: int,
-               dataset: LmdbDataset_train) -> np.ndarray:
+    def _draws(self, records: list[Record], indices: list[int], epoch: int, dataset: Any) -> np.ndarray:
         """Each record's (h_off, w_off, mirror): the transform's `params`, drawn for all at once when it can."""
         draws = np.zeros((len(records), 3), np.int64)
         transform = self.transform
@@ -293,13 +262,13 @@ class BatchMaker:
         except TransformError:
             pass  # a record smaller than the crop: drawn one at a time below, to name it
         except Exception as exc:
-            raise _named(exc, dataset, records[0][0], indices[0], f"drawing the crops of the batch of "
-                                                                  f"{len(records)} from it") from _cause(exc)
+            raise named_error(exc, dataset, records[0][0], indices[0], f"drawing the crops of the batch of "
+                                                                  f"{len(records)} from it") from error_cause(exc)
         for row, (height, width, index) in enumerate(zip(heights.tolist(), widths.tolist(), indices, strict=True)):
             try:
                 h_off, w_off, mirror = transform.params(height, width, self.seed, epoch, index)
             except Exception as exc:
-                raise _named(exc, dataset, records[row][0], index) from _cause(exc)
+                raise named_error(exc, dataset, records[row][0], index) from error_cause(exc)
             draws[row] = (h_off, w_off, int(bool(mirror)))
         return draws
 
@@ -313,20 +282,6 @@ class BatchMaker:
             self.transform.transform_into(pixels, out, h_off, w_off, mirror)
         else:
             self.transform.crop_into(pixels, out, h_off, w_off, mirror)
-
-
-def _named(exc: BaseException, dataset: LmdbDataset_train, key: Any, index: int, doing: str = "") -> CaffeLmdbError:
-    """An error met on one record (or `doing` something from it), as one line naming the LMDB, the key and the index."""
-    where = f"{dataset.root}: key {bytes(key)!r} (index {index})" + (f": {doing} failed" if doing else "")
-    if isinstance(exc, CaffeLmdbError):
-        return type(exc)(f"{where}: {exc}")
-    return LoaderError(f"{where}: {type(exc).__name__}: {exc}")
-
-
-def _cause(exc: BaseException) -> BaseException | None:
-    """What `_named`'s error is raised from: nothing for our own errors (the message says it all), else the
-    original exception, whose traceback shows the bug in a transform."""
-    return None if isinstance(exc, CaffeLmdbError) else exc
 
 
 # --------------------------------------------------------------------------- shared memory and workers

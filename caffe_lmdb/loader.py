@@ -61,6 +61,7 @@ from .batch_workers import (
 )
 from .dataset import LmdbDataset_train
 from .errors import InputError, LmdbFormatError, LoaderError
+from .lmdb_dataset import LmdbDataset
 from .tool_reading import keys_file_for
 
 _OUTPUTS = ("float32", "uint8")
@@ -68,8 +69,20 @@ _OUTPUTS = ("float32", "uint8")
 
 # --------------------------------------------------------------------------- reading one batch
 
-def _parts(source: Any) -> list[LmdbDataset_train]:
-    """The `LmdbDataset_train`s of a source, in index order: `ds1 + ds2` (nested too) is flattened."""
+def _parts(source: Any) -> list[LmdbDataset_train | LmdbDataset]:
+    """The datasets of a source, in index order: `ds1 + ds2` and `open_tree`'s trees (nested too) are flattened.
+
+    `LmdbDataset_train`s are read as Caffe Datums; `LmdbDataset`s through their layout (int
+    labels only: `BatchMaker.check_targets`).
+    """
+    if isinstance(source, LmdbDataset):
+        for name in ("transform", "target_transform"):
+            if getattr(source, name) is not None:
+                raise InputError(
+                    f"{source.root}: CaffeLoader reads the records itself; a dataset with a {name} would be "
+                    f"ignored: create it without one (give the crop and mean to CaffeLoader's transform)"
+                )
+        return [source]
     if isinstance(source, LmdbDataset_train):
         for name in ("transform", "target_transform", "mode"):
             if getattr(source, name) is not None:
@@ -87,7 +100,7 @@ def _parts(source: Any) -> list[LmdbDataset_train]:
     if isinstance(source, Sequence) and source:
         return [part for item in source for part in _parts(item)]
     raise TypeError(
-        "source must be an LMDB path, a list of them, or an LmdbDataset_train (or a sum of them), "
+        "source must be an LMDB path, a list of them, or an LmdbDataset_train or LmdbDataset (or a sum of them), "
         f"got {type(source).__name__}"
     )
 
@@ -95,7 +108,7 @@ def _parts(source: Any) -> list[LmdbDataset_train]:
 # --------------------------------------------------------------------------- the loader
 
 class CaffeLoader:
-    """Batches `(images, labels)` from Caffe Datum LMDBs, as Caffe's data layer makes them, for training.
+    """Batches `(images, labels)` from Caffe Datum (or other int-labelled image) LMDBs, as Caffe's data layer does.
 
     `images` is B x C x h x w in Datum channel order (BGR for colour, as Caffe's blob; RGB with
     `CaffeTransform(rgb=True)`), `labels` is B int64. With a transform
@@ -118,8 +131,10 @@ class CaffeLoader:
     the epoch only.
 
     Args:
-        source: an LMDB path, a list of them, or an `LmdbDataset_train` (or a `+` of them) made
-            without a transform.
+        source: an LMDB path (Caffe Datums), a list of them, an `LmdbDataset_train`, an
+            `LmdbDataset` of any layout whose targets are int labels (the image is read as a
+            Datum holding it would be: the same batches), a `+` of these, or an `open_tree`;
+            each made without a transform.
         batch_size: samples per batch.
         transform: the crop, mirror, mean and scale (see `BatchTransform`); None loads records whole.
         sampler: the indices to load, in order (e.g. `DistributedSampler`, `BlockShuffleSampler`).
@@ -206,6 +221,7 @@ class CaffeLoader:
         maker = BatchMaker(self.parts, transform, seed, output, (0, 0, 0))
         if not len(maker):
             raise LmdbFormatError(f"{self.parts[0].root}: no records to load")
+        maker.check_targets()  # a layout of text (or no) targets: one line now, not at the first batch
         first = maker.first_pixels_shape()
         #: C x h x w of every sample: the first record's, cropped by the transform.
         self.sample_shape = first if transform is None else tuple(transform.output_shape(*first))
@@ -391,7 +407,7 @@ class CaffeLoader:
         return "\n".join([f"Loader {type(self).__name__}"] + ["    " + line for line in lines])
 
 
-def _concat(parts: list[LmdbDataset_train]) -> Any:
+def _concat(parts: list[LmdbDataset_train | LmdbDataset]) -> Any:
     from .dataset import LmdbConcatDataset
 
     return LmdbConcatDataset(parts)

@@ -306,7 +306,7 @@ def test_a_record_smaller_than_the_crop_is_named_by_its_key(tmp_path, clean):
 
 
 def test_each_key_is_looked_up_once_per_batch(data, monkeypatch):
-    import caffe_lmdb.batch_workers
+    import caffe_lmdb.batch_sources
     import caffe_lmdb.dataset
     from caffe_lmdb.safe_lmdb import get_value
 
@@ -318,7 +318,7 @@ def test_each_key_is_looked_up_once_per_batch(data, monkeypatch):
             looked_up.append(bytes(key))
             return get_value(txn, key, root)
 
-        monkeypatch.setattr(caffe_lmdb.batch_workers, "get_value", counted)
+        monkeypatch.setattr(caffe_lmdb.batch_sources, "get_value", counted)
         monkeypatch.setattr(caffe_lmdb.dataset, "get_value", counted)
         assert len(run(loader)) == -(-COUNT // BATCH)
         assert sorted(looked_up) == sorted(bytes(key) for key in loader.dataset.keys)
