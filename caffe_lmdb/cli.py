@@ -352,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the records back as image files in class folders, plus a Caffe list file",
         description="Write every record to OUT_DIR/<class>/<name> (PNG for raw records, the stored bytes for "
         "encoded ones) and OUT_DIR/list.txt, from which `convert --list` rebuilds identical Datums. Names come "
-        "from the keys, sanitised so that nothing lands outside OUT_DIR. "
-        "Example: caffe-lmdb export img/train.lmdb exported/",
+        "from the keys, sanitised so that nothing lands outside OUT_DIR. An LMDB of another layout (LSUN, CRNN, ...) "
+        "is exported sample by sample: stored images as they are, labels by migrate's rule, OCR texts in "
+        "OUT_DIR/texts.txt. Example: caffe-lmdb export img/train.lmdb exported/",
     )
     p.add_argument("lmdb", metavar="LMDB", help="the LMDB to export")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write into (created if needed)")
@@ -370,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         "grid",
         help="save a contact sheet of random records with their labels",
         description="Draw N random records in a grid, each captioned with its label (and class name when "
-        "<stem>_classes.txt is there): the quickest way to spot BGR/RGB or label mistakes. "
+        "<stem>_classes.txt is there): the quickest way to spot BGR/RGB or label mistakes. Any other layout "
+        "(LSUN, CRNN, ...) shows its samples captioned with their targets, an unreadable one as a broken tile. "
         "Example: caffe-lmdb grid img/train.lmdb -o samples.png --n 16",
     )
     p.add_argument("lmdb", metavar="LMDB", help="the LMDB to sample")
