@@ -148,7 +148,8 @@ def cmd_mean(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the records back as image files plus a list file with `export.export`."""
-    result = export(args.lmdb, args.out_dir, overwrite=args.overwrite, progress=False if args.quiet else None)
+    result = export(args.lmdb, args.out_dir, overwrite=args.overwrite, progress=False if args.quiet else None,
+                    layout=args.layout, image=args.image)
     for line in result.report_lines(args.lmdb):
         print(line)
     print(result)
@@ -156,9 +157,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    """Save a contact sheet of random records with `grid_sheet.grid`."""
-    print(grid(args.lmdb, args.output, n=args.n, seed=args.seed, keys_path=args.keys, tile=args.tile))
-    return EXIT_OK
+    """Save a contact sheet of random records with `grid_sheet.grid`; exit 1 if a sample was drawn broken."""
+    result = grid(args.lmdb, args.output, n=args.n, seed=args.seed, keys_path=args.keys, tile=args.tile,
+                  layout=args.layout)
+    for line in result.problems:
+        print(line)
+    print(result)
+    return EXIT_PROBLEMS if result.problems else EXIT_OK
 
 
 def cmd_loader(args: argparse.Namespace) -> int:
@@ -347,12 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the records back as image files in class folders, plus a Caffe list file",
         description="Write every record to OUT_DIR/<class>/<name> (PNG for raw records, the stored bytes for "
         "encoded ones) and OUT_DIR/list.txt, from which `convert --list` rebuilds identical Datums. Names come "
-        "from the keys, sanitised so that nothing lands outside OUT_DIR. "
-        "Example: caffe-lmdb export img/train.lmdb exported/",
+        "from the keys, sanitised so that nothing lands outside OUT_DIR. An LMDB of another layout (LSUN, CRNN, ...) "
+        "is exported sample by sample: stored images as they are, labels by migrate's rule, OCR texts in "
+        "OUT_DIR/texts.txt. Example: caffe-lmdb export img/train.lmdb exported/",
     )
     p.add_argument("lmdb", metavar="LMDB", help="the LMDB to export")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write into (created if needed)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in OUT_DIR")
+    p.add_argument("--layout", metavar="NAME", help=f"read the LMDB as this layout (default: detected; known: "
+                   f"{', '.join(x.name for x in LAYOUTS)}); layouts other than datum: each sample's stored image, "
+                   "list labels by migrate's rule, OCR texts in OUT_DIR/texts.txt")
+    p.add_argument("--image", type=int, metavar="INDEX",
+                   help="for layouts holding several images per sample (pairs): export image INDEX of each")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
@@ -360,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         "grid",
         help="save a contact sheet of random records with their labels",
         description="Draw N random records in a grid, each captioned with its label (and class name when "
-        "<stem>_classes.txt is there): the quickest way to spot BGR/RGB or label mistakes. "
+        "<stem>_classes.txt is there): the quickest way to spot BGR/RGB or label mistakes. Any other layout "
+        "(LSUN, CRNN, ...) shows its samples captioned with their targets, an unreadable one as a broken tile. "
         "Example: caffe-lmdb grid img/train.lmdb -o samples.png --n 16",
     )
     p.add_argument("lmdb", metavar="LMDB", help="the LMDB to sample")
@@ -369,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; same seed, same records)")
     p.add_argument("--tile", type=positive_int, default=128, metavar="PX", help="tile side in pixels (default 128)")
     p.add_argument("--keys", metavar="FILE.npy", help=keys_help)
+    p.add_argument("--layout", metavar="NAME", help=f"read the LMDB as this layout (default: detected; known: "
+                   f"{', '.join(x.name for x in LAYOUTS)}); layouts other than datum: samples captioned with their "
+                   "targets, an unreadable one drawn as a broken tile and listed (exit 1)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser(

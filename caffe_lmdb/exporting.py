@@ -22,6 +22,15 @@ other special file there stops the export: see `files.write_bytes_atomic`).
 The list file is written last, after the images are on disk, so its presence means the export
 is complete; a run that stopped before it (a full disk, Ctrl-C, `kill -9`) is continued by
 running the same command again: files that already hold what the export writes are kept.
+
+An LMDB of another layout (LSUN, CRNN, ...: `reader.LAYOUTS`, detected as `info` detects it, or
+`layout=`) is exported sample by sample, in the layout's order, by the same rules: each sample's
+stored image (`Layout.stored`) as its bytes unchanged (the extension from its format) or, for
+stored pixels, a PNG; names from the sample's first key as `migrate` names records
+(`keys.sample_key`); targets by `migrate`'s rule, as list labels: an int (or numbers) is the
+label, None label 0, a class name (LSUN's category) the class's number in order of first
+appearance and its folder, and free text (OCR) label 0 with the text in `texts.txt`, line i for
+list line i (`text_targets` escaping). A pair (low/high quality) needs `image` to pick a side.
 """
 
 from __future__ import annotations
@@ -34,8 +43,10 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .datum import (
     DatumView,
@@ -45,14 +56,23 @@ from .datum import (
     parse_datum_view,
     read_encoded_header,
 )
-from .errors import DatumError, ExportError, InputError, describe_os_error
+from .errors import DatumError, ExportError, InputError, KeysFileError, describe_os_error
 from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .formats import ENCODE_FORMATS, suffix_for
+from .inspection import open_layout_reader, tool_layout
+from .keys import sample_key
+from .labels import sample_targets, short_repr
+from .layouts import Layout
 from .progress import progress_bar
+from .reader import LayoutReader
+from .text_targets import texts_file_bytes
 from .tool_reading import class_names, format_key, iter_values, label_name, read_txn
 
 #: The list file `export` writes in OUT_DIR.
 LIST_NAME = "list.txt"
+
+#: The text targets (OCR labels) an export of such a layout writes in OUT_DIR, line i for list line i.
+TEXTS_NAME = "texts.txt"
 
 #: Characters never put in a file name: path separators, controls, and what Windows refuses.
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
@@ -88,6 +108,8 @@ class ExportResult:
             `--gray`), or None when the records are too mixed for any one conversion, or of a
             kind `convert` does not write (float pixels, 4 channels).
         kinds: the kinds of record exported, sorted: "encoded", "float", "raw<C>" (C channels).
+        layout: for an LMDB of another layout than Caffe's Datums, its description (`Layout.describe`).
+        texts_path: the texts file written (text targets), else None.
     """
 
     out_dir: Path
@@ -101,6 +123,8 @@ class ExportResult:
     inexact: list[tuple[bytes | None, str]] = field(default_factory=list)
     convert_flags: list[str] | None = None
     kinds: tuple[str, ...] = ()
+    layout: str | None = None
+    texts_path: Path | None = None
 
     def report_lines(self, lmdb_path: str | os.PathLike) -> list[str]:
         """One line per record not exported, then one per record that will not convert back identically."""
@@ -116,6 +140,8 @@ class ExportResult:
         return " ".join(["caffe-lmdb convert", *self.convert_flags, "--list", str(self.list_path), output])
 
     def __str__(self) -> str:
+        if self.layout is not None:
+            return self._layout_summary()
         lines = [
             f"{self.out_dir}: {self.written} records exported ({self.raw} raw as PNG, {self.encoded} encoded "
             f"as stored), {self.bytes_written / 2**20:.1f} MiB; list file {self.list_path}"
@@ -131,6 +157,26 @@ class ExportResult:
             lines.append(f"  {len(self.inexact)} records will not convert back identically (listed above)")
         if self.problems:
             lines.append(f"  {len(self.problems)} records could not be exported (listed above)")
+        return "\n".join(lines)
+
+    def _layout_summary(self) -> str:
+        """A layout export's summary: samples, where their texts went, the `convert` making Datums of them."""
+        lines = [
+            f"{self.out_dir}: {self.written} samples exported from {self.layout.split(' ')[0]} layout ({self.raw} "
+            f"stored pixels as PNG, {self.encoded} encoded as stored), {self.bytes_written / 2**20:.1f} MiB; "
+            f"list file {self.list_path}"
+        ]
+        if self.texts_path is not None:
+            lines.append(f"  text targets: {self.texts_path} (line i for list line i; the list's labels are 0)")
+        if self.kept:
+            lines.append(f"  {self.kept} files were already there with the same bytes (an earlier export's) and kept")
+        command = self.convert_command()
+        if command is not None:
+            lines.append(f"  a Datum LMDB of them: {command} (or migrate the LMDB itself)")
+        if self.inexact:
+            lines.append(f"  {len(self.inexact)} samples will not convert back identically (listed above)")
+        if self.problems:
+            lines.append(f"  {len(self.problems)} samples could not be exported (listed above)")
         return "\n".join(lines)
 
 
@@ -188,15 +234,21 @@ def _encoded_suffix(name: str, fmt: str) -> str:
 
 def _target_columns(datum: DatumView) -> tuple[list[str], str | None]:
     """The list columns after the path (label, then targets) and, if they lose something, why."""
-    floats = datum.float_data
-    if not len(floats) or (not datum.encoded and not datum.data):  # no targets, or float pixels
+    if not datum.encoded and not datum.data:  # float pixels: float_data is the image, not targets
         return [str(datum.label)], None
-    if len(floats) < 2 or floats[0] != datum.label or not np.all(np.isfinite(floats)):
-        return [str(datum.label)], (
+    return _number_columns(datum.label, datum.float_data)
+
+
+def _number_columns(label: int, floats: np.ndarray) -> tuple[list[str], str | None]:
+    """A label and its float targets (float32) as list columns and, if a list cannot hold them, why."""
+    if not len(floats):
+        return [str(label)], None
+    if len(floats) < 2 or floats[0] != label or not np.all(np.isfinite(floats)):
+        return [str(label)], (
             f"float_data {floats.tolist()[:4]} cannot be list columns (convert writes all of a line's numbers, "
             "the first being the integer label)"
         )
-    return [str(datum.label), *(str(value) for value in floats[1:])], None
+    return [str(label), *(str(value) for value in floats[1:])], None
 
 
 class _Names:
@@ -221,6 +273,8 @@ def export(
     *,
     overwrite: bool = False,
     progress: bool | None = None,
+    layout: str | Layout | None = None,
+    image: int | None = None,
 ) -> ExportResult:
     """Write every record of an LMDB to `out_dir/<class>/<name>` and a Caffe list file `out_dir/list.txt`.
 
@@ -242,38 +296,34 @@ def export(
         out_dir: the folder to write into (created if needed).
         overwrite: replace existing files; without it an existing file that differs stops the export.
         progress: show a progress bar (default: when stderr is a terminal).
+        layout: read the LMDB as this layout (default: detected, as `info` does). Any layout but
+            Caffe's Datums goes to `export_layout`.
+        image: for a layout holding several images per sample (a pair), which one to export.
 
     Returns:
         What was written, what could not be, and the `convert` flags that rebuild the LMDB.
 
     Raises:
-        LmdbFormatError: the path is not an LMDB.
+        LmdbFormatError: the path is not an LMDB, or not of the given layout.
         InputError: the list file, or a file to write with other content, exists and `overwrite`
-            is False.
+            is False; an unknown layout name; `image` missing for pairs, or given for single images.
         ExportError: a class folder is a symlink, or a file cannot be written (the message names
             it, e.g. on a full disk; re-running the command continues the export).
     """
+    other = tool_layout(lmdb_path, layout)
+    if other is not None:
+        return export_layout(open_layout_reader(lmdb_path, other), out_dir, overwrite=overwrite, progress=progress,
+                             image=image)
+    if image is not None:
+        raise InputError(f"{lmdb_path}: --image picks one image of a pair; Caffe Datums hold one image each")
     lmdb_path, out_dir = Path(lmdb_path), Path(out_dir)
-    list_path = out_dir / LIST_NAME
-    list_kind = output_target_kind(list_path)  # a folder or a refused special file fails before any work
-    if list_kind is not None and not overwrite:
-        raise InputError(f"{list_path}: already exists (pass --overwrite to replace it)")
+    result = ExportResult(out_dir=out_dir, list_path=out_dir / LIST_NAME)
+    output = _Output(result, overwrite)
     classes = class_names(lmdb_path)
-    result = ExportResult(out_dir=out_dir, list_path=list_path)
-    names = _Names()
-    folders: dict[str, dict[str, list[Path]]] = {}  # checked class folders -> their stale temporaries
-    kinds: set[str] = set()
     target_counts: set[int] = set()
-    lines: list[str] = []
     with read_txn(lmdb_path, readahead=True) as txn, \
             progress_bar(txn.stat()["entries"], lmdb_path.name, progress) as bar:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if list_kind == "replace":  # overwrite: no list of the old export may outlive its files
-                list_path.unlink()  # (a FIFO or device is written through at the end, never removed)
-        except OSError as exc:
-            raise ExportError(describe_os_error(exc, out_dir)) from None
-        root = out_dir.resolve()
+        output.create()
         for key, value in iter_values(txn):
             bar.update()
             try:
@@ -283,35 +333,204 @@ def export(
                 result.problems.append((key, str(exc)))
                 continue
             folder = safe_name(label_name(datum.label, classes) or str(datum.label), fallback=f"label_{datum.label}")
-            name = names.claim(folder, name)
-            target = out_dir / folder / name
-            if folder not in folders:
-                folders[folder] = _checked_folder(target.parent, root, out_dir, key)
-            try:
-                kept = _write(target, payload, overwrite)
-            except OSError as exc:
-                raise ExportError(_incomplete(exc, target, out_dir)) from None
-            _remove_stale(folders[folder].pop(name, ()))
             columns, target_loss = _target_columns(datum)
+            output.put(key, folder, name, payload, kind, columns)
             inexact = inexact or target_loss
             if inexact is not None:
                 result.inexact.append((key, inexact))
             target_counts.add(len(columns) - 1)
-            kinds.add(kind)
-            lines.append(f"{folder}/{name} {' '.join(columns)}\n")
-            result.written += 1
-            result.kept += kept
-            result.bytes_written += len(payload)
-            result.raw += kind != "encoded"
-            result.encoded += kind == "encoded"
     if len(target_counts) > 1:
         result.inexact.append((None, "records carry different numbers of float_data targets; convert keeps "
                                      "the smallest count on every line"))
-    result.kinds = tuple(sorted(kinds))
-    result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
-                            frozenset({"encoded"}): ["--encoded"]}.get(frozenset(kinds))
-    _write_list(list_path, lines, out_dir)
+    output.finish()
     return result
+
+
+class _Output:
+    """The files of one export: unique names, checked class folders, files written or kept, the list last.
+
+    Both exports (a Datum LMDB's records, another layout's samples) write through it, so both
+    keep the guarantees of the module docstring.
+    """
+
+    def __init__(self, result: ExportResult, overwrite: bool) -> None:
+        self.result, self.overwrite, self.out_dir = result, overwrite, result.out_dir
+        #: A folder or a refused special file at the list's name fails here, before any work.
+        self.list_kind = output_target_kind(result.list_path)
+        if self.list_kind is not None and not overwrite:
+            raise InputError(f"{result.list_path}: already exists (pass --overwrite to replace it)")
+        self.lines: list[str] = []
+        self.kinds: set[str] = set()
+        self._names = _Names()
+        self._folders: dict[str, dict[str, list[Path]]] = {}  # checked class folders -> their stale temporaries
+        self._root = self.out_dir
+
+    def create(self) -> None:
+        """Make the output folder; with `overwrite`, remove the old list first, so no list outlives its files."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.list_kind == "replace":  # (a FIFO or device is written through at the end, never removed)
+                self.result.list_path.unlink()
+        except OSError as exc:
+            raise ExportError(describe_os_error(exc, self.out_dir)) from None
+        self._root = self.out_dir.resolve()
+
+    def put(self, key: bytes, folder: str, name: str, payload: bytes, kind: str, columns: list[str]) -> None:
+        """Write one file to `folder/name` (made unique) and note its list line."""
+        name = self._names.claim(folder, name)
+        target = self.out_dir / folder / name
+        if folder not in self._folders:
+            self._folders[folder] = _checked_folder(target.parent, self._root, self.out_dir, key)
+        self.put_file(target, payload, self._folders[folder].pop(name, ()))
+        self.kinds.add(kind)
+        self.lines.append(f"{folder}/{name} {' '.join(columns)}\n")
+        result = self.result
+        result.written += 1
+        result.bytes_written += len(payload)
+        result.raw += kind != "encoded"
+        result.encoded += kind == "encoded"
+
+    def put_file(self, target: Path, payload: bytes, stale: Iterable[Path]) -> None:
+        """`payload` at `target` (kept when already there), then the temporaries a killed run left for it removed."""
+        try:
+            self.result.kept += _write(target, payload, self.overwrite)
+        except OSError as exc:
+            raise ExportError(_incomplete(exc, target, self.out_dir)) from None
+        _remove_stale(stale)
+
+    def finish(self) -> None:
+        """The kinds and `convert` flags of what was written, then the list file, last."""
+        result = self.result
+        result.kinds = tuple(sorted(self.kinds))
+        result.convert_flags = {frozenset({"raw3"}): [], frozenset({"raw1"}): ["--gray"],
+                                frozenset({"encoded"}): ["--encoded"]}.get(frozenset(self.kinds))
+        _write_list(result.list_path, self.lines, self.out_dir)
+
+
+def export_layout(
+    reader: LayoutReader,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    image: int | None = None,
+) -> ExportResult:
+    """`export` of an LMDB of another layout: every sample's stored image as a file, the list, the texts.
+
+    The rules are in the module docstring. A sample that cannot be read (a key the layout names is
+    missing, bytes that are not an image, a target of another kind than the first sample's) is
+    reported in `result.problems` with its first key, and the rest exported.
+
+    Raises:
+        InputError: as `export`; the first sample holds several images and `image` is None, or
+            holds no image `image`.
+        ExportError: as `export`.
+    """
+    out_dir = Path(out_dir)
+    result = ExportResult(out_dir=out_dir, list_path=out_dir / LIST_NAME, layout=reader.layout.describe())
+    output = _Output(result, overwrite)
+    texts_path = out_dir / TEXTS_NAME
+    output_target_kind(texts_path)  # a folder there fails before any work
+    _check_image_choice(reader, image)
+    targets = _LayoutTargets(reader.layout.class_targets, class_names(reader.root))
+    with progress_bar(len(reader), Path(reader.root).name, progress) as bar:
+        output.create()
+        for index in range(len(reader)):
+            bar.update()
+            key = bytes(reader.sample_keys(index)[0])
+            try:
+                images, target = reader.stored(index)
+                payload, name, kind, inexact = _stored_file(_one_image(images, image),
+                                                            key_file_stem(sample_key(index, key)))
+                folder, columns, target_loss = targets.place(target)
+            except (KeysFileError, DatumError, ValueError) as exc:
+                why = str(exc).removeprefix(f"{reader.root}: ").removeprefix(f"key {key!r}: ")
+                result.problems.append((key, why))
+                continue
+            output.put(key, folder, name, payload, kind, columns)
+            if inexact or target_loss:
+                result.inexact.append((key, inexact or target_loss))
+    if targets.mode == "texts":
+        result.texts_path = texts_path
+        output.put_file(texts_path, texts_file_bytes(targets.texts),
+                        _stale_temporaries(out_dir).get(TEXTS_NAME, ()))
+    output.finish()
+    return result
+
+
+def _check_image_choice(reader: LayoutReader, image: int | None) -> None:
+    """Refuse, before anything is written, a pair without `image` (or an `image` the first sample lacks).
+
+    Raises:
+        InputError: naming the LMDB and the choices.
+    """
+    if not len(reader):
+        return
+    try:
+        images, _ = reader.stored(0)
+    except (KeysFileError, DatumError):
+        return  # sample 0 is reported as a problem with the others
+    if image is None and len(images) > 1:
+        raise InputError(
+            f"{reader.root}: the {reader.layout.name} layout holds {len(images)} images per sample (a pair such as "
+            f"low and high quality); export one side with --image 0, --image 1{', ...' if len(images) > 2 else ''} "
+            "(each to a folder of its own)")
+    if image is not None and not 0 <= image < len(images):
+        raise InputError(f"{reader.root}: --image {image}: the samples of the {reader.layout.name} layout hold "
+                         f"{len(images)} image{'s' if len(images) > 1 else ''} (0..{len(images) - 1})")
+
+
+def _one_image(images: tuple[bytes | np.ndarray, ...], image: int | None) -> bytes | np.ndarray:
+    """The image of a sample to export: its only one, or image `image`.
+
+    Raises:
+        DatumError: the sample holds another number of images than the first.
+    """
+    if image is None and len(images) != 1:
+        raise DatumError(f"holds {len(images)} images, the first sample one")
+    position = image or 0
+    if not 0 <= position < len(images):
+        raise DatumError(f"holds {len(images)} images, so there is no image {position}")
+    return images[position]
+
+
+class _LayoutTargets:
+    """A layout's targets as list columns and class folders, by `migrate`'s rule (the module docstring).
+
+    The kind of the first sample's target (text naming a class, free text, numbers or None) decides
+    for all; a sample whose target is of another kind is a problem.
+    """
+
+    def __init__(self, class_targets: bool, classes: list[str] | None) -> None:
+        self.class_targets, self.classes = class_targets, classes
+        #: "labels", "classes" or "texts"; None until the first sample is placed.
+        self.mode: str | None = None
+        self.class_of: dict[str, int] = {}
+        self.texts: list[str] = []
+
+    def place(self, target: Any) -> tuple[str, list[str], str | None]:
+        """The folder, the list columns and any reason the list loses part of the target.
+
+        Raises:
+            ValueError: a target of another kind than the first sample's, or numbers a label cannot hold.
+        """
+        text = isinstance(target, str)
+        mode = self.mode or ("labels" if not text else "classes" if self.class_targets else "texts")
+        if mode == "labels":
+            if text:
+                raise ValueError(f"its target {short_repr(target)} is text, the first sample's is not")
+            label, floats = (0, ()) if target is None else sample_targets(target)
+            self.mode = mode
+            columns, loss = _number_columns(label, np.asarray(floats, dtype=np.float32))
+            return safe_name(label_name(label, self.classes) or str(label), fallback=f"label_{label}"), columns, loss
+        if not text and (mode == "classes" or target is not None):
+            raise ValueError(f"its target {short_repr(target)} is not text, as the first sample's is")
+        self.mode = mode
+        if mode == "texts":
+            self.texts.append(target or "")
+            return "0", ["0"], None
+        label = self.class_of.setdefault(target, len(self.class_of))
+        return safe_name(target, fallback=f"label_{label}"), [str(label)], None
 
 
 def _write_list(list_path: Path, lines: list[str], out_dir: Path) -> None:
@@ -383,13 +602,7 @@ def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | No
     """
     check_datum(datum)
     if datum.encoded:
-        header = read_encoded_header(datum.data)
-        inexact = None
-        if not is_passthrough_format(header.format):
-            inexact = f"{header.format} payload: convert re-encodes it (Caffe cannot decode {header.format})"
-        elif header.orientation != 1:
-            inexact = f"EXIF orientation {header.orientation}: convert re-encodes it upright"
-        return bytes(datum.data), _encoded_suffix(stem, header.format), "encoded", inexact
+        return _encoded_file(bytes(datum.data), stem)
     image = datum_to_image(datum)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=_PNG_LEVEL)
@@ -399,6 +612,41 @@ def _record_file(datum: DatumView, stem: str) -> tuple[bytes, str, str, str | No
     elif datum.channels not in (1, 3):
         inexact = f"{datum.channels} channels: convert stores 3 (alpha dropped)"
     return buffer.getvalue(), _with_suffix(stem, ".png"), kind, inexact
+
+
+def _encoded_file(data: bytes, stem: str) -> tuple[bytes, str, str, str | None]:
+    """Encoded image bytes as a file: the bytes unchanged, named for their format, and any reason convert changes them.
+
+    Raises:
+        DatumError: the bytes are not an image file whose header can be read.
+    """
+    header = read_encoded_header(data)
+    inexact = None
+    if not is_passthrough_format(header.format):
+        inexact = f"{header.format} payload: convert re-encodes it (Caffe cannot decode {header.format})"
+    elif header.orientation != 1:
+        inexact = f"EXIF orientation {header.orientation}: convert re-encodes it upright"
+    return data, _encoded_suffix(stem, header.format), "encoded", inexact
+
+
+def _stored_file(image: bytes | np.ndarray, stem: str) -> tuple[bytes, str, str, str | None]:
+    """A layout's stored image as a file: encoded bytes unchanged (`_encoded_file`), stored pixels as a PNG.
+
+    Raises:
+        DatumError: bytes that are not an image, or pixels that are not H x W x 3 (or H x W) uint8.
+    """
+    if isinstance(image, bytes | bytearray | memoryview):
+        return _encoded_file(bytes(image), stem)
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
+        raise DatumError(f"stored pixels must be H x W x 3 or H x W uint8, got {pixels.dtype} {pixels.shape}")
+    if not pixels.size:
+        raise DatumError(f"stored pixels are {' x '.join(map(str, pixels.shape))}: an image needs at least 1x1")
+    gray = pixels.ndim == 2 or pixels.shape[2] == 1
+    picture = Image.fromarray(np.ascontiguousarray(pixels.reshape(pixels.shape[:2]) if gray else pixels))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=_PNG_LEVEL)
+    return buffer.getvalue(), _with_suffix(stem, ".png"), "raw1" if gray else "raw3", None
 
 
 def _write(target: Path, payload: bytes, overwrite: bool) -> bool:

@@ -497,7 +497,7 @@ def layout_info(lmdb_path: str | os.PathLike, layout: str | Layout, sample: int 
 
     Images are not decoded: sizes come from the file headers (`read_encoded_header`), pixels' own shape.
     """
-    reader = _layout_reader(lmdb_path, layout)
+    reader = open_layout_reader(lmdb_path, layout)
     path = Path(lmdb_path)
     with read_txn(path) as txn:
         entries = txn.stat()["entries"]
@@ -545,7 +545,7 @@ def layout_verify(lmdb_path: str | os.PathLike, layout: str | Layout, progress: 
     Each failure (a key the layout names that the LMDB lacks, e.g. a count or meta file pointing
     at absent keys; a value that does not decode) is a problem naming the key.
     """
-    reader = _layout_reader(lmdb_path, layout)
+    reader = open_layout_reader(lmdb_path, layout)
     path = Path(lmdb_path)
     report = VerifyReport(path=path)
     with progress_bar(len(reader), path.name, progress) as bar:
@@ -562,8 +562,11 @@ def layout_verify(lmdb_path: str | os.PathLike, layout: str | Layout, progress: 
     return report
 
 
-def _layout_reader(lmdb_path: str | os.PathLike, layout: str | Layout) -> LayoutReader:
-    """`LayoutReader(lmdb_path, layout)`, an unknown layout name being an InputError naming the LMDB."""
+def open_layout_reader(lmdb_path: str | os.PathLike, layout: str | Layout) -> LayoutReader:
+    """`LayoutReader(lmdb_path, layout)` for the tools, an unknown layout name being an InputError naming the LMDB.
+
+    A usage error (exit 2), not a failure: the name comes from `--layout`.
+    """
     try:
         return LayoutReader(lmdb_path, layout)
     except (TypeError, ValueError) as exc:

@@ -41,6 +41,22 @@ def make_key(line_id: int, relpath: str) -> bytes:
     return f"{line_id:08d}_{relpath}".encode()
 
 
+def sample_key(index: int, source_key: bytes) -> bytes:
+    """The key `migrate` gives sample `index` of another layout (and the name `export` gives its file).
+
+    `make_key(index, name)`, name the sample's source key as text when printable UTF-8, else its hex
+    digits: a key is shown in list files and messages, so it must not hold control characters.
+    """
+    raw = bytes(source_key)
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not name.isprintable():
+        name = raw.hex()
+    return make_key(index, name)
+
+
 def keys_to_array(keys: Iterable[bytes | str]) -> np.ndarray:
     """A numpy bytes (`S`) array of the keys; str keys are UTF-8 encoded.
 

@@ -50,7 +50,7 @@ from .encode import ConvertOptions, encoded_payload
 from .errors import CaffeLmdbError, InputError
 from .files import default_keys_path, sidecar_path
 from .formats import sniff_image_format
-from .keys import MAX_KEY_BYTES, make_key
+from .keys import MAX_KEY_BYTES, sample_key
 from .labels import sample_targets, short_repr
 from .layouts import Layout
 from .reader import LayoutReader
@@ -264,18 +264,6 @@ def _write(reader: LayoutReader, result: LayoutMigrateResult, *, overwrite: bool
     result.written, result.bytes_written = len(out.keys), out.bytes_written
     result.seconds = time.perf_counter() - start
     return result
-
-
-def sample_key(index: int, source_key: bytes) -> bytes:
-    """Record `index`'s key: `make_key(index, name)`, name the source key as text when printable UTF-8, else hex."""
-    raw = bytes(source_key)
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        name = None
-    if name is None or not name.isprintable():
-        name = raw.hex()
-    return make_key(index, name)
 
 
 def _sample_record(index: int, reader: LayoutReader, image: int | None) -> Record:

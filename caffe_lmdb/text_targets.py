@@ -2,8 +2,9 @@
 
 A Datum's `label` is an int32, so a text target has no field of its own. `migrate` writes each
 record's text to `<out>_texts.txt` (line i is record i's text, records in key order, the order of
-`<out>_keys.npy`), UTF-8, and stores label 0; `export` writes text targets into its list file by
-the same rule. Nothing is dropped and every line is one record, so a text may hold any character:
+`<out>_keys.npy`), UTF-8, and stores label 0; `export` of such a layout writes `OUT_DIR/texts.txt`
+by the same rule, line i for line i of its list file. Nothing is dropped and every line is one
+record, so a text may hold any character:
 
 * a backslash is written `\\\\`; a newline `\\n`, a carriage return `\\r`, a tab `\\t`;
 * the other characters Python's `str.splitlines` ends a line at (`\\x0b`, `\\x0c`, `\\x1c`, `\\x1d`,

@@ -389,3 +389,181 @@ def test_image_name_that_is_a_fifo_says_so(legacy_rgb_lmdb, tmp_path):
     os.mkfifo(out / "0" / "00000000_img0.png")  # the name export writes for the first record
     result = run_cli("export", legacy_rgb_lmdb[0], out, "-q")
     assert_one_line_error(result, 2, f"{out / '0' / '00000000_img0.png'}: is a FIFO or device (pass --overwrite")
+
+
+# ---------------------------------------------------------------- other layouts (LSUN, CRNN, tensorpack)
+
+def _lmdb_edit(path, put: dict[bytes, bytes] = (), delete: tuple[bytes, ...] = ()) -> None:
+    """Damage a fixture LMDB in place: replace values, remove keys."""
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for key, value in dict(put).items():
+            txn.put(key, value)
+        for key in delete:
+            txn.delete(key)
+    env.close()
+
+
+def _list_lines(out) -> list[tuple[str, str]]:
+    return [tuple(line.split(" ", 1)) for line in (out / LIST_NAME).read_text(encoding="utf-8").splitlines()]
+
+
+def _texts(out) -> list[str]:
+    from caffe_lmdb.text_targets import unescape_text
+
+    return [unescape_text(line) for line in (out / "texts.txt").read_bytes().decode("utf-8").split("\n")[:-1]]
+
+
+def _opencv_rgb(data: bytes) -> np.ndarray:
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_lsun_export_writes_the_stored_bytes_in_the_category_folder(tmp_path, rng, fmt):
+    from test_lmdb_dataset import make_lsun
+
+    from caffe_lmdb import LmdbDataset
+
+    path = tmp_path / "church_outdoor_train_lmdb"
+    values = make_lsun(path, 7, rng, fmt)
+    out = tmp_path / "out"
+    result = export(path, out)
+    assert (result.written, result.encoded, result.raw, result.problems, result.inexact) == (7, 7, 0, [], [])
+    assert result.layout.startswith("lsun") and result.texts_path is None and result.convert_flags == ["--encoded"]
+    assert "7 samples exported from lsun layout" in str(result)
+    lines = _list_lines(out)
+    suffix = ".jpg" if fmt == "JPEG" else ".webp"
+    dataset = LmdbDataset(path)
+    assert len(lines) == len(values) == len(dataset)
+    for index, (key, (name, label)) in enumerate(zip(sorted(values), lines, strict=True)):  # the layout's order
+        assert name == f"church_outdoor/{index:08d}_{key.decode()}{suffix}" and label == "0"
+        assert (out / name).read_bytes() == values[key]  # unchanged
+        assert name.split("/")[0] == dataset[index][1]  # the class folder is the target
+        np.testing.assert_array_equal(_opencv_rgb((out / name).read_bytes()), np.asarray(dataset[index][0]))
+    assert not (out / "texts.txt").exists()
+
+
+OCR_TEXTS = ["hello", "你好世界", "two\nlines", "back\\slash \\n", "", "x y\tz", "sep\u2028ar\x85ate", "🙂"]
+
+
+def test_crnn_export_list_and_texts_read_back_as_the_targets(tmp_path, rng, capsys):
+    from test_layout_crnn import make_crnn
+
+    path = tmp_path / "ocr_lmdb"
+    images = make_crnn(path, OCR_TEXTS, rng)
+    out = tmp_path / "out"
+    assert main(["export", str(path), str(out), "-q"]) == 0
+    summary = capsys.readouterr().out
+    assert "8 samples exported from crnn layout" in summary and f"text targets: {out / 'texts.txt'}" in summary
+    lines = _list_lines(out)
+    assert [label for _, label in lines] == ["0"] * 8
+    assert [name for name, _ in lines] == [f"0/{i:08d}_image-{i + 1:09d}{'.png' if i % 2 == 0 else '.jpg'}"
+                                           for i in range(8)]
+    assert [(out / name).read_bytes() for name, _ in lines] == images
+    assert _texts(out) == OCR_TEXTS
+    assert len((out / "texts.txt").read_text(encoding="utf-8").splitlines()) == 8  # one line per sample, always
+
+
+def test_damaged_samples_are_named_and_the_rest_exported_with_their_texts_in_line(tmp_path, rng, capsys):
+    from test_layout_crnn import make_crnn
+
+    path = tmp_path / "ocr_lmdb"
+    images = make_crnn(path, OCR_TEXTS[:6], rng)
+    _lmdb_edit(path, put={b"image-000000002": b"not an image", b"label-000000004": b"\xff\xfe"},
+               delete=(b"image-000000005",))
+    out = tmp_path / "out"
+    assert main(["export", str(path), str(out), "-q"]) == 1
+    printed = capsys.readouterr().out
+    assert f"{path}: key b'image-000000002': not exported: encoded data (12 bytes) is not an image" in printed
+    assert "key b'image-000000004': not exported: key b'label-000000004': label is not UTF-8 text" in printed
+    assert "key b'image-000000005': not exported: key b'image-000000005' is not in the LMDB (sample 4" in printed
+    assert "3 samples could not be exported" in printed
+    lines = _list_lines(out)
+    assert [name.split("_", 1)[1] for name, _ in lines] == ["image-000000001.png", "image-000000003.png",
+                                                            "image-000000006.jpg"]
+    assert [(out / name).read_bytes() for name, _ in lines] == [images[0], images[2], images[5]]
+    assert _texts(out) == [OCR_TEXTS[0], OCR_TEXTS[2], OCR_TEXTS[5]]  # line i for list line i
+
+
+def test_pairs_need_image_and_each_side_exports_its_bytes(tmp_path, rng):
+    from test_layout_crnn import make_crnn_sr
+
+    path = tmp_path / "textzoom_lmdb"
+    pairs = make_crnn_sr(path, OCR_TEXTS[:3], rng)
+    result = run_cli("export", path, tmp_path / "out", "-q")
+    assert "--image 0, --image 1" in assert_one_line_error(result, 2, path, "2 images per sample")
+    assert not (tmp_path / "out").exists()
+    for side in (0, 1):
+        out = tmp_path / f"side{side}"
+        assert main(["export", str(path), str(out), "--image", str(side), "-q"]) == 0
+        assert [(out / name).read_bytes() for name, _ in _list_lines(out)] == [pair[side] for pair in pairs]
+        assert _texts(out) == OCR_TEXTS[:3]
+    assert_one_line_error(run_cli("export", path, tmp_path / "o2", "--image", "2"), 2, "--image 2", "(0..1)")
+
+
+def test_stored_pixels_become_pngs_and_numeric_targets_list_columns(tmp_path, rng):
+    import cv2
+    from test_layout_tensorpack import write_tensorpack
+
+    from caffe_lmdb.errors import LmdbFormatError
+    from caffe_lmdb.reader import LayoutReader
+
+    bgr = [rng.integers(0, 256, size=(5 + i, 7, 3), dtype=np.uint8) for i in range(4)]
+    gray = rng.integers(0, 256, size=(6, 4), dtype=np.uint8)
+    path = write_tensorpack(tmp_path / "t.lmdb", [[image, [i, 0.5 * i]] for i, image in enumerate([*bgr, gray])])
+    out = tmp_path / "out"
+    with pytest.raises(LmdbFormatError, match="caffe-lmdb migrate"):  # pickled records: as info and verify, unless forced
+        export(path, out)
+    result = export(path, out, layout="tensorpack")
+    assert (result.written, result.raw, result.kinds, result.convert_flags) == (5, 5, ("raw1", "raw3"), None)
+    lines = _list_lines(out)
+    assert [label for _, label in lines] == [f"{i} {0.5 * i}" for i in range(5)]  # the list-file rule
+    assert [name.split("/")[0] for name, _ in lines] == ["0", "1", "2", "3", "4"]
+    reader = LayoutReader(path, "tensorpack")
+    for index, (name, _) in enumerate(lines):
+        (stored,), _ = reader.stored(index)
+        assert name.endswith(".png")
+        np.testing.assert_array_equal(cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)[..., ::-1]
+                                      if stored.ndim == 3 else cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED),
+                                      stored)
+
+
+def test_layout_export_resumes_and_refuses_other_files(tmp_path, rng):
+    from test_lmdb_dataset import make_lsun
+
+    path = tmp_path / "bedroom_val_lmdb"
+    make_lsun(path, 5, rng)
+    out = tmp_path / "out"
+    export(path, out)
+    (out / LIST_NAME).unlink()  # as if interrupted before the list
+    names = sorted((out / "bedroom").iterdir())
+    names[0].unlink()
+    result = export(path, out)
+    assert (result.written, result.kept) == (5, 4)
+    with pytest.raises(InputError, match="list.txt: already exists"):
+        export(path, out)
+    (out / LIST_NAME).unlink()
+    names[1].write_bytes(b"the user's own file")
+    with pytest.raises(InputError, match="already exists with other content"):
+        export(path, out)
+    assert names[1].read_bytes() == b"the user's own file"
+    assert export(path, out, overwrite=True).written == 5 and names[1].read_bytes() != b"the user's own file"
+
+
+def test_bad_layout_or_image_is_one_line(tmp_path, rng, legacy_rgb_lmdb):
+    from test_lmdb_dataset import make_lsun
+
+    path = tmp_path / "church_outdoor_train_lmdb"
+    make_lsun(path, 3, rng)
+    assert_one_line_error(run_cli("export", path, tmp_path / "a", "--layout", "nope"), 2, path, "unknown layout 'nope'")
+    assert_one_line_error(run_cli("export", path, tmp_path / "b", "--layout", "crnn"), 1, path,
+                          "does not hold the 'crnn' layout")
+    assert_one_line_error(run_cli("export", legacy_rgb_lmdb[0], tmp_path / "c", "--image", "1"), 2,
+                          "Caffe Datums hold one image each")
+    assert not any((tmp_path / name).exists() for name in "abc")
+    datum = export(legacy_rgb_lmdb[0], tmp_path / "d", layout="datum")  # the Datum path, forced
+    assert datum.layout is None and datum.written == 6

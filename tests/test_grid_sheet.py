@@ -10,7 +10,7 @@ from toollmdbs import converted, encoded_datum, hand_written, raw_value
 
 from caffe_lmdb import DatumError
 from caffe_lmdb.cli import main
-from caffe_lmdb.grid_sheet import PAD, grid, make_grid
+from caffe_lmdb.grid_sheet import BROKEN, PAD, Grid, grid, make_grid
 
 
 def test_grid_of_converter_lmdb(image_tree, tmp_path, capsys):
@@ -120,3 +120,82 @@ def test_grid_into_a_folder_or_an_unread_fifo_is_refused_before_reading_in_one_l
         assert tree_snapshot(tmp_path) == before
     result = run_cli("grid", tmp_path / "missing.lmdb", "-o", tmp_path / "adir.png")
     assert_one_line_error(result, 1, f"{tmp_path / 'adir.png'}: is a directory")  # checked before the LMDB is opened
+
+
+# ---------------------------------------------------------------- other layouts (LSUN, CRNN)
+
+def _damage(path, put: dict[bytes, bytes] = (), delete: tuple[bytes, ...] = ()) -> None:
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for key, value in dict(put).items():
+            txn.put(key, value)
+        for key in delete:
+            txn.delete(key)
+    env.close()
+
+
+def _tile_origin(sheet: Grid, i: int, tile: int) -> tuple[int, int]:
+    caption_height = (sheet.image.height - PAD) // sheet.rows - tile - PAD
+    return PAD + (i % sheet.columns) * (tile + PAD), PAD + (i // sheet.columns) * (tile + caption_height + PAD)
+
+
+def test_grid_of_lsun_samples_shows_their_pixels(tmp_path, rng):
+    import cv2
+    from test_lmdb_dataset import make_lsun
+
+    path = tmp_path / "church_outdoor_train_lmdb"
+    values = make_lsun(path, 9, rng)
+    out = tmp_path / "lsun.png"
+    sheet = grid(path, out, n=4, seed=1, tile=18)  # LSUN images are 9 px wide: enlarged 2x, NEAREST
+    assert (sheet.count, sheet.records, sheet.columns, sheet.rows, sheet.problems) == (4, 9, 2, 2, ())
+    assert "4 of 9 samples (lsun layout), 2x2 tiles" in str(sheet)
+    with Image.open(out) as saved:
+        assert saved.format == "PNG" and saved.size == sheet.image.size and saved.width == 2 * (18 + PAD) + PAD
+    chosen = sorted(np.random.default_rng(1).choice(9, size=4, replace=False).tolist())  # seeded, shown in order
+    stored = [values[key] for key in sorted(values)]  # the layout's order: the keys'
+    for i, index in enumerate(chosen):
+        image = cv2.imdecode(np.frombuffer(stored[index], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]  # OpenCV's pixels
+        x, y = _tile_origin(sheet, i, 18)
+        y += (18 - 2 * image.shape[0]) // 2
+        assert sheet.image.getpixel((x + 1, y + 1)) == tuple(image[0, 0].tolist())
+    assert make_grid(path, n=4, seed=1, tile=18).image.tobytes() == sheet.image.tobytes()
+
+
+def test_grid_of_crnn_draws_a_damaged_sample_as_a_broken_tile_and_names_its_key(tmp_path, rng):
+    from test_layout_crnn import LABELS, make_crnn
+
+    path = tmp_path / "ocr_lmdb"
+    make_crnn(path, LABELS[:5], rng)
+    _damage(path, put={b"image-000000003": b"not an image"}, delete=(b"label-000000005",))
+    out = tmp_path / "ocr.png"
+    result = run_cli("grid", path, "-o", out, "--n", "5", "--tile", "32")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{path}: key b'image-000000003': cannot decode image bytes (12 bytes): not an image format Pillow recognises"
+    assert lines[1].startswith(f"{path}: key b'label-000000005' is not in the LMDB (sample 4")
+    assert "5 of 5 samples (crnn layout), 3x2 tiles" in lines[2] and "2 broken (listed above)" in lines[2]
+    sheet = make_grid(path, n=5, tile=32)
+    assert len(sheet.problems) == 2
+    with Image.open(out) as saved:
+        assert saved.size == sheet.image.size and saved.width == 3 * (32 + PAD) + PAD
+        assert saved.convert("RGB").tobytes() == sheet.image.tobytes()
+    for i in range(5):
+        x, y = _tile_origin(sheet, i, 32)
+        broken = sheet.image.getpixel((x + 16, y + 28)) == BROKEN  # below the reason, off the diagonals
+        assert broken == (i in (2, 4)), i
+
+
+def test_grid_of_pairs_and_a_bad_layout(tmp_path, rng):
+    from test_layout_crnn import LABELS, make_crnn_sr
+
+    path = tmp_path / "textzoom_lmdb"
+    make_crnn_sr(path, LABELS[:2], rng)
+    sheet = make_grid(path, n=2, tile=64)
+    assert (sheet.count, sheet.problems, sheet.layout.split(" ")[0]) == (2, (), "crnn-sr")
+    assert_one_line_error(run_cli("grid", path, "-o", tmp_path / "g.png", "--layout", "nope"), 2, path,
+                          "unknown layout 'nope'")
+    assert_one_line_error(run_cli("grid", path, "-o", tmp_path / "g.png", "--layout", "lsun"), 1, path,
+                          "does not hold the 'lsun' layout")
+    assert not (tmp_path / "g.png").exists()
