@@ -48,8 +48,7 @@ from caffe_lmdb.datum import parse_datum_view
 from caffe_lmdb.encode import ConvertOptions
 from caffe_lmdb.loader import CaffeLoader, WorkerOptions
 from caffe_lmdb.mean import save_mean
-from caffe_lmdb.reader import OPEN_ENVS
-from caffe_lmdb.safe_lmdb import open_readonly
+from caffe_lmdb.safe_lmdb import OPEN_ENVS, open_readonly
 from caffe_lmdb.transform import CaffeTransform
 
 CROP, BATCH, WORKERS = 224, 64, 2

@@ -27,7 +27,7 @@ from .layouts import Layout, Probe, detect_layout
 from .progress import progress_bar
 from .publish import pending_publish
 from .reader import LAYOUTS, LayoutReader
-from .safe_lmdb import begin_read, data_file, file_identity, get_value, lmdb_errors_named, open_readonly
+from .safe_lmdb import begin_read, data_file, file_identity, get_value, lmdb_errors_named, shared_readonly
 from .tool_reading import (
     class_names,
     disk_bytes,
@@ -420,7 +420,7 @@ def tool_layout(lmdb_path: str | os.PathLike, layout: str | Layout | None = None
     if not os.path.lexists(path):
         return None
     try:
-        with open_readonly(path) as env, begin_read(env, buffers=True) as txn:
+        with shared_readonly(path) as env, begin_read(env, buffers=True) as txn:
             refuse_foreign_lmdb(path, txn)
             probe = Probe.of(str(path), txn, file_identity(data_file(path)))
             found = detect_layout(probe, LAYOUTS)

@@ -23,7 +23,7 @@ from .errors import (
     KeysFileNotFoundError,
 )
 from .files import write_bytes_atomic
-from .safe_lmdb import begin_read, checked_items, open_readonly, transaction_path
+from .safe_lmdb import begin_read, checked_items, shared_readonly, transaction_path
 
 #: LMDB refuses longer keys (MDB_MAXKEYSIZE).
 MAX_KEY_BYTES = 511
@@ -116,7 +116,7 @@ def scan_keys(lmdb_path: str | os.PathLike) -> np.ndarray:
 
     This is how legacy LMDBs written by Caffe's own tools, which have no keys file, get keys.
     """
-    with open_readonly(lmdb_path) as env, begin_read(env) as txn:
+    with shared_readonly(lmdb_path) as env, begin_read(env) as txn:
         return txn_keys(txn)
 
 

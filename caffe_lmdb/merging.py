@@ -18,7 +18,7 @@ from .conversion import ConvertResult
 from .errors import InputError, MergeError
 from .files import sidecar_path
 from .progress import progress_bar
-from .safe_lmdb import begin_read, open_readonly
+from .safe_lmdb import OPEN_ENVS, begin_read
 from .tool_reading import class_names, iter_values, sidecar_lines
 
 
@@ -63,7 +63,7 @@ def merge(
     envs = []
     try:
         for shard in shards:
-            envs.append(open_readonly(shard, readahead=True))  # one pass in order: read ahead
+            envs.append(OPEN_ENVS.get(os.fspath(shard), readahead=True))  # one pass in order: read ahead
         txns = [begin_read(env) for env in envs]
         total = sum(txn.stat()["entries"] for txn in txns)
         with AtomicLmdb(output, keys_path, overwrite=overwrite, commit_every=commit_every, inputs=shards) as out, \
@@ -79,8 +79,7 @@ def merge(
         for txn in txns:
             txn.abort()
     finally:
-        for env in envs:
-            env.close()
+        del envs  # this process's shared environments: they close with their last user
     result = ConvertResult(output=out.output, keys_path=out.keys_path, written=len(out.keys),
                            skipped=len(skipped), bytes_written=out.bytes_written)
     result.seconds = time.perf_counter() - start

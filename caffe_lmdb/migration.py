@@ -54,7 +54,7 @@ from .legacy_records import (
     to_legacy_record,
 )
 from .progress import progress_bar
-from .safe_lmdb import begin_read, checked_items, get_value, open_readonly
+from .safe_lmdb import begin_read, checked_items, get_value, shared_readonly
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _migrate_records(old: Path, new: Path, keys_path: str | Path | None, *, over
     if new.exists() and new.resolve() == old.resolve():
         raise InputError(f"{new}: the output must not be the LMDB being migrated")
     keys_path = Path(keys_path) if keys_path is not None else default_keys_path(new)
-    with open_readonly(old) as env, begin_read(env) as txn:
+    with shared_readonly(old) as env, begin_read(env) as txn:
         present: list[bytes] = []
         meta: list[bytes] = []
         for key in checked_items(txn, values=False):
@@ -326,7 +326,7 @@ def _migrate_records(old: Path, new: Path, keys_path: str | Path | None, *, over
 def _holds_legacy_records(old: Path) -> bool:
     """Whether `old` has the recipes' meta keys or a pickle/msgpack/pyarrow first value (this module's path)."""
     try:
-        with open_readonly(old) as env, begin_read(env, buffers=True) as txn:
+        with shared_readonly(old) as env, begin_read(env, buffers=True) as txn:
             if any(get_value(txn, key, old) is not None for key in META_KEYS):
                 return True
             cursor = txn.cursor()

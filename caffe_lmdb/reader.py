@@ -17,7 +17,7 @@ Why it is built this way:
   be copied page by page as reference counts change.
 * py-lmdb refuses to open an LMDB twice in one process (LMDB's locks belong to the process and
   file), so readers of the same LMDB (`ds + ds`, or a train and a val view of one LMDB) share
-  the process's one read-only environment, kept in `OPEN_ENVS`.
+  the process's one read-only environment, kept in `safe_lmdb.OPEN_ENVS` (the tools use it too).
 * The reader remembers which file its keys were read from (device, inode, size, mtime of
   `data.mdb`) and every process checks it when it opens the LMDB: `convert --overwrite`
   publishes a new LMDB under the same path, and the old keys would silently read other records.
@@ -29,10 +29,8 @@ import bisect
 import logging
 import operator
 import os
-import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ from .layout_lsun import LsunLayout
 from .layout_stylegan2 import Stylegan2Layout
 from .layout_tensorpack import Folder2LmdbLayout, TensorpackLayout
 from .layouts import Layout, Probe, ValueAtError, chosen_layout
-from .safe_lmdb import begin_read, data_file, file_identity, get_value, open_readonly, opened_identity
+from .safe_lmdb import OPEN_ENVS, begin_read, data_file, file_identity, get_value
 from .tool_reading import refuse_foreign_lmdb
 
 logger = logging.getLogger(__name__)
@@ -65,59 +63,6 @@ PREFETCH_MERGE_GAP = 256 << 10
 _PAGE = 4096
 
 
-class _ProcessEnvironments:
-    """The read-only LMDB environments open in this process, one per LMDB, shared by its datasets.
-
-    py-lmdb raises "already open in this process" on a second open of the same files, so every
-    dataset gets its environment here. Entries are weak: an environment closes when the last
-    dataset using it goes. A child made by fork() inherits the parent's handles, which it must
-    not use (LMDB's rule) and which block reopening the files; the first call in the child closes
-    them, which touches nothing the parent shares because they were opened with `lock=False`.
-    The first dataset to open an LMDB in a process chooses `readahead`. There is no `max_readers`:
-    with `lock=False` LMDB keeps no reader table, so a reader-table size would have no effect.
-    An environment is shared only while the path still names the file it maps: once the LMDB
-    was replaced (a new inode under the same name), the next caller gets the new file's own.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._envs: weakref.WeakValueDictionary[str, lmdb.Environment] = weakref.WeakValueDictionary()
-        if hasattr(os, "register_at_fork"):  # a fork while another thread held the lock must not deadlock the child
-            os.register_at_fork(after_in_child=self._new_lock)
-
-    def _new_lock(self) -> None:
-        self._lock = threading.Lock()
-
-    def get(self, lmdb_path: str, **options: Any) -> lmdb.Environment:
-        """This process's environment for `lmdb_path`, opened read-only (see `safe_lmdb.open_readonly`)."""
-        with self._lock:
-            if self._pid != os.getpid():
-                for env in list(self._envs.values()):
-                    env.close()
-                self._envs = weakref.WeakValueDictionary()
-                self._pid = os.getpid()
-            key = os.path.realpath(lmdb_path)
-            env = self._envs.get(key)
-            if env is not None and _same_file(env, lmdb_path) is False:
-                env = None  # replaced: the old environment stays with the datasets that hold it
-            if env is None:
-                env = open_readonly(lmdb_path, **options)
-                self._envs[key] = env
-            return env
-
-
-def _same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
-    """Whether `lmdb_path` still names the file `env` maps (device and inode); None when unknown."""
-    opened = opened_identity(env)
-    try:
-        current = file_identity(data_file(lmdb_path))
-    except OSError:
-        return None  # gone: opening it again reports that
-    return None if opened is None else opened[:2] == current[:2]
-
-
-OPEN_ENVS = _ProcessEnvironments()
 
 #: The layouts `LayoutReader` knows, in the order detection tries them: those recognised by a key
 #: scheme or a side file first (tensorpack and folder2lmdb: numbered keys holding a pickle or

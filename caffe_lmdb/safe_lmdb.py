@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,74 @@ def open_readonly(lmdb_path: str | os.PathLike, *, checked_identity: tuple[int, 
         raise LmdbFormatError(f"{path}: cannot read the LMDB: {describe_os_error(exc, file)}") from None
     finally:
         os.close(fd)
+
+
+class ProcessEnvironments:
+    """The read-only LMDB environments open in this process, one per LMDB, shared by its datasets.
+
+    py-lmdb raises "already open in this process" on a second open of the same files, so every
+    dataset gets its environment here. Entries are weak: an environment closes when the last
+    dataset using it goes. A child made by fork() inherits the parent's handles, which it must
+    not use (LMDB's rule) and which block reopening the files; the first call in the child closes
+    them, which touches nothing the parent shares because they were opened with `lock=False`.
+    The first reader to open an LMDB in a process chooses `readahead`. The tools (`info`, `verify`,
+    `export`, ...) take their environments here too, so they work in a process that holds a dataset
+    of the same LMDB. There is no `max_readers`:
+    with `lock=False` LMDB keeps no reader table, so a reader-table size would have no effect.
+    An environment is shared only while the path still names the file it maps: once the LMDB
+    was replaced (a new inode under the same name), the next caller gets the new file's own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._envs: weakref.WeakValueDictionary[str, lmdb.Environment] = weakref.WeakValueDictionary()
+        if hasattr(os, "register_at_fork"):  # a fork while another thread held the lock must not deadlock the child
+            os.register_at_fork(after_in_child=self._new_lock)
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
+
+    def get(self, lmdb_path: str, **options: Any) -> lmdb.Environment:
+        """This process's environment for `lmdb_path`, opened read-only (see `safe_lmdb.open_readonly`)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                for env in list(self._envs.values()):
+                    env.close()
+                self._envs = weakref.WeakValueDictionary()
+                self._pid = os.getpid()
+            key = os.path.realpath(lmdb_path)
+            env = self._envs.get(key)
+            if env is not None and same_file(env, lmdb_path) is False:
+                env = None  # replaced: the old environment stays with the datasets that hold it
+            if env is None:
+                env = open_readonly(lmdb_path, **options)
+                self._envs[key] = env
+            return env
+
+
+def same_file(env: lmdb.Environment, lmdb_path: str) -> bool | None:
+    """Whether `lmdb_path` still names the file `env` maps (device and inode); None when unknown."""
+    opened = opened_identity(env)
+    try:
+        current = file_identity(data_file(lmdb_path))
+    except OSError:
+        return None  # gone: opening it again reports that
+    return None if opened is None else opened[:2] == current[:2]
+
+
+OPEN_ENVS = ProcessEnvironments()
+
+
+@contextmanager
+def shared_readonly(lmdb_path: str | os.PathLike, **options: Any) -> Iterator[lmdb.Environment]:
+    """This process's read-only environment of an LMDB (`OPEN_ENVS`), for the length of a block.
+
+    Unlike `with open_readonly(...)`, the block's end does not close it: a dataset of the same LMDB
+    in this process (py-lmdb allows one environment per LMDB and process) keeps reading, and the
+    environment closes when its last user lets go of it.
+    """
+    yield OPEN_ENVS.get(os.fspath(lmdb_path), **options)
 
 
 def transaction_path(txn: lmdb.Transaction) -> Path | None:

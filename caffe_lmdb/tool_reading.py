@@ -22,7 +22,7 @@ from .errors import LmdbFormatError
 from .files import default_keys_path, sidecar_path
 from .foreign_values import foreign_value_hint
 from .keys import load_keys, txn_keys
-from .safe_lmdb import begin_read, checked_items, lmdb_errors_named, open_readonly
+from .safe_lmdb import begin_read, checked_items, lmdb_errors_named, shared_readonly
 
 
 def format_key(key: bytes) -> str:
@@ -82,7 +82,7 @@ def disk_bytes(lmdb_path: str | os.PathLike) -> int:
 
 @contextmanager
 def read_txn(lmdb_path: str | os.PathLike, *, readahead: bool = False) -> Iterator[lmdb.Transaction]:
-    """A zero-copy read transaction (`buffers=True`) on the LMDB, closed with the environment on exit.
+    """A zero-copy read transaction (`buffers=True`) on the LMDB (this process's shared environment).
 
     Values read in it are memoryviews on the memory map, valid until the block ends. Pass
     `readahead=True` to read every value in order (mean, export): a freshly converted LMDB is
@@ -93,13 +93,9 @@ def read_txn(lmdb_path: str | os.PathLike, *, readahead: bool = False) -> Iterat
             (then the message says to run `caffe-lmdb migrate`; nothing is unpickled).
         CorruptLmdbError: the LMDB is truncated or its B-tree damaged (see `safe_lmdb.open_readonly`).
     """
-    env = open_readonly(lmdb_path, readahead=readahead)
-    try:
-        with begin_read(env, buffers=True) as txn:
-            refuse_foreign_lmdb(lmdb_path, txn)
-            yield txn
-    finally:
-        env.close()
+    with shared_readonly(lmdb_path, readahead=readahead) as env, begin_read(env, buffers=True) as txn:
+        refuse_foreign_lmdb(lmdb_path, txn)
+        yield txn
 
 
 def refuse_foreign_lmdb(lmdb_path: str | os.PathLike, txn: lmdb.Transaction) -> None:

@@ -282,3 +282,20 @@ def test_info_and_verify_with_an_unknown_or_wrong_layout_say_one_line(tmp_path, 
     assert result.returncode == 2 and "Traceback" not in result.stderr and "unknown layout 'nope'" in result.stderr
     result = run_cli("info", tmp_path / "tower_val_lmdb", "--layout", "datum")
     assert "Traceback" not in result.stderr and result.returncode != 0
+
+
+def test_the_tools_work_while_datasets_of_the_lmdb_are_open(tmp_path, rng):
+    """py-lmdb opens an LMDB once per process: the tools share the datasets' environment (safe_lmdb.OPEN_ENVS)."""
+    from caffe_lmdb import LmdbDataset, LmdbDataset_train, compute_mean, export, grid, info, verify, write_dataset
+
+    samples = [(rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8), i % 2) for i in range(6)]
+    write_dataset(samples, tmp_path / "d.lmdb", workers=0)
+    train = LmdbDataset_train(tmp_path / "d.lmdb")
+    any_layout = LmdbDataset(tmp_path / "d.lmdb")
+    assert train[0][1] == any_layout[0][1] == 0
+    assert info(tmp_path / "d.lmdb").records == 6
+    assert verify(tmp_path / "d.lmdb", decode=True).ok
+    export(tmp_path / "d.lmdb", tmp_path / "out")
+    grid(tmp_path / "d.lmdb", tmp_path / "grid.png", n=4)
+    compute_mean(tmp_path / "d.lmdb", tmp_path / "mean.binaryproto")
+    assert train[5][1] == any_layout[5][1] == 1  # the datasets still read after the tools
