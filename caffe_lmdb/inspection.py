@@ -38,7 +38,6 @@ from .tool_reading import (
     label_name,
     random_subset,
     read_txn,
-    refuse_foreign_lmdb,
 )
 
 # --------------------------------------------------------------------------- info
@@ -411,8 +410,8 @@ def tool_layout(lmdb_path: str | os.PathLike, layout: str | Layout | None = None
     """The layout `info`/`verify` read `lmdb_path` with when it is not Caffe's Datums, else None (the Datum path).
 
     Detection looks at the first keys and a value only (nothing is scanned or written). Datum
-    LMDBs, LMDBs of pickle/msgpack records (the Datum path points them to `migrate`) and LMDBs
-    no layout recognises keep the Datum path and its messages; `layout` forces one.
+    LMDBs and LMDBs no layout recognises keep the Datum path and its messages (pickle/msgpack
+    records no layout reads are pointed to `migrate` there); `layout` forces one.
     """
     if layout is not None:
         return None if layout == "datum" or getattr(layout, "name", None) == "datum" else layout
@@ -421,7 +420,6 @@ def tool_layout(lmdb_path: str | os.PathLike, layout: str | Layout | None = None
         return None
     try:
         with shared_readonly(path) as env, begin_read(env, buffers=True) as txn:
-            refuse_foreign_lmdb(path, txn)
             probe = Probe.of(str(path), txn, file_identity(data_file(path)))
             found = detect_layout(probe, LAYOUTS)
     except (CaffeLmdbError, OSError):
@@ -499,8 +497,8 @@ def layout_info(lmdb_path: str | os.PathLike, layout: str | Layout, sample: int 
     """
     reader = open_layout_reader(lmdb_path, layout)
     path = Path(lmdb_path)
-    with read_txn(path) as txn:
-        entries = txn.stat()["entries"]
+    with shared_readonly(path) as env:
+        entries = env.stat()["entries"]
     result = LayoutInfo(path=path, layout=reader.layout.describe(), samples=len(reader), entries=entries,
                         disk_bytes=disk_bytes(path))
     count = min(len(reader), sample or LAYOUT_INFO_SAMPLES)

@@ -509,16 +509,13 @@ def test_stored_pixels_become_pngs_and_numeric_targets_list_columns(tmp_path, rn
     import cv2
     from test_layout_tensorpack import write_tensorpack
 
-    from caffe_lmdb.errors import LmdbFormatError
     from caffe_lmdb.reader import LayoutReader
 
     bgr = [rng.integers(0, 256, size=(5 + i, 7, 3), dtype=np.uint8) for i in range(4)]
     gray = rng.integers(0, 256, size=(6, 4), dtype=np.uint8)
     path = write_tensorpack(tmp_path / "t.lmdb", [[image, [i, 0.5 * i]] for i, image in enumerate([*bgr, gray])])
     out = tmp_path / "out"
-    with pytest.raises(LmdbFormatError, match="caffe-lmdb migrate"):  # pickled records: as info and verify, unless forced
-        export(path, out)
-    result = export(path, out, layout="tensorpack")
+    result = export(path, out)  # tensorpack's pickled datapoints are detected: no --layout needed
     assert (result.written, result.raw, result.kinds, result.convert_flags) == (5, 5, ("raw1", "raw3"), None)
     lines = _list_lines(out)
     assert [label for _, label in lines] == [f"{i} {0.5 * i}" for i in range(5)]  # the list-file rule

@@ -411,9 +411,20 @@ def test_dataset_on_an_unmigrated_lmdb_points_to_migrate(tmp_path, image_files, 
 
 
 @pytest.mark.parametrize("command", ["info", "verify"])
-def test_info_and_verify_on_an_unmigrated_lmdb_say_one_line(tmp_path, image_files, capsys, command):
+def test_info_and_verify_read_a_folder2lmdb_lmdb_directly(tmp_path, image_files, capsys, command):
     old = folder2lmdb_pickle(tmp_path / "old.lmdb", image_files[:3], [0, 1, 2])
-    assert main([command, str(old)]) == 1
+    assert main([command, str(old)]) == 0
+    out = capsys.readouterr().out
+    assert ("folder2lmdb" if command == "info" else "3 records checked, 3 encoded images decoded: OK") in out
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_info_and_verify_on_pickles_no_layout_reads_say_one_line(tmp_path, capsys, command):
+    env = lmdb.open(str(tmp_path / "odd.lmdb"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"record-a", pickle.dumps({"pixels": [1, 2, 3]}))  # a pickled dict: no layout's record
+    env.close()
+    assert main([command, str(tmp_path / "odd.lmdb")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not Caffe Datums" in err and "caffe-lmdb migrate" in err
 
