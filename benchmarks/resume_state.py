@@ -9,7 +9,8 @@ mirror, a mean value, shuffle, `num_workers=0`, batches of records / 400), page 
   time to the first batch of an epoch from its start (the same, if the skip costs nothing).
 * `state_dict()` mid-epoch, in microseconds: without a sampler, and with a `BlockShuffleSampler`.
 * steady state: an epoch with `state_dict()` called after every batch over an epoch without it
-  (the per-batch bookkeeping, a counter, is always on; this shows it and the calls are noise).
+  (the per-batch bookkeeping, a counter, is always on; this shows it and the calls are noise), and
+  one `state_dict()` as a fraction of a batch's time (the bound on what calling it can add).
 * the samplers alone at ImageNet scale (`sampler_records`, 1,281,167 by default): a
   `BlockShuffleSampler` resumed at 90% of an epoch on the same 8 ranks, and on 4 ranks (the rest
   of the epoch split anew), `load_state_dict` + first index, in milliseconds.
@@ -111,6 +112,8 @@ def bench_resume_state(workdir: Path, records: int, passes: int, sampler_records
     ratios = [b / a for a, b in zip(timings["epoch s"], timings["epoch with state_dict every batch s"], strict=True)]
     results["epoch with state_dict / without"] = {"median": _median(ratios), "runs": ratios}
     results["state_dict us"] = _state_dict_micros(path, batch, records, BlockShuffleSampler)
+    batch_us = _median(timings["epoch s"]) / per_epoch * 1e6
+    results["state_dict / a batch"] = results["state_dict us"]["shuffle"] / batch_us  # calling it every batch adds this
     results["sampler"] = _sampler_resume(sampler_records, passes, BlockShuffleSampler)
     return results
 
@@ -171,7 +174,8 @@ def format_report(results: dict[str, Any]) -> str:
         f"{results['state_dict us']['BlockShuffleSampler']:.1f} us (BlockShuffleSampler)",
         f"  epoch {ms['epoch s']:.0f} ms; with state_dict() after every batch / without: median "
         f"{results['epoch with state_dict / without']['median']:.3f} (runs "
-        f"{', '.join(f'{r:.3f}' for r in results['epoch with state_dict / without']['runs'])})",
+        f"{', '.join(f'{r:.3f}' for r in results['epoch with state_dict / without']['runs'])}); one state_dict() "
+        f"is {results['state_dict / a batch']:.5f} of a batch's time",
         f"  BlockShuffleSampler over {sampler['records']} records resumed at 90%: same 8 ranks "
         f"{sampler['same 8 ranks ms']:.1f} ms, 8 -> 4 ranks {sampler['8 -> 4 ranks ms']:.1f} ms (a whole epoch's "
         f"first index {whole:.1f} ms)",

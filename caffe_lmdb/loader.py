@@ -23,6 +23,10 @@ process maps and page-faults in again. Here:
 * Order and randomness. Batch b is made by worker b % N, and a sample's crop and mirror come from
   `transform.params(height, width, seed, epoch, index)`, never from a global RNG, so the batches
   are the same bytes for any number of workers, 0 included.
+* Resuming. `state_dict()` is the epoch and the samples of it handed to the user (counted as each
+  batch is delivered, never what the workers made ahead), with what a resume must match (the
+  LMDBs' identities, batch size, seed, transform); `load_state_dict` makes the next `iter()` go on
+  from there, slicing the epoch's order, so no skipped record is read (`loader_state.py`).
 * Clean failure. The main process waits on each worker's pipe and its process sentinel at once:
   a worker that raises, or dies (SIGKILL, out of memory), ends the loop with one error naming the
   worker, the LMDB and the key, never a hang. Workers ignore Ctrl-C (the main process handles it)
@@ -61,7 +65,17 @@ from .batch_workers import (
 )
 from .dataset import LmdbDataset_train
 from .errors import InputError, LmdbFormatError, LoaderError
-from .loader_state import STATE_FORMAT, STATE_VERSION, EpochProgress, check_state, lmdb_identity, transform_identity
+from .loader_state import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    EpochProgress,
+    check_position,
+    check_state,
+    lmdb_identity,
+    sampler_identity,
+    sampler_name,
+    transform_identity,
+)
 from .samplers import ResumableSampler
 from .tool_reading import keys_file_for
 
@@ -117,7 +131,8 @@ class CaffeLoader:
     Epochs: every `iter()` is one epoch. The first is epoch 0 and each further `iter()` the next,
     unless `set_epoch(epoch)` says which (as with DistributedSampler; it is passed on to a
     sampler that has `set_epoch`). Crops, mirrors and the `shuffle` order depend on the seed and
-    the epoch only.
+    the epoch only, so `state_dict()` (the epoch, the samples received) and `load_state_dict`
+    resume mid-epoch with the same batches, byte for byte, by slicing the epoch's order.
 
     Args:
         source: an LMDB path, a list of them, or an `LmdbDataset_train` (or a `+` of them) made
@@ -296,7 +311,7 @@ class CaffeLoader:
         if sampler_state is not None:
             received = sampler_state["received"]  # its position in the current layout of ranks
         elif sampler is not None:
-            sampler_state = self._sampler_identity()
+            sampler_state = sampler_identity(sampler)
         identity = self._checked_identity()
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "received": received,
                 **identity, "lmdbs": [dict(entry) for entry in identity["lmdbs"]],
@@ -331,8 +346,8 @@ class CaffeLoader:
         saved = state.get("sampler")
         if isinstance(self.sampler, ResumableSampler):
             name = type(self.sampler).__name__
-            if _sampler_name(saved) != name:
-                raise LoaderError(f"load_state_dict: the state was saved with sampler {_sampler_name(saved)}, this "
+            if sampler_name(saved) != name:
+                raise LoaderError(f"load_state_dict: the state was saved with sampler {sampler_name(saved)}, this "
                                   f"loader has {name}")
             if saved.get("epoch") != epoch or saved.get("received") != received:
                 raise LoaderError(f"load_state_dict: the state's {name} state is at epoch {saved.get('epoch')!r}, "
@@ -340,36 +355,14 @@ class CaffeLoader:
                                   f"{received}: a garbled state")
             self.sampler.load_state_dict(saved)
         else:
-            self._check_position(saved, received)
+            check_position(saved, None if self.sampler is None else sampler_identity(self.sampler), received,
+                           self._size(), self.batch_size, self.drop_last)
         live = self._iterator() if self._iterator is not None else None
         if live is not None:
             live.end_for_load()
         self._progress = None
         self.set_epoch(epoch)
         self._resume = (epoch, received)
-
-    def _check_position(self, saved: Any, received: int) -> None:
-        """Without a caffe-lmdb sampler: the same sampler (or none), and `received` a whole number of its batches."""
-        mine = None if self.sampler is None else self._sampler_identity()
-        if _sampler_name(saved) != _sampler_name(mine):
-            raise LoaderError(f"load_state_dict: the state was saved with sampler {_sampler_name(saved)}, this "
-                              f"loader has {_sampler_name(mine)}")
-        key = next((k for k in mine or {} if saved.get(k) != mine[k]), None)
-        if key is not None:
-            hint = (": only caffe-lmdb's samplers (BlockShuffleSampler, DistributedShuffleSampler) resume on "
-                    "another number of ranks") if key in ("num_replicas", "rank") else ""
-            raise LoaderError(f"load_state_dict: the state's sampler has {key} {saved.get(key)!r}, this loader's "
-                              f"{mine['class']} has {key} {mine[key]!r}{hint}")
-        size = self._size()
-        last = size - size % self.batch_size if self.drop_last else size
-        if received > last or (received % self.batch_size and received != last):
-            raise LoaderError(f"load_state_dict: the state says {received} samples received, which is not a whole "
-                              f"number of batches of {self.batch_size} within an epoch of {last}")
-
-    def _sampler_identity(self) -> dict[str, Any]:
-        sampler = self.sampler
-        return {"class": type(sampler).__name__, "num_replicas": int(getattr(sampler, "num_replicas", 1)),
-                "rank": int(getattr(sampler, "rank", 0)), "length": len(sampler)}
 
     def _checked_identity(self) -> dict[str, Any]:
         """What decides the bytes of the batches, besides the position: made once (the LMDB keys are read once)."""
@@ -527,15 +520,6 @@ class CaffeLoader:
         if self.transform is not None:
             lines.append(f"Transform: {self.transform!r}")
         return "\n".join([f"Loader {type(self).__name__}"] + ["    " + line for line in lines])
-
-
-def _sampler_name(identity: Any) -> str:
-    """The sampler a state's entry names: a plain sampler's class, a caffe-lmdb sampler's own state's, or none."""
-    if identity is None:
-        return "none"
-    if not isinstance(identity, Mapping):
-        return f"(a {type(identity).__name__})"
-    return str(identity.get("class", identity.get("sampler")))
 
 
 def _concat(parts: list[LmdbDataset_train]) -> Any:

@@ -137,3 +137,42 @@ def _show(value: Any) -> str:
     if value is None:
         return "none"
     return repr(value.get("class", value)) if isinstance(value, Mapping) else repr(value)
+
+
+def sampler_identity(sampler: Any) -> dict[str, Any]:
+    """A sampler that keeps no state of its own (torch's DistributedSampler), as a state names it."""
+    return {"class": type(sampler).__name__, "num_replicas": int(getattr(sampler, "num_replicas", 1)),
+            "rank": int(getattr(sampler, "rank", 0)), "length": len(sampler)}
+
+
+def sampler_name(saved: Any) -> str:
+    """The sampler a state's entry names: a plain sampler's class, a caffe-lmdb sampler's own state's, or none."""
+    if saved is None:
+        return "none"
+    if not isinstance(saved, Mapping):
+        return f"(a {type(saved).__name__})"
+    return str(saved.get("class", saved.get("sampler")))
+
+
+def check_position(saved: Any, mine: Mapping[str, Any] | None, received: int, size: int, batch_size: int,
+                   drop_last: bool) -> None:
+    """Without a caffe-lmdb sampler: the same sampler (or none), and `received` a whole number of batches of the epoch.
+
+    `mine` is the loader's `sampler_identity` (None without a sampler), `size` its samples per epoch.
+
+    Raises:
+        LoaderError: another sampler, rank count, rank or length, or a position between batches.
+    """
+    if sampler_name(saved) != sampler_name(mine):
+        raise LoaderError(f"load_state_dict: the state was saved with sampler {sampler_name(saved)}, this loader "
+                          f"has {sampler_name(mine)}")
+    key = next((k for k in mine or {} if saved.get(k) != mine[k]), None)
+    if key is not None:
+        hint = (": only caffe-lmdb's samplers (BlockShuffleSampler, DistributedShuffleSampler) resume on another "
+                "number of ranks") if key in ("num_replicas", "rank") else ""
+        raise LoaderError(f"load_state_dict: the state's sampler has {key} {saved.get(key)!r}, this loader's "
+                          f"{mine['class']} has {key} {mine[key]!r}{hint}")
+    last = size - size % batch_size if drop_last else size
+    if received > last or (received % batch_size and received != last):
+        raise LoaderError(f"load_state_dict: the state says {received} samples received, which is not a whole number "
+                          f"of batches of {batch_size} within an epoch of {last}")

@@ -97,13 +97,14 @@ def _interleave(window: np.ndarray, block_size: int, rng: np.random.Generator) -
 class _Pass:
     """One pass of a rank over its indices: the epoch, the rank layouts before it, where it began, how far it got."""
 
-    __slots__ = ("earlier", "epoch", "length", "start", "yielded")
+    __slots__ = ("earlier", "epoch", "length", "run", "start", "yielded")
 
-    def __init__(self, epoch: int, earlier: list[list[int]], start: int, length: int) -> None:
+    def __init__(self, epoch: int, earlier: list[list[int]], start: int, run: np.ndarray | None) -> None:
         self.epoch = epoch
         self.earlier = earlier  # [[ranks, received per rank], ...]: the layouts this epoch ran under before
         self.start = start  # the position in this rank's indices where the pass began
-        self.length = length  # this rank's indices in the current layout (the pass yields length - start)
+        self.run = run  # this rank's indices in the current layout (a loaded state's, made once when loading)
+        self.length = 0 if run is None else len(run)  # the pass yields length - start
         self.yielded = 0
 
 
@@ -190,31 +191,29 @@ class ResumableSampler(Sampler[int]):
         resumed, self._pending = self._pending, None
         self._epoch_chosen = False
         if resumed is not None and resumed.epoch == self.epoch:
-            earlier, start = resumed.earlier, resumed.start
+            current = resumed
         else:
-            earlier, start = [], 0
-        run = self._run_of(self.epoch, earlier, self.num_replicas, self.rank)
-        current = _Pass(self.epoch, earlier, start, len(run))
+            current = _Pass(self.epoch, [], 0, self._native_run(self.epoch, self.num_replicas, self.rank))
+        run, current.run = current.run, None  # not kept: a pass needs only its counts afterwards
         self._current = current
-        for index in run[start:].tolist():
+        for index in run[current.start:].tolist():
             current.yielded += 1  # before the yield: a snapshot taken with this index counts it
             yield index
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def _run_of(self, epoch: int, earlier: list[list[int]], world: int, rank: int) -> np.ndarray:
-        """This epoch's indices of `rank` of `world` ranks, after the layouts `earlier`."""
-        if not earlier:
-            return self._native_run(epoch, world, rank)
-        return _split(self._rest(epoch, earlier), world)[rank]
+    def _rest(self, epoch: int, layouts: list[list[int]], name: str) -> np.ndarray | None:
+        """The indices of `epoch` not delivered under `layouts`, each once, in rank order (None: no layouts).
 
-    def _rest(self, epoch: int, earlier: list[list[int]]) -> np.ndarray:
-        """The indices of `epoch` not delivered under the layouts `earlier`, each once, in rank order."""
+        Raises:
+            LoaderError: a layout says more samples received per rank than its ranks have.
+        """
         delivered = np.zeros(len(self.dataset), dtype=bool)
-        rest = np.zeros(0, dtype=np.int64)
-        for position, (world, received) in enumerate(earlier):
-            runs = self._native_runs(epoch, world) if position == 0 else _split(rest, world)
+        rest = None
+        for world, received in layouts:
+            runs = self._native_runs(epoch, world) if rest is None else _split(rest, world)
+            _check_received(name, epoch, world, received, len(runs[0]))
             for run in runs:
                 delivered[run[:received]] = True
             rest = np.concatenate([run[received:] for run in runs]).astype(np.int64, copy=False)
@@ -258,13 +257,23 @@ class ResumableSampler(Sampler[int]):
                 setting; the message says what differs.
         """
         epoch, world, received, earlier = self._checked(state)
+        name = type(self).__name__
+        rest = self._rest(epoch, earlier, name)
+        if rest is None:
+            _check_received(name, epoch, world, received, _rank_length(len(self.dataset), world, self.drop_last))
+        else:
+            _check_received(name, epoch, world, received, math.ceil(len(rest) / world))
         start = received
         if world != self.num_replicas:  # the old ranks' unreceived indices, split among this many
             start = 0
             if received:
                 earlier = [*earlier, [world, received]]
-        length = len(self._run_of(epoch, earlier, self.num_replicas, self.rank))
-        self._pending = _Pass(epoch, earlier, start, length)
+                rest = self._rest(epoch, earlier, name)
+        if rest is None:
+            run = self._native_run(epoch, self.num_replicas, self.rank)
+        else:
+            run = _split(rest, self.num_replicas)[self.rank]
+        self._pending = _Pass(epoch, earlier, start, run)
         if not self._epoch_chosen:
             self.epoch = epoch
 
@@ -290,15 +299,13 @@ class ResumableSampler(Sampler[int]):
                 and layout[0] >= 1 and layout[1] >= 0 for layout in earlier):
             raise LoaderError(f"{name}.load_state_dict: 'earlier' must be a list of [ranks, received] pairs, "
                               f"got {earlier!r}")
-        earlier = [list(layout) for layout in earlier]
-        for position in range(len(earlier) + 1):
-            layouts = earlier[:position]
-            ranks, taken = earlier[position] if position < len(earlier) else (world, received)
-            length = len(self._run_of(epoch, layouts, ranks, 0))
-            if taken > length:
-                raise LoaderError(f"{name}.load_state_dict: the state says {taken} samples received per rank "
-                                  f"of {ranks}, but a rank has only {length} in epoch {epoch}")
-        return epoch, world, received, earlier
+        return epoch, world, received, [list(layout) for layout in earlier]
+
+
+def _check_received(name: str, epoch: int, world: int, received: int, length: int) -> None:
+    if received > length:
+        raise LoaderError(f"{name}.load_state_dict: the state says {received} samples received per rank of "
+                          f"{world}, but a rank has only {length} in epoch {epoch}")
 
 
 def _kind(value: Any) -> str:
