@@ -5,8 +5,9 @@ Each command has one library call of the same name, which is what the command ru
 
 Importing the package needs the generated `caffe_pb2` (`make proto`); without it the import
 fails with one line saying so. Everything beyond the codec and the keys (the commands' calls, the
-PyTorch parts `LmdbDataset_train`, `BlockShuffleSampler`, `open_shards`) is imported on first
-use, so that the command-line tools start without torch and `import caffe_lmdb` stays light.
+PyTorch parts `LmdbDataset_train`, `BlockShuffleSampler`, `DistributedShuffleSampler`, `open_shards`)
+is imported on first use, so that the command-line tools start without torch and `import caffe_lmdb`
+stays light.
 """
 
 from .datum import (
@@ -50,6 +51,7 @@ _LAZY = {
     "open_tree": "lmdb_dataset",
     "Stylegan2Layout": "layout_stylegan2",
     "BlockShuffleSampler": "samplers",
+    "DistributedShuffleSampler": "samplers",
     "CaffeLoader": "loader",
     "WorkerOptions": "batch_workers",
     "CaffeTransform": "transform",
@@ -88,6 +90,7 @@ __all__ = [
     "Datum",
     "DatumError",
     "DatumView",
+    "DistributedShuffleSampler",
     "InputError",
     "KeysFileError",
     "KeysFileWarning",

@@ -23,6 +23,10 @@ process maps and page-faults in again. Here:
 * Order and randomness. Batch b is made by worker b % N, and a sample's crop and mirror come from
   `transform.params(height, width, seed, epoch, index)`, never from a global RNG, so the batches
   are the same bytes for any number of workers, 0 included.
+* Resuming. `state_dict()` is the epoch and the samples of it handed to the user (counted as each
+  batch is delivered, never what the workers made ahead), with what a resume must match (the
+  LMDBs' identities, batch size, seed, transform); `load_state_dict` makes the next `iter()` go on
+  from there, slicing the epoch's order, so no skipped record is read (`loader_state.py`).
 * Clean failure. The main process waits on each worker's pipe and its process sentinel at once:
   a worker that raises, or dies (SIGKILL, out of memory), ends the loop with one error naming the
   worker, the LMDB and the key, never a hang. Workers ignore Ctrl-C (the main process handles it)
@@ -38,7 +42,7 @@ import multiprocessing.connection
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +66,18 @@ from .batch_workers import (
 from .dataset import LmdbDataset_train
 from .errors import InputError, LmdbFormatError, LoaderError
 from .lmdb_dataset import LmdbDataset
+from .loader_state import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    EpochProgress,
+    check_position,
+    check_state,
+    lmdb_identity,
+    sampler_identity,
+    sampler_name,
+    transform_identity,
+)
+from .samplers import ResumableSampler
 from .tool_reading import keys_file_for
 
 _OUTPUTS = ("float32", "uint8")
@@ -128,7 +144,8 @@ class CaffeLoader:
     Epochs: every `iter()` is one epoch. The first is epoch 0 and each further `iter()` the next,
     unless `set_epoch(epoch)` says which (as with DistributedSampler; it is passed on to a
     sampler that has `set_epoch`). Crops, mirrors and the `shuffle` order depend on the seed and
-    the epoch only.
+    the epoch only, so `state_dict()` (the epoch, the samples received) and `load_state_dict`
+    resume mid-epoch with the same batches, byte for byte, by slicing the epoch's order.
 
     Args:
         source: an LMDB path (Caffe Datums), a list of them, an `LmdbDataset_train`, an
@@ -236,6 +253,9 @@ class CaffeLoader:
         self._local: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._iterator: weakref.ref[_BatchIterator] | None = None
         self._last_offsets: torch.Tensor | None = None
+        self._progress: EpochProgress | None = None  # the latest iteration's position, kept after it ends
+        self._resume: tuple[int, int] | None = None  # (epoch, received) loaded, for the next iter()
+        self._identity: dict[str, Any] | None = None  # what a state is checked against, made once
 
     # ------------------------------------------------------------ epochs and order
 
@@ -245,9 +265,14 @@ class CaffeLoader:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next `iter()` epoch `epoch` (passed on to the sampler's `set_epoch`, if any)."""
+        """Make the next `iter()` epoch `epoch` (passed on to the sampler's `set_epoch`, if any).
+
+        After `load_state_dict`, the saved epoch keeps its saved position; another epoch starts whole.
+        """
         self._epoch = int(epoch)
         self._epoch_set = True
+        if self._resume is not None and self._resume[0] != self._epoch:
+            self._resume = None
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self._epoch)
 
@@ -266,6 +291,104 @@ class CaffeLoader:
         size = self._size()
         return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
 
+    # ------------------------------------------------------------ resuming
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data, as plain Python values: save it with the model, resume with `load_state_dict`.
+
+        The epoch and the samples of it the user has received (batches handed out, never what
+        workers made ahead), the sampler's own state when it is a caffe-lmdb sampler, the rank and
+        rank count, and what `load_state_dict` checks (each LMDB's name, record count and key
+        fingerprint, batch size, drop_last, shuffle, seed, the transform's parameters). After the
+        last batch of an epoch the state is that epoch with every sample received (resuming gives
+        an empty rest of it); once the iteration has ended (StopIteration), it is the start of the
+        next epoch, or of the one `set_epoch` chose. Costs microseconds (the LMDB fingerprints are
+        made once per loader); nothing is read.
+        """
+        sampler = self.sampler
+        sampler_state: dict[str, Any] | None = None
+        if self._resume is not None:  # loaded, not started: the loaded position
+            epoch, received = self._resume
+            if isinstance(sampler, ResumableSampler):
+                sampler_state = sampler.state_dict()
+        else:
+            progress = self._progress
+            if progress is None or self._epoch_set:
+                epoch, received, delivered = self._epoch, 0, None
+            elif progress.finished:
+                epoch, received, delivered = progress.epoch + 1, 0, None
+            else:
+                epoch, received, delivered = progress.epoch, progress.start + progress.delivered, progress.delivered
+            if isinstance(sampler, ResumableSampler):
+                if delivered is None:  # the start of `epoch`
+                    sampler_state = {**sampler.state_dict(), "epoch": epoch, "received": 0, "earlier": []}
+                else:
+                    sampler_state = sampler.state_dict(received=delivered)
+        if sampler_state is not None:
+            received = sampler_state["received"]  # its position in the current layout of ranks
+        elif sampler is not None:
+            sampler_state = sampler_identity(sampler)
+        identity = self._checked_identity()
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "received": received,
+                **identity, "lmdbs": [dict(entry) for entry in identity["lmdbs"]],
+                "transform": None if identity["transform"] is None else dict(identity["transform"]),
+                "rank": int(getattr(sampler, "rank", 0)), "world_size": int(getattr(sampler, "num_replicas", 1)),
+                "sampler": sampler_state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next `iter()` continue where `state` (from `state_dict`) was: the same batches, byte for byte.
+
+        The next `iter()` is the saved epoch from the saved sample on (the skipped samples are
+        never read: the epoch's order is sliced), whatever `num_workers` was and is; the `iter()`s
+        after it are the following epochs, as in the uninterrupted run. The state applies to the
+        next `iter()` after loading, always: an iterator made before (say by a framework) does not
+        restart the epoch at 0 silently: an iteration still live is ended, and asking it for
+        another batch raises `LoaderError`. `set_epoch` with another epoch afterwards drops the
+        saved position (that epoch starts whole).
+
+        With a caffe-lmdb sampler (`BlockShuffleSampler`, `DistributedShuffleSampler`) the state may
+        come from another number of ranks: the rest of the epoch is split among this run's ranks
+        (`ResumableSampler`); any rank's state does for every rank, as they agree. Other samplers
+        must have the same rank count, rank and length, and give the same order for the same
+        `set_epoch` (DistributedSampler does).
+
+        Raises:
+            LoaderError: the state is not a loader state, or differs from this loader in an LMDB
+                (name, record count, keys), the record count, batch size, drop_last, shuffle,
+                seed, transform or sampler; one line says what differs.
+        """
+        check_state(state, self._checked_identity())
+        epoch, received = state["epoch"], state["received"]
+        saved = state.get("sampler")
+        if isinstance(self.sampler, ResumableSampler):
+            name = type(self.sampler).__name__
+            if sampler_name(saved) != name:
+                raise LoaderError(f"load_state_dict: the state was saved with sampler {sampler_name(saved)}, this "
+                                  f"loader has {name}")
+            if saved.get("epoch") != epoch or saved.get("received") != received:
+                raise LoaderError(f"load_state_dict: the state's {name} state is at epoch {saved.get('epoch')!r}, "
+                                  f"received {saved.get('received')!r}, the loader's at epoch {epoch}, received "
+                                  f"{received}: a garbled state")
+            self.sampler.load_state_dict(saved)
+        else:
+            check_position(saved, None if self.sampler is None else sampler_identity(self.sampler), received,
+                           self._size(), self.batch_size, self.drop_last)
+        live = self._iterator() if self._iterator is not None else None
+        if live is not None:
+            live.end_for_load()
+        self._progress = None
+        self.set_epoch(epoch)
+        self._resume = (epoch, received)
+
+    def _checked_identity(self) -> dict[str, Any]:
+        """What decides the bytes of the batches, besides the position: made once (the LMDB keys are read once)."""
+        if self._identity is None:
+            lmdbs = [lmdb_identity(part) for part in self.parts]
+            self._identity = {"records": sum(entry["records"] for entry in lmdbs), "lmdbs": lmdbs,
+                              "batch_size": self.batch_size, "drop_last": self.drop_last, "shuffle": self.shuffle,
+                              "seed": self.seed, "transform": transform_identity(self.transform)}
+        return self._identity
+
     # ------------------------------------------------------------ iterating
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,19 +401,27 @@ class CaffeLoader:
             self._epoch += 1
             if hasattr(self.sampler, "set_epoch"):
                 self.sampler.set_epoch(self._epoch)
-        order = self._order()
+        resume, self._resume = self._resume, None
+        order = self._order()  # a ResumableSampler gives only the rest of a resumed epoch
         size = len(self._maker)
         bad = next((i for i in order if not 0 <= i < size), None)
         if bad is not None:
             raise IndexError(f"the sampler gave index {bad}, out of range for the {size} records of "
                              f"{', '.join(part.root for part in self.parts)}")
+        start = 0
+        if resume is not None and resume[0] == self._epoch and not isinstance(self.sampler, ResumableSampler):
+            start = resume[1]  # index arithmetic: the skipped samples are never read
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        batches = [order[i:i + self.batch_size] for i in range(0, stop, self.batch_size)]
-        rows = self._slot_rows(len(batches[0]) if batches else 0)  # the first batch is the longest
+        batches = [order[i:i + self.batch_size] for i in range(start, stop, self.batch_size)]
+        longest = len(batches[0]) if batches else 0  # the first batch is the longest
+        if resume is not None:  # slots as the uninterrupted run makes them, not as short as the rest's
+            longest = max(longest, min(self.batch_size, self._size()))
+        rows = self._slot_rows(longest)
         if rows > self._rows:  # only the first epoch, or a sampler that grew: slots are made (again) for it
             self._free_slots()
             self._rows = rows
-        iterator = _BatchIterator(self, batches, self._epoch)
+        self._progress = EpochProgress(self._epoch, start)
+        iterator = _BatchIterator(self, batches, self._epoch, self._progress)
         self._iterator = weakref.ref(iterator)
         return iterator
 
@@ -416,10 +547,12 @@ def _concat(parts: list[LmdbDataset_train | LmdbDataset]) -> Any:
 class _BatchIterator:
     """One epoch of a `CaffeLoader`: keeps every worker's ring busy, yields the batches in order."""
 
-    def __init__(self, loader: CaffeLoader, batches: list[list[int]], epoch: int) -> None:
+    def __init__(self, loader: CaffeLoader, batches: list[list[int]], epoch: int, progress: EpochProgress) -> None:
         self.loader = loader
         self.batches = batches
         self.epoch = epoch
+        self.progress = progress  # counts what is handed to the user: the loader's state
+        self.ended_by_load = False
         self.next_batch = 0
         self.sent = 0
         self.pool: WorkerPool | None = None
@@ -434,6 +567,9 @@ class _BatchIterator:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.closed:
+            if self.ended_by_load:
+                raise LoaderError("this iteration was ended by load_state_dict(); call iter(loader) again to "
+                                  "continue from the loaded state")
             raise StopIteration
         try:
             self._release_held()
@@ -450,7 +586,9 @@ class _BatchIterator:
                 worker, slot = self._from_worker(batch)
                 images, labels, params = self.pool.slots[worker][slot]
             self.next_batch += 1
-            return self._deliver(worker, slot, images, labels, params, len(indices))
+            delivered = self._deliver(worker, slot, images, labels, params, len(indices))
+            self.progress.delivered += len(indices)
+            return delivered
         except StopIteration:
             raise
         except BaseException:
@@ -526,9 +664,16 @@ class _BatchIterator:
 
     def _finish(self) -> None:
         self.closed = True
+        self.progress.finished = True
         if self.pool is not None and not self.loader.persistent_workers:
             self.loader._release_pool()
         self.pool = None
+
+    def end_for_load(self) -> None:
+        """`load_state_dict` was called: end this iteration, and make asking it for more a `LoaderError`."""
+        if not self.closed:
+            self.close()
+            self.ended_by_load = True
 
     def close(self) -> None:
         """End the epoch early: stop the workers (a persistent pool is kept when it can be drained)."""

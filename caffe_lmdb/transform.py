@@ -41,6 +41,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -166,6 +167,7 @@ class CaffeTransform:
         self._out_means: dict[int, _OutputMean | None] = {}  # per channel count: the mean in output order
         self._orders: dict[int, list[int] | None] = {}  # per channel count: `_order`
         self._device_means: dict[Any, Any] = {}  # per (device, channels): the output-order mean as a tensor
+        self._mean_digest: str | None = None  # `state_params`' name of the mean file's values, made once
 
     # ------------------------------------------------------------------ shapes and checks
 
@@ -644,6 +646,27 @@ class CaffeTransform:
             cached = (mean_t, torch.tensor(self._scale, dtype=torch.float32, device=device))
             self._device_means[key] = cached
         return cached
+
+    # ------------------------------------------------------------------ identity
+
+    def state_params(self) -> dict[str, Any]:
+        """What the transform does to a sample, as plain values: what a loader's saved state is checked against.
+
+        A resumed run must crop, mirror and normalise as the interrupted one did, or its batches
+        would silently differ; the loader saves this dict and refuses a state whose dict differs.
+        The mean file is named by a digest of its values, not its path, so a run resumed on
+        another machine with the file elsewhere still matches. The generator `seed` is left out:
+        the loader draws crops from its own seed (`params`), which it saves itself.
+        """
+        if self._mean is not None and self._mean_digest is None:
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(repr(self._mean.shape).encode())
+            digest.update(self._mean.tobytes())
+            self._mean_digest = digest.hexdigest()
+        return {"class": type(self).__name__, "crop_size": self.crop_size, "mirror": self.mirror,
+                "mean_file": self._mean_digest,
+                "mean_value": list(self.mean_value), "scale": self.scale, "phase": self.phase, "rgb": self.rgb,
+                "force_color": self.force_color, "force_gray": self.force_gray}
 
     # ------------------------------------------------------------------ plumbing
 

@@ -41,3 +41,8 @@ def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     instant = results["instant"]
     assert instant["keys"] == 160 and len(instant["second / first"]["runs"]) == 3
     assert "instant start: 160 keys" in table
+    resume = results["resume"]
+    assert resume["records"] == 200 and len(resume["resume s"]) == 3 and resume["resume / read 1%"] > 0
+    assert resume["epoch with state_dict / without"]["median"] > 0 and resume["state_dict us"]["shuffle"] > 0
+    assert resume["sampler"]["records"] == 10_000 and resume["sampler"]["8 -> 4 ranks ms"] > 0
+    assert "resume: 200 records" in table and "resume / read 1%" in table
