@@ -37,6 +37,11 @@ class ByteCache:
                 self._items.move_to_end(key)
             return item
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
     def put(self, key: Any, item: tuple[bytes, str | None]) -> None:
         with self._lock:
             old = self._items.pop(key, None)

@@ -23,7 +23,7 @@ READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_she
              "image_files", "reader", "lmdb_dataset", "layouts", "key_index", "layout_datum", "layout_lsun",
              "layout_crnn", "layout_stylegan2",
              "layout_caffe2", "layout_basicsr", "safe_unpickle",
-             "legacy_records", "layout_tensorpack"}
+             "legacy_records", "layout_tensorpack", "served_lmdb", "serve_images"}
 
 #: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.
 LAZY_ALLOWED = {"torch", "cv2", "msgpack", "importlib", "google.protobuf.unknown_fields", "warnings", "multiprocessing"}
