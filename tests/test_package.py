@@ -123,7 +123,7 @@ def test_every_command_has_an_example_and_is_in_the_readme(command):
 def test_each_command_has_a_library_call_of_the_same_name():
     import caffe_lmdb
 
-    for name in ("convert", "merge", "migrate", "info", "verify", "compute_mean", "export", "grid"):
+    for name in ("convert", "merge", "migrate", "info", "verify", "compute_mean", "export", "grid", "serve"):
         assert callable(getattr(caffe_lmdb, name)) and name in caffe_lmdb.__all__
 
 

@@ -36,7 +36,7 @@ def _missing() -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        return "the selenium package is not installed (pip install -e '.[browser]')"
+        return "the selenium package is not installed (a dev extra: pip install -e '.[dev]')"
     if CHROMIUM is None or DRIVER is None:
         return "no chromium and chromium-driver here (Debian: apt-get install chromium chromium-driver)"
     return None
