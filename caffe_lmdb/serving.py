@@ -314,6 +314,9 @@ class LmdbApp:
                 return _html(waiting_page(lmdb, job, "The class filter needs every record's label: counting them"),
                              lmdb)
         page = lmdb.page(start, size, label)
+        if page is None:  # the count the class filter needs failed: the overview says why
+            return _message(HTTPStatus.INTERNAL_SERVER_ERROR, "No class filter", f"Counting the records failed: "
+                            f"{lmdb.overview().error}", lmdb)
         return _html(gallery_page(lmdb, page, [lmdb.record(i) for i in page.indices], _known_labels(lmdb)), lmdb)
 
     def _search(self, lmdb: ServedLmdb, key: str, size: int) -> Response:

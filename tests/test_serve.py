@@ -27,6 +27,7 @@ from conftest import REPO, assert_one_line_error, caffe_key, caffe_raw_datum, pn
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, raw_value, same_size_tree
 
+from caffe_lmdb.keys import save_keys
 from caffe_lmdb.serve_transform import transforms_from
 from caffe_lmdb.serving import MAX_PAGE, make_server
 
@@ -426,6 +427,20 @@ def test_filter_by_class_jump_and_search(train_lmdb):
         assert status == 404 and b"No key starts with" in body
 
 
+def test_a_keys_file_in_another_order_than_the_lmdbs(tmp_path):
+    """Indices follow the keys file; labels, search and the check's links find their record by key."""
+    keys = [caffe_key(i, f"{i}.png") for i in range(5)]
+    path = hand_written(tmp_path / "r.lmdb", {key: raw_value(red_blue(), i) for i, key in enumerate(keys)})
+    save_keys(tmp_path / "r_keys.npy", keys[::-1])
+    with running([path]) as server:
+        assert re.findall(r"#(\d+)</span> (\d+)", page(server, "/db/0/gallery")) == [
+            ("0", "4"), ("1", "3"), ("2", "2"), ("3", "1"), ("4", "0")]
+        wait_for(server, 0, "overview")
+        assert re.findall(r"#(\d+)</span> (\d+)", page(server, "/db/0/gallery?label=1")) == [("3", "1")]
+        status, headers, _ = fetch(server, "/db/0/gallery?key=00000001_1.png")
+        assert (status, headers["Location"]) == (303, "/db/0/record/3")
+
+
 def test_the_problems_page_links_each_finding_to_its_record(mixed_lmdb):
     with running([mixed_lmdb]) as server:
         fetch(server, "/db/0/problems?run=1")
@@ -495,6 +510,10 @@ def test_start_errors_are_one_line(tmp_path, train_lmdb):
     assert_one_line_error(run_cli("serve", tmp_path / "missing.lmdb", "--port", "0"), 1, "missing.lmdb")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("serve", tmp_path / "empty", "--port", "0"), 1, "no LMDB under this folder")
+    cut = tmp_path / "cut.lmdb"
+    cut.mkdir()
+    (cut / "data.mdb").write_bytes((train_lmdb / "data.mdb").read_bytes()[:8192])
+    assert_one_line_error(run_cli("serve", cut, "--port", "0"), 1, "cut.lmdb", "truncated")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
