@@ -295,7 +295,7 @@ class LmdbApp:
         return self.lmdbs[position]
 
     def _overview(self, lmdb: ServedLmdb, query: dict[str, list[str]]) -> Response:
-        return _html(overview_page(lmdb, lmdb.overview(), [] if lmdb.datum else lmdb.target_kinds()), lmdb)
+        return _html(overview_page(lmdb, lmdb.overview(), [] if lmdb.datum else lmdb.target_kinds()))
 
     def _gallery(self, lmdb: ServedLmdb, query: dict[str, list[str]]) -> Response:
         size = _number(query, "size")
@@ -311,13 +311,12 @@ class LmdbApp:
         if label is not None:
             job = lmdb.overview()
             if not job.finished:
-                return _html(waiting_page(lmdb, job, "The class filter needs every record's label: counting them"),
-                             lmdb)
+                return _html(waiting_page(lmdb, job, "The class filter needs every record's label: counting them"))
         page = lmdb.page(start, size, label)
         if page is None:  # the count the class filter needs failed: the overview says why
             return _message(HTTPStatus.INTERNAL_SERVER_ERROR, "No class filter", f"Counting the records failed: "
                             f"{lmdb.overview().error}", lmdb)
-        return _html(gallery_page(lmdb, page, [lmdb.record(i) for i in page.indices], _known_labels(lmdb)), lmdb)
+        return _html(gallery_page(lmdb, page, [lmdb.record(i) for i in page.indices], _known_labels(lmdb)))
 
     def _search(self, lmdb: ServedLmdb, key: str, size: int) -> Response:
         index, found = lmdb.find(key)
@@ -329,11 +328,11 @@ class LmdbApp:
                   f"The LMDB has key {key_text(found)!r}, but the key list shown here does not (a stale keys file?).")
         page = lmdb.page(0, size)
         body = gallery_page(lmdb, page, [lmdb.record(i) for i in page.indices], _known_labels(lmdb), notice)
-        return _html(body, lmdb, HTTPStatus.NOT_FOUND)
+        return _html(body, HTTPStatus.NOT_FOUND)
 
     def _record(self, lmdb: ServedLmdb, index: str, query: dict[str, list[str]]) -> Response:
         record = lmdb.record(_index(lmdb, int(index)))
-        return _html(record_page(lmdb, record, self.transforms, DEFAULT_PAGE), lmdb)
+        return _html(record_page(lmdb, record, self.transforms, DEFAULT_PAGE))
 
     def _thumb(self, lmdb: ServedLmdb, index: str, query: dict[str, list[str]]) -> Response:
         body, problem = lmdb.thumbnail(_index(lmdb, int(index)))
@@ -371,7 +370,7 @@ class LmdbApp:
         if _text(query, "run"):
             lmdb.check(start=True)
             return Response(HTTPStatus.SEE_OTHER, headers=[("Location", f"/db/{lmdb.number}/problems")])
-        return _html(problems_page(lmdb, lmdb.check()), lmdb)
+        return _html(problems_page(lmdb, lmdb.check()))
 
     def _transform(self, lmdb: ServedLmdb, index: str, query: dict[str, list[str]]) -> Response:
         i = _index(lmdb, int(index))
@@ -383,7 +382,7 @@ class LmdbApp:
                 draws = [draw(self.transforms, name, pixels, i) for name in self.transforms.names()]
             except (CaffeLmdbError, TransformError) as exc:
                 draws.append(str(exc))
-        return _html(transform_page(lmdb, record, self.transforms, draws, DEFAULT_PAGE), lmdb)
+        return _html(transform_page(lmdb, record, self.transforms, draws, DEFAULT_PAGE))
 
     def _transformed(self, lmdb: ServedLmdb, index: str, name: str, query: dict[str, list[str]]) -> Response:
         i = _index(lmdb, int(index))
@@ -450,12 +449,12 @@ def _file_name(lmdb: ServedLmdb, index: int, suffix: str) -> str:
     return name if name.lower().endswith(suffix) else name + suffix
 
 
-def _html(page: str, lmdb: ServedLmdb | None = None, status: int = HTTPStatus.OK) -> Response:
+def _html(page: str, status: int = HTTPStatus.OK) -> Response:
     return Response(status, page.encode("utf-8"), headers=[("Cache-Control", "no-store")])
 
 
 def _message(status: int, title: str, text: str, lmdb: ServedLmdb | None = None) -> Response:
-    return _html(message_page(title, text, lmdb), lmdb, status)
+    return _html(message_page(title, text, lmdb), status)
 
 
 def _png(body: bytes, problem: str | None, etag: str | None = None) -> Response:
