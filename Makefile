@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PB2    := caffe_lmdb/caffe_pb2.py caffe_lmdb/caffe2_pb2.py
 PROTOC := $(BIN)/python -m grpc_tools.protoc -I proto --python_out=caffe_lmdb --pyi_out=caffe_lmdb
 
-.PHONY: venv proto demo test lint bench clean
+.PHONY: venv proto demo test browser lint bench clean
 
 # torch is pinned for dev/test and installed first: on these machines pip takes a local CPU wheel
 # for exactly this version (any other spec pulls a multi-GB CUDA build).
@@ -30,8 +30,17 @@ demo: $(STAMP) $(PB2)
 	$(BIN)/python tools/convert.py img --overwrite
 	$(BIN)/python tools/main.py img/train.lmdb
 
-test: $(STAMP) $(PB2)
+test: $(STAMP) $(PB2) browser
 	$(BIN)/python -m pytest -q
+
+# the browser test's Chromium (tests/test_serve_browser.py): installed with apt-get where that can be done
+# (root, on Debian, as in CI); elsewhere that one test skips, saying why
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null; } || echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "no chromium/chromedriver, and apt-get needs root: the browser test will skip"; fi; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

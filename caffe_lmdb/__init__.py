@@ -1,7 +1,7 @@
 """caffe-lmdb: image folders to Caffe Datum LMDBs, and Caffe LMDBs (new or legacy) to PyTorch.
 
 Each command has one library call of the same name, which is what the command runs:
-`convert`, `merge`, `migrate`, `info`, `verify`, `compute_mean`, `export`, `grid`.
+`convert`, `merge`, `migrate`, `info`, `verify`, `compute_mean`, `export`, `grid`, `serve`.
 
 Importing the package needs the generated `caffe_pb2` (`make proto`); without it the import
 fails with one line saying so. Everything beyond the codec and the keys (the commands' calls, the
@@ -70,6 +70,7 @@ _LAZY = {
     "load_mean": "mean",
     "export": "exporting",
     "grid": "grid_sheet",
+    "serve": "serving",
 }
 
 
@@ -134,6 +135,7 @@ __all__ = [
     "save_keys",
     "scan_keys",
     "serialize_datum",
+    "serve",
     "verify",
     "write_dataset",
     "write_lmdb",

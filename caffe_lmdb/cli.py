@@ -32,6 +32,9 @@ from .migration import migrate
 from .prototxt import describe_prototxt_batches
 from .reader import LAYOUTS
 from .selftest import codec_roundtrip
+from .serve_transform import transforms_from
+from .served_lmdb import MAX_PIXELS
+from .serving import DEFAULT_HOST, DEFAULT_PORT, serve
 from .shards import find_shards
 from .sources import IMAGE_EXTENSIONS
 
@@ -182,6 +185,24 @@ def cmd_loader(args: argparse.Namespace) -> int:
     for line in lines:
         print(line, flush=True)
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve LMDBs to a web browser with `serving.serve`, read-only, until Ctrl-C."""
+    transforms = transforms_from(args.prototxt, args.layer, args.root, args.crop_size, args.mirror, args.mean_file,
+                                 args.mean_value or (), args.scale)
+    serve(args.lmdb, args.host, args.port, transforms=transforms, max_pixels=args.max_pixels,
+          announce=lambda line: print(line, flush=True))
+    print("caffe-lmdb serve: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def port_number(value: str) -> int:
+    """An argparse type for a TCP port: 0 (any free one) to 65535."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {number}")
+    return number
 
 
 # Over 100 lines: every command's options, declared in one place and in order, as `convert_imageset`
@@ -409,6 +430,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", metavar="NAME", help="the Data layer to read when the phase has several")
     p.add_argument("--batches", type=int, default=2, help="batches to print with --prototxt (default 2)")
     p.set_defaults(func=cmd_loader)
+
+    p = sub.add_parser(
+        "serve",
+        help="look inside LMDBs in a web browser: overview, gallery, records, problems, the transform (read-only)",
+        description="Start a local web app showing LMDBs (or every LMDB under a folder): an overview (counts by "
+        "kind, shapes, label histogram with class names), a paged gallery of thumbnails (filter by class, jump to "
+        "an index, search by key), each record (image, key, shape, label, float_data, downloads), the problems "
+        "verify finds, and what a net is fed through the transform. Any layout LmdbDataset reads is shown. The "
+        "LMDBs are opened read-only without a lock file. Listens on 127.0.0.1; another --host needs the token "
+        "printed in the URL. Ctrl-C stops it. Example: caffe-lmdb serve img/train.lmdb img/val.lmdb",
+    )
+    p.add_argument("lmdb", metavar="LMDB", nargs="+", help="LMDBs, or folders holding LMDBs")
+    p.add_argument("--host", default=DEFAULT_HOST, metavar="ADDR",
+                   help=f"address to listen on (default {DEFAULT_HOST}; any other needs the printed token)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT}; 0: any free one)")
+    p.add_argument("--prototxt", metavar="FILE",
+                   help="a net prototxt (train_val.prototxt): its Data layers' transform_param for the transform page")
+    p.add_argument("--layer", metavar="NAME", help="the Data layer to take with --prototxt (default: the first)")
+    p.add_argument("--root", metavar="DIR", help="folder the prototxt's relative mean_file is resolved against "
+                   "(default: the working directory, as Caffe)")
+    p.add_argument("--crop-size", "--crop_size", type=int, default=0, metavar="N",
+                   help="without --prototxt: crop_size of the transform page (0: no crop)")
+    add_bool_flag(p, "--mirror", help="without --prototxt: mirror, as transform_param's")
+    p.add_argument("--mean-file", "--mean_file", metavar="FILE",
+                   help="without --prototxt: a mean.binaryproto to subtract")
+    p.add_argument("--mean-value", "--mean_value", type=float, nargs="+", metavar="V",
+                   help="without --prototxt: mean values (one, or one per channel in B G R order)")
+    p.add_argument("--scale", type=float, default=1.0, help="without --prototxt: scale (default 1)")
+    p.add_argument("--max-pixels", "--max_pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
+                   help=f"images over N pixels are not decoded, a placeholder says so (default {MAX_PIXELS})")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

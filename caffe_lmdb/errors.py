@@ -101,6 +101,10 @@ class PrototxtError(InputError):
     """A net or solver prototxt that cannot feed a loader: the message names the file and the layer."""
 
 
+class ServeError(CaffeLmdbError, RuntimeError):
+    """`caffe-lmdb serve` could not start: its address is taken or cannot be listened on."""
+
+
 
 def os_error_reason(exc: OSError) -> str:
     """`permission denied`: an OSError's reason alone, for messages that name the file themselves."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from .datum import check_datum, datum_to_image, parse_datum_view, read_encoded_header
+from .datum import DatumView, check_datum, datum_to_image, parse_datum_view, read_encoded_header
 from .errors import CaffeLmdbError, CorruptLmdbError, DatumError, InputError, KeysFileError
 from .keys import load_keys, txn_keys
 from .layouts import Layout, Probe, detect_layout
@@ -207,26 +207,54 @@ def info(
     if other is not None:
         return layout_info(lmdb_path, other, sample, seed)
     path = Path(lmdb_path)
-    resolved_keys = keys_file_for(path, keys_path)
     with read_txn(path) as txn:
-        result = LmdbInfo(path=path, records=txn.stat()["entries"], classes=class_names(path),
-                          disk_bytes=disk_bytes(path), keys_path=resolved_keys)
-        file_keys = load_keys(resolved_keys) if resolved_keys is not None else None
-        if file_keys is not None:
-            result.keys_count = len(file_keys)
-        cursor = txn.cursor()
-        with lmdb_errors_named(path, "reading its first and last keys"):
-            if cursor.first():
-                result.first_key = bytes(cursor.key())
-                cursor.last()
-                result.last_key = bytes(cursor.key())
-        if sample is None or sample >= result.records:
-            pairs = iter_values(txn)
-        else:
-            keys = file_keys if file_keys is not None else txn_keys(txn)
-            pairs = _sampled_values(txn, path, random_subset(keys, sample, seed), resolved_keys)
-        for key, value in pairs:
-            _count(result, key, value)
+        return txn_info(txn, path, keys_path, sample=sample, seed=seed)
+
+
+def txn_info(
+    txn: lmdb.Transaction,
+    lmdb_path: str | os.PathLike,
+    keys_path: str | os.PathLike | None = None,
+    *,
+    sample: int | None = None,
+    seed: int = 0,
+    on_record: Callable[[bytes, DatumView | None], object] | None = None,
+) -> LmdbInfo:
+    """`info` in a read transaction already open on the LMDB, for a caller that keeps it open (`serve`).
+
+    py-lmdb opens an LMDB once per process, so a server that holds it open cannot call `info`.
+
+    Args:
+        txn: a `buffers=True` transaction from `safe_lmdb.begin_read` (its walk is checked).
+        lmdb_path, keys_path, sample, seed: as `info`.
+        on_record: called with each record's key and parsed Datum (None: not a Datum), after it
+            is counted: progress, or more from the same walk.
+
+    Raises:
+        As `info`.
+    """
+    path = Path(lmdb_path)
+    resolved_keys = keys_file_for(path, keys_path)
+    result = LmdbInfo(path=path, records=txn.stat()["entries"], classes=class_names(path),
+                      disk_bytes=disk_bytes(path), keys_path=resolved_keys)
+    file_keys = load_keys(resolved_keys) if resolved_keys is not None else None
+    if file_keys is not None:
+        result.keys_count = len(file_keys)
+    cursor = txn.cursor()
+    with lmdb_errors_named(path, "reading its first and last keys"):
+        if cursor.first():
+            result.first_key = bytes(cursor.key())
+            cursor.last()
+            result.last_key = bytes(cursor.key())
+    if sample is None or sample >= result.records:
+        pairs = iter_values(txn)
+    else:
+        keys = file_keys if file_keys is not None else txn_keys(txn)
+        pairs = _sampled_values(txn, path, random_subset(keys, sample, seed), resolved_keys)
+    for key, value in pairs:
+        datum = _count(result, key, value)
+        if on_record is not None:
+            on_record(key, datum)
     return result
 
 
@@ -240,7 +268,8 @@ def _sampled_values(
         yield bytes(key), value
 
 
-def _count(result: LmdbInfo, key: bytes, value: memoryview) -> None:
+def _count(result: LmdbInfo, key: bytes, value: memoryview) -> DatumView | None:
+    """Count one record into `result`; returns its parsed Datum (None: not a Datum)."""
     result.scanned += 1
     result.payload_bytes += len(value)
     try:
@@ -249,7 +278,7 @@ def _count(result: LmdbInfo, key: bytes, value: memoryview) -> None:
         result.invalid += 1
         if result.first_invalid_key is None:
             result.first_invalid_key = key
-        return
+        return None
     result.labels[datum.label] += 1
     if datum.encoded:
         result.encoded += 1
@@ -258,15 +287,16 @@ def _count(result: LmdbInfo, key: bytes, value: memoryview) -> None:
         except DatumError:
             result.formats["unknown"] += 1
             result.shapes[None] += 1
-            return
+            return datum
         result.formats[header.format] += 1
         result.shapes[(header.channels, header.height, header.width)] += 1
-        return
+        return datum
     if datum.data:
         result.raw += 1
     else:
         result.float_records += 1
     result.shapes[(datum.channels, datum.height, datum.width)] += 1
+    return datum
 
 
 # --------------------------------------------------------------------------- verify
@@ -356,36 +386,68 @@ def verify(
         if not os.path.lexists(path):  # killed before the LMDB itself was renamed in
             return report
     file_keys = load_keys(report.keys_path) if report.keys_path is not None else None
+    try:
+        with read_txn(path) as txn, progress_bar(txn.stat()["entries"], path.name, progress) as bar:
+            return txn_verify(txn, report, file_keys, decode=decode, on_record=bar.update)
+    except CorruptLmdbError as exc:  # truncated, or a damaged branch page: found on opening
+        return _stopped_by_damage(report, exc)
+
+
+def txn_verify(
+    txn: lmdb.Transaction,
+    report: VerifyReport,
+    file_keys: np.ndarray | None = None,
+    *,
+    decode: bool = False,
+    on_record: Callable[[], object] | None = None,
+) -> VerifyReport:
+    """`verify`'s checks of every record and of the keys file, in a read transaction already open on `report.path`.
+
+    For a caller that keeps the LMDB open (`serve`): py-lmdb opens an LMDB once per process.
+
+    Args:
+        txn: a `buffers=True` transaction from `safe_lmdb.begin_read` (its walk is checked).
+        report: the report to add to (its `path` and `keys_path` say what is checked).
+        file_keys: the keys file's keys (`keys.load_keys(report.keys_path)`); None: not compared.
+        decode: as `verify`.
+        on_record: called once per record checked (progress).
+
+    Returns:
+        `report`, with the problems found.
+    """
+    path = report.path
     classes = class_names(path)
     lmdb_keys: list[bytes] = []
     try:
-        with read_txn(path) as txn:
-            total = txn.stat()["entries"]
-            with progress_bar(total, path.name, progress) as bar:
-                for key, value in iter_values(txn):
-                    lmdb_keys.append(key)
-                    report.records += 1
-                    try:
-                        datum = parse_datum_view(value)
-                        check_datum(datum)
-                        if classes is not None and not 0 <= datum.label < len(classes):
-                            raise DatumError(f"label {datum.label} has no class in the class file "
-                                             f"({len(classes)} classes)")
-                        if decode and datum.encoded:
-                            datum_to_image(datum)
-                            report.decoded += 1
-                    except DatumError as exc:
-                        report.problems.append((key, str(exc)))
-                    bar.update()
+        for key, value in iter_values(txn):
+            lmdb_keys.append(key)
+            report.records += 1
+            try:
+                datum = parse_datum_view(value)
+                check_datum(datum)
+                if classes is not None and not 0 <= datum.label < len(classes):
+                    raise DatumError(f"label {datum.label} has no class in the class file "
+                                     f"({len(classes)} classes)")
+                if decode and datum.encoded:
+                    datum_to_image(datum)
+                    report.decoded += 1
+            except DatumError as exc:
+                report.problems.append((key, str(exc)))
+            if on_record is not None:
+                on_record()
     except CorruptLmdbError as exc:
-        report.damaged = True
-        message = str(exc)
-        report.problems.append((None, message.removeprefix(f"{path}: ")))
-        return report
+        return _stopped_by_damage(report, exc)
     if not lmdb_keys:
         report.problems.append((None, "the LMDB has no records"))
     if file_keys is not None:
         report.problems += _compare_keys(report.keys_path, file_keys.tolist(), lmdb_keys)
+    return report
+
+
+def _stopped_by_damage(report: VerifyReport, exc: CorruptLmdbError) -> VerifyReport:
+    """The report of a check that stopped at a damaged LMDB: nothing past a bad page can be reached."""
+    report.damaged = True
+    report.problems.append((None, str(exc).removeprefix(f"{report.path}: ")))
     return report
 
 

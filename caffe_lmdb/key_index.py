@@ -102,14 +102,17 @@ def save_index(lmdb_path: str | os.PathLike, identity: tuple[int, ...], keys: np
 
 
 def cached_keys(lmdb_path: str | os.PathLike, identity: tuple[int, ...], entries: int,
-                scan: Callable[[], np.ndarray]) -> np.ndarray:
-    """The LMDB's keys in LMDB order: from its key index, else `scan()`, whose result is then kept."""
+                scan: Callable[[], np.ndarray], *, keep: bool = True) -> np.ndarray:
+    """The LMDB's keys in LMDB order: from its key index, else `scan()`, whose result is then kept.
+
+    With `keep=False` a scan's result is not kept (a reader that promises to write nothing: `serve`).
+    """
     keys = load_index(lmdb_path, identity, entries)
     if keys is not None:
         return keys
     started = time.perf_counter()
     keys = keys_to_array(scan())
-    saved = save_index(lmdb_path, identity, keys)
+    saved = save_index(lmdb_path, identity, keys) if keep else None
     logger.info("%s: scanned %d keys in %.2fs%s", lmdb_path, len(keys), time.perf_counter() - started,
                 f"; kept in {saved}" if saved is not None else "; no writable place to keep them")
     return keys

@@ -47,10 +47,12 @@ class Probe:
     entries: int
     identity: tuple[int, ...]
     first_keys: list[bytes] = field(default_factory=list)
+    #: Whether a key scan's result is kept as the key index (False: nothing is written).
+    keep_index: bool = True
     _keys: np.ndarray | None = None
 
     @classmethod
-    def of(cls, path: str, txn: lmdb.Transaction, identity: tuple[int, ...]) -> Probe:
+    def of(cls, path: str, txn: lmdb.Transaction, identity: tuple[int, ...], *, keep_index: bool = True) -> Probe:
         entries = txn.stat()["entries"]
         cursor = txn.cursor()
         first: list[bytes] = []
@@ -60,7 +62,7 @@ class Probe:
                     first.append(bytes(key))
                     if len(first) >= PROBE_KEYS:
                         break
-        return cls(path, txn, entries, identity, first)
+        return cls(path, txn, entries, identity, first, keep_index)
 
     @property
     def name(self) -> str:
@@ -78,9 +80,11 @@ class Probe:
         return candidate if candidate.is_file() else None
 
     def all_keys(self) -> np.ndarray:
-        """Every key in LMDB order: from the cached key index, else one key-only scan that is then cached."""
+        """Every key in LMDB order: from the cached key index, else one key-only scan that is then cached
+        (unless `keep_index` is False)."""
         if self._keys is None:
-            self._keys = cached_keys(self.path, self.identity, self.entries, lambda: txn_keys(self.txn))
+            self._keys = cached_keys(self.path, self.identity, self.entries, lambda: txn_keys(self.txn),
+                                     keep=self.keep_index)
         return self._keys
 
 

@@ -238,8 +238,9 @@ class LayoutReader(LmdbHandle):
 
     The layout is detected from the first keys, a value and the side files (or given by name or as
     a `Layout`), then opened: it learns the sample count and keys, from the cached key index when
-    they must be scanned. Everything a layout does not say is done here once: the environment
-    per process, the identity check, prefetch, and the LMDB and key named in every error.
+    they must be scanned (`keep_key_index=False`: a scan is not kept, nothing is written). Everything
+    a layout does not say is done here once: the environment per process, the identity check,
+    prefetch, and the LMDB and key named in every error.
 
     Raises:
         LmdbFormatError: the path is missing or not an LMDB, or no layout recognises it (the
@@ -247,14 +248,15 @@ class LayoutReader(LmdbHandle):
         CorruptLmdbError: the LMDB is truncated or damaged.
     """
 
-    def __init__(self, lmdb_path: str | os.PathLike, layout: str | Layout | None = None) -> None:
+    def __init__(self, lmdb_path: str | os.PathLike, layout: str | Layout | None = None, *,
+                 keep_key_index: bool = True) -> None:
         root = os.fspath(lmdb_path)
         identity = _existing_identity(root)
         checked = identity if identity is not None and kept_index(root, identity) is not None else None
         env = OPEN_ENVS.get(root, readahead=False, checked_identity=checked)  # a non-LMDB path fails here
         super().__init__(lmdb_path)
         with begin_read(env, buffers=True) as txn:
-            probe = Probe.of(self.root, txn, self._identity)
+            probe = Probe.of(self.root, txn, self._identity, keep_index=keep_key_index)
             #: How the LMDB stores its samples (`layouts.Layout`).
             self.layout = chosen_layout(probe, layout, LAYOUTS)
             self.layout.open(probe)

@@ -27,7 +27,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 # ---------------------------------------------------------------- the inspection tools and the loader check
 
 TOOL_COMMANDS = {"info": "info", "verify": "verify", "mean": "mean", "export": "export", "grid": "grid",
-                 "main": "loader"}
+                 "main": "loader", "serve": "serve"}
 
 
 @pytest.mark.parametrize("command", sorted(set(TOOL_COMMANDS.values())))

@@ -78,3 +78,13 @@ def test_nothing_writable_still_reads(tmp_path, monkeypatch, read_only_folder):
     monkeypatch.setenv("XDG_CACHE_HOME", str(folder / "cache"))  # inside the read-only folder: unwritable too
     freeze()
     assert cached_keys(path, identity, 3, lambda: [b"a", b"b", b"c"]).tolist() == [b"a", b"b", b"c"]
+
+
+def test_keep_false_reads_a_kept_index_but_keeps_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path, identity = _lmdb(tmp_path / "a.lmdb", 5)
+    keys = [b"k%05d" % i for i in range(5)]
+    assert cached_keys(path, identity, 5, lambda: keys, keep=False).tolist() == keys
+    assert all(not candidate.exists() for candidate in index_paths(path, identity))
+    cached_keys(path, identity, 5, lambda: keys)
+    assert cached_keys(path, identity, 5, lambda: [], keep=False).tolist() == keys  # the kept one is read

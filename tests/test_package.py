@@ -23,7 +23,8 @@ READ_SIDE = {"dataset", "samplers", "inspection", "mean", "exporting", "grid_she
              "image_files", "reader", "lmdb_dataset", "layouts", "key_index", "layout_datum", "layout_lsun",
              "layout_crnn", "layout_stylegan2",
              "layout_caffe2", "layout_basicsr", "safe_unpickle",
-             "legacy_records", "layout_tensorpack", "text_targets"}
+             "legacy_records", "layout_tensorpack", "text_targets",
+             "served_lmdb", "serve_images"}
 
 #: Imported inside functions on purpose: heavy (torch) or optional (cv2, msgpack) dependencies.
 LAZY_ALLOWED = {"torch", "cv2", "msgpack", "importlib", "google.protobuf.unknown_fields", "warnings", "multiprocessing"}
@@ -123,7 +124,7 @@ def test_every_command_has_an_example_and_is_in_the_readme(command):
 def test_each_command_has_a_library_call_of_the_same_name():
     import caffe_lmdb
 
-    for name in ("convert", "merge", "migrate", "info", "verify", "compute_mean", "export", "grid"):
+    for name in ("convert", "merge", "migrate", "info", "verify", "compute_mean", "export", "grid", "serve"):
         assert callable(getattr(caffe_lmdb, name)) and name in caffe_lmdb.__all__
 
 
