@@ -307,7 +307,7 @@ class CaffeLoader:
     def _layout(self) -> SlotLayout:
         dtype = "float32" if self.output == "float32" else "uint8"
         slots = self.prefetch_factor + 1 if self.num_workers else 1
-        return SlotLayout(self._rows, self.sample_shape, dtype, slots)
+        return SlotLayout(self._rows, self.sample_shape, dtype, slots, self._maker.params_width)
 
     def _check_memory(self, layout: SlotLayout, rings: int) -> None:
         """Refuse, in one line, slots that cannot fit in the memory available (before allocating any).
