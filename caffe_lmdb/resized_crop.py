@@ -285,7 +285,7 @@ class _ResizedCrops:
             except TransformError:  # the ordinary decode says what is wrong, or decodes what libjpeg only warned about
                 planes = image_planes(open_image(bytes(pixels.data), gray=self.gray))
                 return _tensor(planes), self._order(planes.shape[0]), 1
-            return torch.from_numpy(decoded).permute(2, 0, 1), None, factor  # channels-last: torch's fast path
+            return _tensor(decoded).permute(2, 0, 1), None, factor  # channels-last: torch's fast path
         return _tensor(pixels), self._order(pixels.shape[0]), 1
 
     def _write(self, region: torch.Tensor, height: int, width: int, order: list[int] | None, flip: bool,
@@ -570,7 +570,7 @@ class ResizeCenterCrop(_ResizedCrops):
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A torch view of C x H x W uint8 planes, read-only memory-map views included, without a warning.
+    """A torch view of uint8 pixels, read-only ones (memory-map views, Pillow's arrays) included, without a warning.
 
     Negative strides (planes reversed out of an image) are copied first: torch has none.
     """
