@@ -53,6 +53,11 @@ class BatchTransform(Protocol):
     record's float32 output in one pass (`output="float32"`); `normalize` applies the mean and scale
     to a whole uint8 batch, given each sample's (h_off, w_off, mirror). `CaffeLoader` checks once,
     when it is made, that its transform has every one of these (`missing_methods`).
+
+    A transform with a `params_width` attribute (`resized_crop.RandomResizedCrop`: 5, its box and
+    mirror) draws that many values per sample instead of three; its `crop_into` and
+    `transform_into` take them all after `out`, and `record_pixels` may return a stand-in with
+    `shape` and `dtype` (`jpeg_scaled.JpegRecord`) that only `crop_into` decodes.
     """
 
     def output_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]: ...
@@ -257,7 +262,7 @@ class BatchMaker:
                              + ("" if self.output == "float32" else ": use output='float32'"))
 
     def _draws(self, records: list[Record], indices: list[int], epoch: int, dataset: Any) -> np.ndarray:
-        """Each record's (h_off, w_off, mirror): the transform's `params`, drawn for all at once when it can."""
+        """Each record's params ((h_off, w_off, mirror) or wider), drawn for all at once when the transform can."""
         draws = np.zeros((len(records), self.params_width), np.int64)
         transform = self.transform
         if transform is None or not records:

@@ -359,7 +359,7 @@ class CaffeLoader:
 
     @property
     def last_offsets(self) -> torch.Tensor | None:
-        """The latest batch's (h_off, w_off, mirror) per sample, B x 3 int32: what `normalize` needs for a mean file."""
+        """The latest batch's params per sample, B x 3 int32 (h_off, w_off, mirror; B x 5 for a resized crop's box)."""
         return self._last_offsets
 
     def normalize(self, batch: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
