@@ -22,7 +22,7 @@ from lmdbread import read_datums
 from PIL import Image
 from toollmdbs import converted
 
-from caffe_lmdb import CaffeLoader, LmdbDataset_train, RandomResizedCrop, ResizeCenterCrop, caffe_pb2
+from caffe_lmdb import CaffeLoader, LmdbDataset_train, RandomResizedCrop, ResizeCenterCrop, WorkerOptions, caffe_pb2
 from caffe_lmdb.draws import below, sample_keys
 from caffe_lmdb.errors import DatumError, TransformError
 from caffe_lmdb.jpeg_scaled import jpeg_orientation, simplejpeg
@@ -294,6 +294,11 @@ def test_batches_are_the_same_for_any_worker_count_and_float32_is_normalize(jpeg
     zero, params = loader_samples(jpegs["encoded"], t, workers=0, seed=9)
     two, params_two = loader_samples(jpegs["encoded"], t, workers=2, seed=9)
     assert torch.equal(zero, two) and torch.equal(params, params_two)
+    spawned = CaffeLoader(jpegs["encoded"], 5, transform=t, num_workers=1, output="uint8", seed=9,
+                          worker_options=WorkerOptions(multiprocessing_context="spawn"))
+    first, _ = next(iter(spawned))  # the transform pickled into a fresh interpreter
+    assert torch.equal(first, zero[:5]) and torch.equal(spawned.normalize(first), t.normalize(zero[:5]))
+    spawned.close()
     loader = CaffeLoader(jpegs["encoded"], 5, transform=t, seed=9)  # output="float32": one pass per sample
     floats = torch.cat([batch.clone() for batch, _ in loader])
     assert floats.dtype == torch.float32 and torch.equal(floats, t.normalize(zero))
@@ -301,6 +306,13 @@ def test_batches_are_the_same_for_any_worker_count_and_float32_is_normalize(jpeg
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).reshape(1, 3, 1, 1)
     assert torch.equal(floats, (zero.to(torch.float32) - mean) / std)
     assert torch.allclose(floats, (zero / 255.0 - mean / 255) / (std / 255), atol=1e-5)  # torchvision's 0-1 form
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalize_on_the_gpu_gives_the_cpu_bits(jpegs):
+    t = RandomResizedCrop(224)
+    images, _ = loader_samples(jpegs["encoded"], t)
+    assert torch.equal(t.normalize(images.cuda()).cpu(), t.normalize(images))
 
 
 def test_rgb_false_gives_bgr_planes_and_caffe_means(jpegs):
