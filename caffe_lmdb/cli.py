@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs opencv-python-headless)")
     add_bool_flag(p, "--fast-resize", "--fast_resize",
                   help="with a resize, decode JPEGs at a DCT scale (at least twice the target) first: much faster "
-                  "on big photos, pixels within a level or so of the full decode's")
+                  "on big photos, pixels close to the full decode's (not Caffe's)")
     add_bool_flag(p, "--check_size", "--check-size", help="fail unless every image has the same size")
     add_bool_flag(p, "--encoded", help="store the image files' bytes (encoded Datums) instead of raw pixels")
     p.add_argument("--encode_type", "--encode-type", default="", metavar="EXT",
