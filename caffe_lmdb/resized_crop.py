@@ -13,8 +13,8 @@ Normalize, and it is decode-bound: Pillow decodes the whole JPEG, crops a box, r
   colour conversion. The box is drawn snapped to that scale (`snap_boxes`: its edges moved by
   less than the factor), so it lies on whole pixels of the smaller image and the samples are
   pixels of a box of the record, not a resampling of one.
-* Only the box is resized, by torch's antialiased bilinear kernel on uint8 (Pillow's filter:
-  the full-decode pixels within a level), and the flip happens while the result is copied into
+* Only the box is resized, by torch's antialiased bilinear kernel on uint8 (Pillow's filter,
+  so torchvision's pixels up to rounding), and the flip happens while the result is copied into
   the loader's slot. Other records (PNG, WebP, rotated or CMYK JPEGs, raw Datums) are decoded
   whole by the ordinary path (`datum.record_planes`) and cropped and resized the same way.
 
