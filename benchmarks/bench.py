@@ -39,7 +39,8 @@ class BenchConfig:
     scale_sizes: Sequence[int] = (1000, 5000, 20000)
     classes: int = 10
     seed: int = 0
-    sections: Sequence[str] = ("reading", "conversion", "scale", "training", "continuing", "instant", "resume")
+    sections: Sequence[str] = ("reading", "conversion", "scale", "training", "continuing", "instant", "resume",
+                               "encoded")
     training_n: int = 2000  # records of the training-path section (raw 256x256, as CaffeNet's LMDBs)
     continuing_n: int = 12000  # list-file lines of the write_dataset / --resume section
     cold_n: int = 11000  # 11000 raw 256x256 records: 2.1 GB
@@ -47,13 +48,14 @@ class BenchConfig:
     instant_keys: int = 200_000  # keys of the instant-start section's LSUN-layout LMDB
     resume_records: int = 20_000  # records of the resume section's LMDB
     resume_sampler_records: int = 1_281_167  # the resume section's samplers alone: ImageNet's train set
+    encoded_n: int = 2000  # ImageNet-like JPEGs of the encoded training path section
     results: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, workdir: Path, n: int = 500) -> BenchConfig:
         return cls(workdir=workdir, n=n, passes=3, scale_sizes=(max(n // 5, 10), max(n // 2, 20), n),
                    training_n=n, continuing_n=max(n, 40), instant_keys=max(4 * n, 100),
-                   resume_records=max(4 * n, 200), resume_sampler_records=max(100 * n, 10_000))
+                   resume_records=max(4 * n, 200), resume_sampler_records=max(100 * n, 10_000), encoded_n=n)
 
 
 # --------------------------------------------------------------------------- timing
@@ -478,6 +480,10 @@ def format_report(results: dict[str, Any]) -> str:
         from benchmarks.resume_state import format_report as resume_report
 
         lines += ["", resume_report(results["resume"])]
+    if "encoded" in results:
+        from benchmarks.encoded_training import format_report as encoded_report
+
+        lines += ["", encoded_report(results["encoded"])]
     return "\n".join(lines)
 
 
@@ -543,6 +549,10 @@ def run_benchmarks(config: BenchConfig, log: Callable[[str], None] = print) -> d
         results["resume"] = bench_resume_state(resume, config.resume_records, max(config.passes, 3),
                                                config.resume_sampler_records)
         shutil.rmtree(resume, ignore_errors=True)
+    if "encoded" in config.sections:
+        from benchmarks.encoded_training import bench_encoded_training  # torch, simplejpeg: only when it runs
+
+        results["encoded"] = bench_encoded_training(workdir, config.encoded_n, config.passes, config.seed, log=log)
     return results
 
 
@@ -562,9 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1 minute run (N=500) instead of the full one")
     parser.add_argument("--n", type=int, help="images to generate (default 5000, --quick 500)")
     parser.add_argument("--passes", type=int, help="passes per measurement (median; default 3)")
-    parser.add_argument("--sections", default="reading,conversion,scale,training,continuing,instant,resume",
+    parser.add_argument("--sections", default="reading,conversion,scale,training,continuing,instant,resume,encoded",
                         help="comma-separated: reading, conversion, scale, training, continuing, instant, resume, "
-                        "cold")
+                        "encoded, cold")
     parser.add_argument("--cold", action="store_true",
                         help="add the cold-read section: a >= 2 GB LMDB evicted from the page cache before each pass")
     parser.add_argument("--cold-n", type=int, default=11000,
@@ -587,8 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n is not None:
         config.training_n = min(args.n, config.training_n)
         config.continuing_n = args.n
+        config.encoded_n = min(args.n, config.encoded_n)
     unknown = set(config.sections) - {"reading", "conversion", "scale", "training", "continuing", "instant", "resume",
-                                      "cold"}
+                                      "encoded", "cold"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     results = run_benchmarks(config)

@@ -35,6 +35,7 @@ from .batch_sources import LayoutSource, Record, error_cause, named_error, recor
 from .datum import DatumView, record_planes
 from .errors import CaffeLmdbError, DatumError, InputError, LoaderError, TransformError
 from .reader import PartIndex
+from .resized_crop import RandomResizedCrop, ResizeCenterCrop
 from .transform import CaffeTransform
 from .workers import start_processes
 
@@ -52,6 +53,11 @@ class BatchTransform(Protocol):
     record's float32 output in one pass (`output="float32"`); `normalize` applies the mean and scale
     to a whole uint8 batch, given each sample's (h_off, w_off, mirror). `CaffeLoader` checks once,
     when it is made, that its transform has every one of these (`missing_methods`).
+
+    A transform with a `params_width` attribute (`resized_crop.RandomResizedCrop`: 5, its box and
+    mirror) draws that many values per sample instead of three; its `crop_into` and
+    `transform_into` take them all after `out`, and `record_pixels` may return a stand-in with
+    `shape` and `dtype` (`jpeg_scaled.JpegRecord`) that only `crop_into` decodes.
     """
 
     def output_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]: ...
@@ -95,6 +101,8 @@ class SlotLayout:
     sample_shape: tuple[int, int, int]
     dtype: str
     slots: int
+    #: int32 values per sample's params: 3 for Caffe's (h_off, w_off, mirror), 5 for a resized crop's box.
+    params_width: int = 3
 
     @property
     def image_bytes(self) -> int:
@@ -110,7 +118,7 @@ class SlotLayout:
 
     @property
     def slot_bytes(self) -> int:
-        end = self.params_at + self.batch_size * 3 * 4
+        end = self.params_at + self.batch_size * self.params_width * 4
         return -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
 
     @property
@@ -118,12 +126,13 @@ class SlotLayout:
         return self.slot_bytes * self.slots
 
     def views(self, buffer: Any, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(images B x C x h x w, labels B int64, params B x 3 int32: h_off, w_off, mirror) of `slot` in `buffer`."""
+        """(images B x C x h x w, labels B int64, params B x `params_width` int32) of `slot` in `buffer`."""
         base = slot * self.slot_bytes
         count = math.prod(self.sample_shape) * self.batch_size
         images = np.frombuffer(buffer, self.dtype, count, base).reshape(self.batch_size, *self.sample_shape)
         labels = np.frombuffer(buffer, np.int64, self.batch_size, base + self.labels_at)
-        params = np.frombuffer(buffer, np.int32, self.batch_size * 3, base + self.params_at).reshape(-1, 3)
+        width = self.params_width
+        params = np.frombuffer(buffer, np.int32, self.batch_size * width, base + self.params_at).reshape(-1, width)
         return images, labels, params
 
 
@@ -149,8 +158,11 @@ class BatchMaker:
         self._one_pass = output == "float32" and transform is not None
         self._scratch: np.ndarray | None = None  # the uint8 crops of a float32 batch, before normalize
         #: Raw records skip the full parse only where reading them is known to be plain: Caffe's own
-        #: decoding (a custom transform may treat raw records its own way).
-        self.raw_fast_path = transform is None or type(transform) is CaffeTransform
+        #: decoding and the resized crops' (a custom transform may treat raw records its own way).
+        self.raw_fast_path = transform is None or type(transform) in (CaffeTransform, RandomResizedCrop,
+                                                                      ResizeCenterCrop)
+        #: Values per sample's params: (h_off, w_off, mirror), or what the transform's `params_width` says.
+        self.params_width = int(getattr(transform, "params_width", 3))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_scratch": None}
@@ -250,8 +262,8 @@ class BatchMaker:
                              + ("" if self.output == "float32" else ": use output='float32'"))
 
     def _draws(self, records: list[Record], indices: list[int], epoch: int, dataset: Any) -> np.ndarray:
-        """Each record's (h_off, w_off, mirror): the transform's `params`, drawn for all at once when it can."""
-        draws = np.zeros((len(records), 3), np.int64)
+        """Each record's params ((h_off, w_off, mirror) or wider), drawn for all at once when the transform can."""
+        draws = np.zeros((len(records), self.params_width), np.int64)
         transform = self.transform
         if transform is None or not records:
             return draws
@@ -266,16 +278,20 @@ class BatchMaker:
                                                                   f"{len(records)} from it") from error_cause(exc)
         for row, (height, width, index) in enumerate(zip(heights.tolist(), widths.tolist(), indices, strict=True)):
             try:
-                h_off, w_off, mirror = transform.params(height, width, self.seed, epoch, index)
+                drawn = transform.params(height, width, self.seed, epoch, index)
             except Exception as exc:
                 raise named_error(exc, dataset, records[row][0], index) from error_cause(exc)
-            draws[row] = (h_off, w_off, int(bool(mirror)))
+            draws[row] = [*drawn[:-1], int(bool(drawn[-1]))]
         return draws
 
     def _copy(self, pixels: np.ndarray, out: np.ndarray, draw: np.ndarray) -> None:
         """One record into its batch row: whole, or cropped and mirrored (with mean and scale for float32)."""
         if self.transform is None:
             out[...] = pixels
+            return
+        if self.params_width != 3:  # a resized crop's (top, left, height, width, mirror)
+            kernel = self.transform.transform_into if self._one_pass else self.transform.crop_into
+            kernel(pixels, out, *draw.tolist())
             return
         h_off, w_off, mirror = int(draw[0]), int(draw[1]), bool(draw[2])
         if self._one_pass:

@@ -47,7 +47,10 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
 
     Args:
         lmdb_path: the LMDB: a directory holding `data.mdb` (what Caffe writes) or a single file.
-        transform: called on each image (a PIL image, tensor or array, as `output` says).
+        transform: called on each image (a PIL image, tensor or array, as `output` says). A
+            transform with an `indexed_record` method (`RandomResizedCrop`, `ResizeCenterCrop`) is
+            handed the record and its index instead, and decodes it itself (`output` and `mode`
+            do not apply): the draws and pixels `CaffeLoader` gives the same index.
         keys_path: the `.npy` keys file written with the LMDB. None scans the keys from the LMDB
             at construction; `save_keys` writes them out so the next run can skip the scan.
         target: what the second item is: "label", the Datum's int `label`; "float", its
@@ -169,17 +172,20 @@ class LmdbDataset_train(Dataset[tuple[Any, Any]]):
                 encoded payload cannot be decoded.
         """
         key = self.reader.key_at(index)
+        indexed = getattr(self.transform, "indexed_record", None)  # RandomResizedCrop, ResizeCenterCrop
         with self.reader.environment().begin(buffers=True) as txn:
             value = get_value(txn, key, self.root)
             if value is None:
                 raise KeysFileError(f"{self.root}: key {bytes(key)!r} is not in the LMDB ({self.reader.keys_origin()})")
             try:
                 view = parse_datum_view(value)
-                image = self._image(view)  # copies the pixels out of the memory map
+                # an indexed transform takes the record itself, and its index for the draws: CaffeLoader's
+                # samples; otherwise the pixels are copied out of the memory map here
+                image = self._image(view) if indexed is None else indexed(view, index % len(self))
                 target = self._target(view)
             except DatumError as exc:
                 raise DatumError(f"{self.root}: key {bytes(key)!r}: {exc}") from None
-        if self.transform is not None:
+        if self.transform is not None and indexed is None:
             image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)

@@ -129,8 +129,35 @@ def draft_gray(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(image: Image.Image, gray: bool | None = False) -> Image.Image:
-    """Decode an opened (not yet loaded) image and normalise it as `open_image` does."""
+def draft_scaled(image: Image.Image, at_least: tuple[int, int], gray: bool | None) -> Image.Image:
+    """Ask libjpeg for a JPEG at the smallest DCT scale that is at least `at_least` (width, height) upright.
+
+    The entropy decoding is the same, but the inverse DCT and colour conversion run on 1/4, 1/16
+    or 1/64 of the pixels, and the scaled IDCT already averages what a downscale would. For
+    `convert --fast-resize`, which asks for twice the resize target so the final resize still
+    filters (docs/converting.md gives the pixel difference from a full decode). The gray output
+    is requested at the same time (`draft_gray` cannot follow a draft). Other formats are left
+    as they are. Returns `image`, changed in place.
+    """
+    if image.format != "JPEG":
+        return image
+    width, height = at_least
+    if exif_orientation(image) in (5, 6, 7, 8):  # the target is upright; the draft works on the stored image
+        width, height = height, width
+    mode = "L" if gray and image.mode in ("RGB", "YCbCr") else None
+    image.draft(mode, (max(1, width), max(1, height)))
+    return image
+
+
+def load_image(image: Image.Image, gray: bool | None = False,
+               at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an opened (not yet loaded) image and normalise it as `open_image` does.
+
+    `at_least` (width, height, upright): a JPEG is decoded at the smallest DCT scale (1, 1/2,
+    1/4, 1/8) that still covers it (`draft_scaled`), for a resize to a size smaller than that.
+    """
+    if at_least is not None:
+        draft_scaled(image, at_least, gray)
     if gray:
         draft_gray(image)
         if image.format == "PNG" and image.tile and all(tile.args in _DEEP_PNG for tile in image.tile):
@@ -246,11 +273,13 @@ def require_image_data(image: Image.Image) -> None:
         raise DatumError("PNG has no image data (no IDAT chunk)")
 
 
-def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None = False) -> Image.Image:
+def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None = False,
+               at_least: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode an image file (path, bytes or file object), normalised for Caffe.
 
     With `gray=True` the pixels are `cv::imread(path, IMREAD_GRAYSCALE)`'s: libjpeg's gray
     output for JPEGs, OpenCV's per-format fixed-point formula for others (`gray_like_opencv`).
+    `at_least` (width, height): decode a JPEG at a DCT scale no smaller than that (`draft_scaled`).
 
     Raises:
         DatumError: the bytes are not an image Pillow can decode (the message says why).
@@ -262,7 +291,7 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, gray: bool | None =
     try:
         with Image.open(source) as image:
             require_image_data(image)
-            return load_image(image, gray=gray)
+            return load_image(image, gray=gray, at_least=at_least)
     except DatumError as exc:
         raise DatumError(f"cannot decode {what}: {exc}") from None
     except UnidentifiedImageError:

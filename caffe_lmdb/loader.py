@@ -438,7 +438,7 @@ class CaffeLoader:
     def _layout(self) -> SlotLayout:
         dtype = "float32" if self.output == "float32" else "uint8"
         slots = self.prefetch_factor + 1 if self.num_workers else 1
-        return SlotLayout(self._rows, self.sample_shape, dtype, slots)
+        return SlotLayout(self._rows, self.sample_shape, dtype, slots, self._maker.params_width)
 
     def _check_memory(self, layout: SlotLayout, rings: int) -> None:
         """Refuse, in one line, slots that cannot fit in the memory available (before allocating any).
@@ -490,7 +490,7 @@ class CaffeLoader:
 
     @property
     def last_offsets(self) -> torch.Tensor | None:
-        """The latest batch's (h_off, w_off, mirror) per sample, B x 3 int32: what `normalize` needs for a mean file."""
+        """The latest batch's params per sample, B x 3 int32 (h_off, w_off, mirror; B x 5 for a resized crop's box)."""
         return self._last_offsets
 
     def normalize(self, batch: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,46 +50,13 @@ import numpy as np
 from PIL import Image
 
 from .datum import Datum, DatumView, image_plane_order, image_planes, parse_datum_view, record_planes
+from .draws import GOLDEN, MASK64, below, mix64, mix64_array, sample_key
 from .errors import TransformError
 from .mean import load_mean
 from .optional_torch import torch_if_imported
 from .tool_reading import format_shape
 
 _PHASES = ("train", "test")
-
-_MASK64 = (1 << 64) - 1
-#: splitmix64's increment (2**64 / golden ratio) and its finaliser's multipliers (Stafford's mix 13).
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-
-
-# --------------------------------------------------------------------------- counter-based draws
-
-def _mix64(z: int) -> int:
-    """splitmix64's finaliser: a bijection of 64-bit integers whose output bits all depend on every input bit."""
-    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _mix64_array(z: np.ndarray) -> np.ndarray:
-    """`_mix64` on a uint64 array (numpy's uint64 arithmetic wraps modulo 2**64, as the mask does)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-    return z ^ (z >> np.uint64(31))
-
-
-def _sample_key(seed: int, epoch: int) -> int:
-    """The per-(seed, epoch) half of a sample's key; the index is mixed in last (see `_draws`)."""
-    key = _mix64(((seed & _MASK64) + _GOLDEN) & _MASK64)
-    return _mix64(((key ^ (epoch & _MASK64)) + _GOLDEN) & _MASK64)
-
-
-def _below(draw: int, n: int) -> int:
-    """A value in [0, n) from a 64-bit draw: Lemire's multiply-shift on its high 32 bits (bias below n / 2**32)."""
-    return ((draw >> 32) * n) >> 32
-
 
 # --------------------------------------------------------------------------- the transform
 
@@ -240,12 +207,12 @@ class CaffeTransform:
         Raises:
             TransformError: the record is smaller than `crop_size`.
         """
-        key = _mix64(((_sample_key(seed, epoch) ^ (index & _MASK64)) + _GOLDEN) & _MASK64)
-        do_mirror = self.mirror and _mix64((key + _GOLDEN) & _MASK64) >> 63 == 1
+        key = mix64(((sample_key(seed, epoch) ^ (index & MASK64)) + GOLDEN) & MASK64)
+        do_mirror = self.mirror and mix64((key + GOLDEN) & MASK64) >> 63 == 1
         h_off, w_off = self._offsets(
             height, width,
-            lambda n: _below(_mix64((key + 2 * _GOLDEN) & _MASK64), n),
-            lambda n: _below(_mix64((key + 3 * _GOLDEN) & _MASK64), n),
+            lambda n: below(mix64((key + 2 * GOLDEN) & MASK64), n),
+            lambda n: below(mix64((key + 3 * GOLDEN) & MASK64), n),
         )
         return h_off, w_off, do_mirror
 
@@ -265,11 +232,11 @@ class CaffeTransform:
         Raises:
             TransformError: a record is smaller than `crop_size`.
         """
-        index = np.asarray(indices, dtype=np.int64).astype(np.uint64)  # two's complement, as `& _MASK64`
-        key = _mix64_array((np.uint64(_sample_key(seed, epoch)) ^ index) + np.uint64(_GOLDEN))
+        index = np.asarray(indices, dtype=np.int64).astype(np.uint64)  # two's complement, as `& MASK64`
+        key = mix64_array((np.uint64(sample_key(seed, epoch)) ^ index) + np.uint64(GOLDEN))
         out = np.zeros((len(index), 3), np.int64)
         if self.mirror:
-            out[:, 2] = _mix64_array(key + np.uint64(_GOLDEN)) >> np.uint64(63)
+            out[:, 2] = mix64_array(key + np.uint64(GOLDEN)) >> np.uint64(63)
         crop = self.crop_size
         if not crop:
             return out
@@ -286,7 +253,7 @@ class CaffeTransform:
             out[:, 1] = (widths - crop) // 2
             return out
         for column, sizes, step in ((0, heights, 2), (1, widths, 3)):
-            draws = _mix64_array(key + np.uint64((step * _GOLDEN) & _MASK64)) >> np.uint64(32)
+            draws = mix64_array(key + np.uint64((step * GOLDEN) & MASK64)) >> np.uint64(32)
             out[:, column] = ((draws * (sizes - crop + 1).astype(np.uint64)) >> np.uint64(32)).astype(np.int64)
         return out
 
@@ -307,11 +274,11 @@ class CaffeTransform:
         torch = torch_if_imported()
         if torch is not None:
             info = torch.utils.data.get_worker_info()
-            worker_seed = None if info is None else info.seed & _MASK64
+            worker_seed = None if info is None else info.seed & MASK64
         if self.seed is None:
             self._rng = np.random.default_rng()  # fresh OS entropy: a stream of its own in any process
         else:
-            self._rng = np.random.default_rng([self.seed & _MASK64, pid if worker_seed is None else worker_seed])
+            self._rng = np.random.default_rng([self.seed & MASK64, pid if worker_seed is None else worker_seed])
         self._pid = pid
 
     # ------------------------------------------------------------------ per-sample transform

@@ -46,3 +46,14 @@ def test_bench_quick_runs_and_writes_results(tmp_path, capsys):
     assert resume["epoch with state_dict / without"]["median"] > 0 and resume["state_dict us"]["shuffle"] > 0
     assert resume["sampler"]["records"] == 10_000 and resume["sampler"]["8 -> 4 ranks ms"] > 0
     assert "resume: 200 records" in table and "resume / read 1%" in table
+    encoded = results["encoded"]
+    assert encoded["n"] == 40 and encoded["passes"] == 1
+    for part in ("train", "eval"):
+        ratios = encoded[part]["ratios"]
+        assert len(ratios) == 2 and all(value["median"] > 0 and len(value["runs"]) == 1 for value in ratios.values())
+    for part in ("pixels train", "pixels eval"):  # the fused decode's pixels stay within a third of a level
+        assert encoded[part]["records"] == 40 and encoded[part]["mean abs"] <= 0.35
+    assert abs(sum(encoded["dct scales"].values()) - 1) < 1e-9
+    fast = encoded["fast resize"]
+    assert fast["images"] == 4 and fast["plain / fast"]["median"] > 0 and 0 < fast["mean abs"] < 1
+    assert "encoded training path: N=40 JPEGs" in table and "train 1 process / Pillow" in table

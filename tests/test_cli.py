@@ -84,3 +84,14 @@ def test_loader_check_on_hostile_payloads_reads_or_names_the_key(hostile_lmdbs):
     assert "key 1" in result.stdout
     result = run_cli("loader", broken, "--workers", "0", "--size", "8")
     assert_one_line_error(result, 1, broken, NO_IDAT_KEY, "no IDAT chunk")
+
+
+def test_convert_encoded_before_the_paths_as_caffe_users_write_it(image_tree, tmp_path):
+    """`--encoded`'s optional BOOL value once swallowed SRC: a usage error where Caffe's command line works."""
+    result = run_cli("convert", "--encoded", image_tree, tmp_path / "out.lmdb", "-q")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("convert", "--gray", "--shuffle", image_tree, tmp_path / "gray.lmdb", "-q")
+    assert result.returncode == 0, result.stderr
+    info = run_cli("info", tmp_path / "out.lmdb")
+    assert "4 records: 0 raw, 4 encoded" in info.stdout, info.stdout
+    assert "1x" in run_cli("info", tmp_path / "gray.lmdb").stdout

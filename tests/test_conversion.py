@@ -226,6 +226,76 @@ def test_caffe_style_boolean_flags(image_tree, tmp_path):
     assert {d.channels for d in read_datums(tmp_path / "c.lmdb").values()} == {1}
 
 
+@pytest.mark.parametrize(("flags", "encoded", "channels"), [
+    (["--encoded"], True, None),  # once a usage error: the flag's optional value swallowed SRC
+    (["--gray", "--encoded"], True, None),
+    (["--encoded", "--gray"], True, None),
+    (["--gray", "false", "--encoded", "true"], True, None),
+    (["--gray", "1"], False, 1),
+    (["--check_size=false", "--gray"], False, 1),
+])
+def test_boolean_flags_written_before_the_paths(image_tree, tmp_path, flags, encoded, channels):
+    out = tmp_path / "c.lmdb"
+    assert main(["convert", *flags, str(image_tree), str(out), "-q"]) == 0
+    datums = read_datums(out).values()
+    assert len(datums) == 4 and {d.encoded for d in datums} == {encoded}
+    if channels is not None:
+        assert {d.channels for d in datums} == {channels}
+
+
+def test_boolean_flags_take_only_true_or_false_words():
+    from caffe_lmdb.cli import bind_bool_values, bool_flag_names, build_parser
+
+    names = bool_flag_names(build_parser())
+    assert {"--encoded", "--gray", "--shuffle", "--check_size", "--fast-resize", "--reencode-gray"} <= names
+    assert bind_bool_values(["convert", "--encoded", "src", "out"], names) == ["convert", "--encoded=true", "src", "out"]
+    assert bind_bool_values(["convert", "src", "out", "--encoded"], names) == ["convert", "src", "out", "--encoded=true"]
+    assert bind_bool_values(["convert", "--gray", "No", "src"], names) == ["convert", "--gray", "No", "src"]
+    assert bind_bool_values(["convert", "--", "--gray", "src"], names) == ["convert", "--", "--gray", "src"]
+
+
+# ---------------------------------------------------------------- --fast-resize
+
+def big_photos(root, count: int = 4) -> None:
+    """Camera-sized JPEGs (1600x1200, quality 90) of smooth, photo-like content, in two class folders."""
+    rng = np.random.default_rng(11)
+    for i in range(count):
+        field = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        image = Image.fromarray(field).resize((1600, 1200), Image.BICUBIC)
+        save_image(root / f"class{i % 2}" / f"{i}.jpg", image, quality=90)
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_fast_resize_decodes_jpegs_at_a_dct_scale_with_close_pixels(tmp_path, encoded):
+    big_photos(tmp_path / "src")
+    save_image(tmp_path / "src" / "class0" / "z.png", Image.new("RGB", (40, 30), (10, 200, 30)))
+    plain, fast = tmp_path / "plain.lmdb", tmp_path / "fast.lmdb"
+    options = {"resize_height": 256, "resize_width": 256, "encoded": encoded}
+    convert(tmp_path / "src", plain, workers=1, options=ConvertOptions(**options))
+    assert main(["convert", "--fast-resize", str(tmp_path / "src"), str(fast), "--resize_height=256",
+                 "--resize_width=256", f"--encoded={str(encoded).lower()}", "-q"]) == 0
+    plain_datums, fast_datums = read_datums(plain), read_datums(fast)
+    assert plain_datums.keys() == fast_datums.keys()
+    differences = []
+    for key, datum in plain_datums.items():
+        if encoded:
+            a = np.asarray(Image.open(io.BytesIO(datum.data)), np.int16)
+            b = np.asarray(Image.open(io.BytesIO(fast_datums[key].data)), np.int16)
+        else:
+            a, b = raw_rgb(datum).astype(np.int16), raw_rgb(fast_datums[key]).astype(np.int16)
+        assert a.shape == b.shape == (256, 256, 3)
+        if key.endswith(b".png"):
+            assert (a == b).all()  # only JPEGs decode at a DCT scale
+        else:
+            differences.append(np.abs(a - b).mean())
+    assert 0 < np.mean(differences) < 1.0
+
+
+def test_fast_resize_needs_a_resize(tmp_path):
+    with pytest.raises(InputError, match="--fast-resize needs a resize"):
+        ConvertOptions(fast_resize=True)
+
+
 # ---------------------------------------------------------------- pixels as OpenCV would give Caffe
 
 def test_pixel_normalisation_exif_alpha_palette_16bit_gif(tmp_path):
