@@ -23,11 +23,11 @@ import numpy as np
 from .datum import DatumView, check_datum, datum_to_image, parse_datum_view, read_encoded_header
 from .errors import CaffeLmdbError, CorruptLmdbError, DatumError, InputError, KeysFileError
 from .keys import load_keys, txn_keys
-from .layouts import Layout, Probe, detect_layout
+from .layouts import Layout
 from .progress import progress_bar
 from .publish import pending_publish
-from .reader import LAYOUTS, LayoutReader
-from .safe_lmdb import begin_read, data_file, file_identity, get_value, lmdb_errors_named, shared_readonly
+from .reader import LayoutReader, detected_layout
+from .safe_lmdb import get_value, lmdb_errors_named, shared_readonly
 from .tool_reading import (
     class_names,
     disk_bytes,
@@ -481,9 +481,7 @@ def tool_layout(lmdb_path: str | os.PathLike, layout: str | Layout | None = None
     if not os.path.lexists(path):
         return None
     try:
-        with shared_readonly(path) as env, begin_read(env, buffers=True) as txn:
-            probe = Probe.of(str(path), txn, file_identity(data_file(path)))
-            found = detect_layout(probe, LAYOUTS)
+        found = detected_layout(path)
     except (CaffeLmdbError, OSError):
         return None
     return None if found.name == "datum" else found

@@ -64,7 +64,7 @@ from .batch_workers import (
     rebuild_error,
 )
 from .dataset import LmdbDataset_train
-from .errors import InputError, LmdbFormatError, LoaderError
+from .errors import CaffeLmdbError, InputError, LmdbFormatError, LoaderError
 from .lmdb_dataset import LmdbDataset
 from .loader_state import (
     STATE_FORMAT,
@@ -77,6 +77,7 @@ from .loader_state import (
     sampler_name,
     transform_identity,
 )
+from .reader import detected_layout
 from .samplers import ResumableSampler
 from .tool_reading import keys_file_for
 
@@ -112,6 +113,8 @@ def _parts(source: Any) -> list[LmdbDataset_train | LmdbDataset]:
     if isinstance(source, ConcatDataset):
         return [part for dataset in source.datasets for part in _parts(dataset)]
     if isinstance(source, str | os.PathLike):
+        if _other_layout(source):
+            return [LmdbDataset(source)]
         return [LmdbDataset_train(source, keys_path=keys_file_for(source))]
     if isinstance(source, Sequence) and source:
         return [part for item in source for part in _parts(item)]
@@ -119,6 +122,17 @@ def _parts(source: Any) -> list[LmdbDataset_train | LmdbDataset]:
         "source must be an LMDB path, a list of them, or an LmdbDataset_train or LmdbDataset (or a sum of them), "
         f"got {type(source).__name__}"
     )
+
+
+def _other_layout(path: str | os.PathLike) -> bool:
+    """Whether a path holds an LMDB of a layout other than Caffe's Datums (LSUN, tensorpack, ...).
+
+    Anything that fails detection is read as Datums, so that `LmdbDataset_train` says what is wrong.
+    """
+    try:
+        return detected_layout(path).name != "datum"
+    except CaffeLmdbError:
+        return False
 
 
 # --------------------------------------------------------------------------- the loader
@@ -148,10 +162,10 @@ class CaffeLoader:
     resume mid-epoch with the same batches, byte for byte, by slicing the epoch's order.
 
     Args:
-        source: an LMDB path (Caffe Datums), a list of them, an `LmdbDataset_train`, an
-            `LmdbDataset` of any layout whose targets are int labels (the image is read as a
-            Datum holding it would be: the same batches), a `+` of these, or an `open_tree`;
-            each made without a transform.
+        source: an LMDB path (Caffe Datums, or any layout `LmdbDataset` detects), a list of them,
+            an `LmdbDataset_train`, an `LmdbDataset` of any layout whose targets are int labels
+            (the image is read as a Datum holding it would be: the same batches), a `+` of these,
+            or an `open_tree`; each made without a transform.
         batch_size: samples per batch.
         transform: the crop, mirror, mean and scale (see `BatchTransform`); None loads records whole.
         sampler: the indices to load, in order (e.g. `DistributedSampler`, `BlockShuffleSampler`).

@@ -49,8 +49,8 @@ from .layout_datum import DatumLayout
 from .layout_lsun import LsunLayout
 from .layout_stylegan2 import Stylegan2Layout
 from .layout_tensorpack import Folder2LmdbLayout, TensorpackLayout
-from .layouts import Layout, Probe, ValueAtError, chosen_layout
-from .safe_lmdb import OPEN_ENVS, begin_read, data_file, file_identity, get_value
+from .layouts import Layout, Probe, ValueAtError, chosen_layout, detect_layout
+from .safe_lmdb import OPEN_ENVS, begin_read, data_file, file_identity, get_value, shared_readonly
 from .tool_reading import refuse_foreign_lmdb
 
 logger = logging.getLogger(__name__)
@@ -312,6 +312,20 @@ class LayoutReader(LmdbHandle):
         with self.environment().begin(buffers=True) as txn:
             self.prefetch_values([get_value(txn, key, self.root) for index in indices
                                   for key in self.sample_keys(index)])
+
+
+def detected_layout(lmdb_path: str | os.PathLike) -> Layout:
+    """The layout `LayoutReader` would detect for an LMDB, from a probe alone: nothing is scanned or written.
+
+    For callers that choose a reader by layout (the tools, `CaffeLoader` given a path).
+
+    Raises:
+        LmdbFormatError: not an LMDB, or no layout recognises it (saying what was seen).
+        CorruptLmdbError: the LMDB is truncated or damaged.
+    """
+    path = os.fspath(lmdb_path)
+    with shared_readonly(path) as env, begin_read(env, buffers=True) as txn:
+        return detect_layout(Probe.of(path, txn, file_identity(data_file(path))), LAYOUTS)
 
 
 def checked_index(root: str, index: Any, count: int) -> int:

@@ -232,3 +232,14 @@ def test_each_key_is_looked_up_once_per_batch(lmdbs, monkeypatch):
     monkeypatch.setattr(caffe_lmdb.batch_sources, "get_value", counted)
     assert len(run(loader)) == -(-COUNT // BATCH)
     assert sorted(looked_up) == sorted(str(i).encode() for i in range(COUNT))
+
+
+def test_a_path_of_another_layout_is_read_through_its_layout(lmdbs):
+    """CaffeLoader("path") (and loader_from_prototxt's sources) detect the layout: no LmdbDataset wrapper needed."""
+    transform = crop_mirror_mean(lmdbs)
+    by_path = CaffeLoader([str(lmdbs["folder2lmdb"]), lmdbs["tensorpack"]], BATCH, transform=transform, shuffle=True)
+    assert [type(part).__name__ for part in by_path.parts] == ["LmdbDataset", "LmdbDataset"]
+    wrapped = CaffeLoader(LmdbDataset(lmdbs["folder2lmdb"]) + LmdbDataset(lmdbs["tensorpack"]), BATCH,
+                          transform=transform, shuffle=True)
+    assert_same(run(by_path), run(wrapped))
+    assert type(CaffeLoader(lmdbs["datum_png"], BATCH).parts[0]).__name__ == "LmdbDataset_train"
