@@ -381,7 +381,7 @@ def test_keyboard_interrupt_in_the_consuming_loop_stops_everything(data, clean):
 
 SCRIPT = """
 import os, sys, time
-from caffe_lmdb.loader import CaffeLoader
+from caffe_lmdb.loader import CaffeLoader, WorkerOptions
 from caffe_lmdb.transform import CaffeTransform, TransformError
 
 class Slow(CaffeTransform):
@@ -389,11 +389,16 @@ class Slow(CaffeTransform):
         time.sleep(0.05)
         return super().params(*args)
 
-loader = CaffeLoader(sys.argv[1], 2, transform=Slow(16, mirror=True), num_workers=2)
+# epochs without end, the same two workers throughout: only the signal ends it, however late it comes
+loader = CaffeLoader(sys.argv[1], 2, transform=Slow(16, mirror=True), num_workers=2,
+                     worker_options=WorkerOptions(persistent_workers=True))
 try:
-    for step, _ in enumerate(loader):
-        if step == 0:
-            print(" ".join(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()), flush=True)
+    step = 0
+    while True:
+        for _ in loader:
+            if step == 0:
+                print(" ".join(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()), flush=True)
+            step += 1
 except KeyboardInterrupt:
     print("interrupted", flush=True)
 """
