@@ -54,6 +54,7 @@ from .legacy_records import (
     to_legacy_record,
 )
 from .progress import progress_bar
+from .reader import detected_layout
 from .safe_lmdb import begin_read, checked_items, get_value, shared_readonly
 
 log = logging.getLogger(__name__)
@@ -219,9 +220,9 @@ def migrate(
 ) -> MigrateResult | LayoutMigrateResult:
     """Rewrite a pickle/msgpack LMDB (Efficient-PyTorch `folder2lmdb`, `LMDB_Image`), or any layout, as Datums.
 
-    An LMDB of pickle/msgpack records takes the path described here. Any other LMDB a read
-    layout recognises (LSUN, ...: `reader.LAYOUTS`, Caffe's own excepted), or any LMDB given
-    `layout`, goes to `layout_migration.migrate_layout`, whose rules say how each image and
+    An LMDB of pickle/msgpack records takes the path described here, tensorpack's excepted. Any
+    other LMDB a read layout recognises (LSUN, tensorpack, ...: `reader.LAYOUTS`, Caffe's own
+    excepted), or any LMDB given `layout`, goes to `layout_migration.migrate_layout`, whose rules say how each image and
     target is kept (`targets`, `image`, `workers` apply there only).
 
     Record i of the old order (its `__keys__`, or cursor order without one) gets the key
@@ -253,7 +254,7 @@ def migrate(
     old, new = Path(old), Path(new)
     if not old.exists():
         raise InputNotFoundError(f"{old}: LMDB not found")
-    if layout is not None or not _holds_legacy_records(old):
+    if layout is not None or not _holds_legacy_records(old) or _tensorpack(old):
         reader = layout_reader(old, layout)
         if reader is not None:
             return migrate_layout(reader, new, keys_path=keys_path, overwrite=overwrite, dry_run=dry_run,
@@ -333,6 +334,19 @@ def _holds_legacy_records(old: Path) -> bool:
             return bool(cursor.first()) and foreign_kind(cursor.value()) is not None
     except CaffeLmdbError:
         return True  # this module's path says what is wrong with it
+
+
+def _tensorpack(old: Path) -> bool:
+    """Whether `old` is a tensorpack LMDB: pickle/msgpack values, but datapoints only its layout reads in full.
+
+    Its `__keys__` and serialized values look like the recipes' records, yet a datapoint may hold a
+    decoded BGR array (or, with msgpack, msgpack-numpy's map of one), which this module's path
+    refuses or mistakes for file bytes; the layout path keeps every datapoint the layout reads.
+    """
+    try:
+        return detected_layout(old).name == "tensorpack"
+    except CaffeLmdbError:
+        return False  # this module's path says what is wrong with it
 
 
 def _legacy(obj: Any, where: str) -> LegacyRecord:

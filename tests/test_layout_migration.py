@@ -1,7 +1,9 @@
 """`migrate` of read layouts: LSUN and test-only layouts (text targets, pixels, pairs) to Datums, nothing dropped.
 
 The test layouts below are written here from their facts alone: a count key, image and text keys
-computed from the index (an OCR-style LMDB), raw pixels, and pairs of images.
+computed from the index (an OCR-style LMDB), raw pixels, and pairs of images. At the end, every real
+layout (`reader.LAYOUTS` but Datum), written by its own test module's writer, round-trips: migrate ->
+`LmdbDataset_train` gives the samples `LmdbDataset` reads from the source.
 """
 
 from __future__ import annotations
@@ -14,18 +16,25 @@ import cv2
 import lmdb
 import numpy as np
 import pytest
+import test_layout_caffe2 as caffe2
 from conftest import assert_one_line_error, run_cli, tree_snapshot
 from lmdbread import read_all, read_datums
 from PIL import Image
+from test_layout_basicsr import make_basicsr, make_edvr
+from test_layout_crnn import LABELS, make_crnn, make_crnn_sr
+from test_layout_stylegan2 import make_stylegan2
+from test_layout_tensorpack import write_folder2lmdb, write_tensorpack
 from test_lmdb_dataset import make_lsun
 
 from caffe_lmdb import LmdbDataset, LmdbDataset_train, load_keys
 from caffe_lmdb.cli import main
 from caffe_lmdb.datum import encoded_to_datum, image_to_datum_bytes, serialize_datum
 from caffe_lmdb.errors import ConversionError, InputError, LmdbFormatError
+from caffe_lmdb.files import sidecar_path
 from caffe_lmdb.keys import make_key
 from caffe_lmdb.layouts import Layout, Probe, checked_count, text_target
-from caffe_lmdb.migration import migrate
+from caffe_lmdb.migration import MigrateResult, migrate
+from caffe_lmdb.reader import LAYOUTS
 from caffe_lmdb.text_targets import escape_text, read_texts, unescape_text
 
 TEXTS = ["hello", "", "two\nlines", "back\\slash \\n", "tab\there", "naïve 東京", "para\u2028sep\x85\x0c", "hello"]
@@ -271,3 +280,108 @@ def test_an_unknown_lmdb_keeps_the_old_message(tmp_path):
     env.close()
     with pytest.raises((InputError, LmdbFormatError, ConversionError, Exception), match="neither a pickle"):
         migrate(tmp_path / "odd.lmdb", tmp_path / "out.lmdb")
+
+
+# --------------------------------------------------------------------------- every real layout round-trips
+
+
+def _roundtrip_source(case: str, tmp_path, rng) -> tuple[Any, dict[str, Any], int | None, str]:
+    """Case's source LMDB, written by its layout's own test writer; migrate's options, the image side, the target kind.
+
+    The kinds: "int" (the Datum label), "texts" (label 0, `<out>_texts.txt`), "class" (LSUN: label 0,
+    the category in `<out>_classes.txt`), "none" (label 0).
+    """
+    def noise(*shape: int) -> np.ndarray:
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+    def files(count: int) -> list[bytes]:
+        return [_jpeg(noise(5 + i % 3, 8, 3)) if i % 2 else cv2.imencode(".png", noise(6, 5 + i % 4, 3))[1].tobytes()
+                for i in range(count)]
+
+    source = tmp_path / "source.lmdb"
+    if case == "crnn":
+        make_crnn(source, LABELS, rng)
+        return source, {}, None, "texts"
+    if case.startswith("crnn-sr"):
+        make_crnn_sr(source, LABELS[:4], rng)
+        side = int(case[-1])
+        return source, {"image": side}, side, "texts"
+    if case == "stylegan2":
+        make_stylegan2(source, 4, rng, sizes=(8, 16))
+        return source, {}, None, "none"
+    if case == "basicsr":
+        make_basicsr(source, {"0002_s001.png": noise(6, 9, 3), "0001.png": noise(5, 7, 3), "0003.png": noise(8, 4, 3)})
+        return source, {}, None, "none"
+    if case == "edvr":
+        make_edvr(source, {"a": noise(4, 6, 3), "b": noise(5, 6, 3), "g": noise(3, 7, 1)},
+                  resolution=["3_4_6", "3_5_6", "1_3_7"])
+        return source, {}, None, "none"
+    if case.startswith("tensorpack"):
+        _, serializer, form = case.split("-")
+        data = files(12)  # the file bytes, or the decoded BGR arrays: both forms the recipes store
+        points = [[np.frombuffer(d, np.uint8) if form == "files"
+                   else cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR), i % 5] for i, d in enumerate(data)]
+        write_tensorpack(source, points, serializer)
+        return source, {}, None, "int"
+    if case == "folder2lmdb":
+        write_folder2lmdb(source, [(d, (7 * i) % 4) for i, d in enumerate(files(12))])
+        return source, {}, None, "int"
+    if case == "caffe2-encoded":
+        caffe2._write(source, {str(i).encode(): caffe2._record(caffe2._encoded_image(d), caffe2._label(i % 4))
+                               for i, d in enumerate(files(12))})
+        return source, {}, None, "int"
+    if case == "caffe2-raw":
+        raws = [noise(5, 7, 3), noise(4, 6), noise(3, 5, 1), noise(6, 4, 3)]  # BGR, gray, one channel
+        caffe2._write(source, {str(i).encode(): caffe2._record(caffe2._raw_image(bgr), caffe2._label(i))
+                               for i, bgr in enumerate(raws)})
+        return source, {}, None, "int"
+    assert case == "lsun"
+    source = tmp_path / "kitchen_val_lmdb"
+    make_lsun(source, 6, rng)
+    return source, {}, None, "class"
+
+
+#: Case -> the layout it is: every real layout in `reader.LAYOUTS` but Caffe's own Datums.
+ROUNDTRIP_CASES = {
+    "crnn": "crnn", "crnn-sr-0": "crnn-sr", "crnn-sr-1": "crnn-sr", "stylegan2": "stylegan2", "basicsr": "basicsr",
+    "edvr": "edvr", "tensorpack-pickle-files": "tensorpack", "tensorpack-msgpack-files": "tensorpack",
+    "tensorpack-pickle-pixels": "tensorpack", "tensorpack-msgpack-pixels": "tensorpack", "folder2lmdb": "folder2lmdb",
+    "caffe2-encoded": "caffe2", "caffe2-raw": "caffe2", "lsun": "lsun",
+}
+
+
+def test_the_round_trip_cases_cover_every_real_layout():
+    assert set(ROUNDTRIP_CASES.values()) == {layout.name for layout in LAYOUTS} - {"datum"}
+
+
+@pytest.mark.parametrize("case", ROUNDTRIP_CASES)
+def test_every_layout_migrates_to_datums_that_lmdb_dataset_train_reads_as_the_same_samples(tmp_path, rng, case):
+    source, options, side, kind = _roundtrip_source(case, tmp_path, rng)
+    out = tmp_path / "out.lmdb"
+    result = migrate(source, out, workers=0, progress=False, **options)
+    # folder2lmdb keeps migration.py's own path for pickle/msgpack records; every other layout, tensorpack's
+    # pickle/msgpack datapoints included, goes through layout_migration
+    assert isinstance(result, MigrateResult) == (case == "folder2lmdb")
+    view, train = LmdbDataset(source), _train(out)
+    assert len(train) == len(view) > 0
+    texts = read_texts(out)
+    classes = sidecar_path(out, "classes.txt")
+    assert (texts is not None) == (kind == "texts") and classes.exists() == (kind == "class")
+    expected_texts = []
+    for index in range(len(view)):
+        image, label = train[index]
+        images, target = view[index]
+        expected = images if side is None else images[side]
+        # a gray raw Datum reads back as one channel (mode L); the layout gives its RGB view of the same pixels
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+        if kind == "int":
+            assert label == target and type(target) is int
+        else:
+            assert label == 0
+        if kind == "none":
+            assert target is None
+        expected_texts.append(target)
+    if kind == "texts":
+        assert texts == expected_texts
+    if kind == "class":
+        assert classes.read_text().splitlines() == [view.layout.category] == sorted(set(expected_texts))
