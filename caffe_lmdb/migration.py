@@ -222,8 +222,8 @@ def migrate(
 
     An LMDB of pickle/msgpack records takes the path described here, tensorpack's excepted. Any
     other LMDB a read layout recognises (LSUN, tensorpack, ...: `reader.LAYOUTS`, Caffe's own
-    excepted), or any LMDB given `layout`, goes to `layout_migration.migrate_layout`, whose rules say how each image and
-    target is kept (`targets`, `image`, `workers` apply there only).
+    excepted), or any LMDB given `layout`, goes to `layout_migration.migrate_layout`, whose rules
+    say how each image and target is kept (`targets`, `image`, `workers` apply there only).
 
     Record i of the old order (its `__keys__`, or cursor order without one) gets the key
     `"%08d_%s" % (i, old_key)`; meta records are dropped and the keys go to the `.npy` keys file.
