@@ -138,18 +138,27 @@ class DataLayerSpec:
         return _where(self.prototxt, self.line, self.name)
 
     def __str__(self) -> str:
-        parts = [f"crop_size {self.crop_size}" if self.crop_size else "no crop"]
-        if self.mirror:
-            parts.append("mirror")
-        if self.mean_file is not None:
-            parts.append(f"mean_file {self.mean_file}")
-        if self.mean_value:
-            parts.append("mean_value " + " ".join(f"{v:g}" for v in self.mean_value))
-        if self.scale != 1:
-            parts.append(f"scale {self.scale:g}")
+        parts = transform_param_summary(self)
         parts += [flag for flag in ("force_color", "force_gray") if getattr(self, flag)]
         return (f"{self.where()} ({self.phase}): {self.source} (LMDB), batch_size {self.batch_size}, "
                 + ", ".join(parts))
+
+
+def transform_param_summary(param: Any) -> list[str]:
+    """How messages show a transform: `crop_size 227`, `mirror`, `mean_file ...`, `mean_value ...`, `scale ...`.
+
+    For anything with those five attributes: a Data layer's `transform_param`, a `CaffeTransform`.
+    """
+    parts = [f"crop_size {param.crop_size}" if param.crop_size else "no crop"]
+    if param.mirror:
+        parts.append("mirror")
+    if param.mean_file is not None:
+        parts.append(f"mean_file {param.mean_file}")
+    if len(param.mean_value):
+        parts.append("mean_value " + " ".join(f"{v:g}" for v in param.mean_value))
+    if param.scale != 1:
+        parts.append(f"scale {param.scale:g}")
+    return parts
 
 
 # --------------------------------------------------------------------------- reading prototxts

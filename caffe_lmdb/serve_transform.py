@@ -21,7 +21,7 @@ from PIL import Image
 
 from .datum import planes_to_image
 from .errors import PrototxtError
-from .prototxt import data_layers
+from .prototxt import data_layers, transform_param_summary
 from .transform import CaffeTransform
 
 #: The seed `CaffeLoader` draws crops and mirrors with by default.
@@ -99,7 +99,8 @@ def transforms_from(
     options = {"crop_size": crop_size, "mirror": mirror, "mean_file": mean_file, "mean_value": tuple(mean_value),
                "scale": scale}
     train = CaffeTransform(phase="train", **options)
-    return Transforms(train, CaffeTransform(phase="test", **options), _describe(train))
+    described = "options: " + ", ".join(transform_param_summary(train))
+    return Transforms(train, CaffeTransform(phase="test", **options), described)
 
 
 def _layer(prototxt: str | os.PathLike, phase: str, layer: str | None, root: str | os.PathLike | None):
@@ -110,19 +111,6 @@ def _layer(prototxt: str | os.PathLike, phase: str, layer: str | None, root: str
         if spec.name == layer:
             return spec
     raise PrototxtError(f'{Path(prototxt)}: no Data layer "{layer}" in the {phase} net')
-
-
-def _describe(transform: CaffeTransform) -> str:
-    parts = [f"crop_size {transform.crop_size}" if transform.crop_size else "no crop"]
-    if transform.mirror:
-        parts.append("mirror")
-    if transform.mean_file is not None:
-        parts.append(f"mean_file {transform.mean_file}")
-    if transform.mean_value:
-        parts.append("mean_value " + " ".join(f"{v:g}" for v in transform.mean_value))
-    if transform.scale != 1:
-        parts.append(f"scale {transform.scale:g}")
-    return "options: " + ", ".join(parts)
 
 
 def _transform_of(transforms: Transforms, name: str) -> tuple[CaffeTransform, int, str]:
