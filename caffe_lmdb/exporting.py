@@ -59,12 +59,12 @@ from .datum import (
 from .errors import DatumError, ExportError, InputError, KeysFileError, describe_os_error
 from .files import TMP_MARK, output_target_kind, write_bytes_atomic, write_text_atomic
 from .formats import ENCODE_FORMATS, suffix_for
-from .inspection import open_layout_reader, tool_layout
+from .inspection import tool_layout
 from .keys import sample_key
 from .labels import sample_targets, short_repr
 from .layouts import Layout
 from .progress import progress_bar
-from .reader import LayoutReader
+from .reader import LayoutReader, open_layout_reader
 from .text_targets import texts_file_bytes
 from .tool_reading import class_names, format_key, iter_values, label_name, read_txn
 

@@ -27,10 +27,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .datum import datum_to_image, parse_datum_view
 from .errors import DatumError, InputError, KeysFileError
 from .files import output_target_kind, write_bytes_atomic
-from .inspection import open_layout_reader, tool_layout
+from .inspection import tool_layout
 from .labels import short_repr
 from .layouts import Layout
-from .reader import LayoutReader
+from .reader import LayoutReader, open_layout_reader
 from .safe_lmdb import get_value
 from .text_targets import escape_text
 from .tool_reading import class_names, format_key, keys_file_for, known_keys, label_name, random_subset, read_txn

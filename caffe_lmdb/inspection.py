@@ -26,7 +26,7 @@ from .keys import load_keys, txn_keys
 from .layouts import Layout
 from .progress import progress_bar
 from .publish import pending_publish
-from .reader import LayoutReader, detected_layout
+from .reader import detected_layout, open_layout_reader
 from .safe_lmdb import get_value, lmdb_errors_named, shared_readonly
 from .tool_reading import (
     class_names,
@@ -618,16 +618,3 @@ def layout_verify(lmdb_path: str | os.PathLike, layout: str | Layout, progress: 
     if not len(reader):
         report.problems.append((None, f"the LMDB has no samples ({reader.layout.describe()})"))
     return report
-
-
-def open_layout_reader(lmdb_path: str | os.PathLike, layout: str | Layout) -> LayoutReader:
-    """`LayoutReader(lmdb_path, layout)` for the tools, an unknown layout name being an InputError naming the LMDB.
-
-    A usage error (exit 2), not a failure: the name comes from `--layout`.
-    """
-    try:
-        return LayoutReader(lmdb_path, layout)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, CaffeLmdbError):
-            raise
-        raise InputError(f"{lmdb_path}: {exc}") from None

@@ -53,7 +53,7 @@ from .formats import sniff_image_format
 from .keys import MAX_KEY_BYTES, sample_key
 from .labels import sample_targets, short_repr
 from .layouts import Layout
-from .reader import LayoutReader
+from .reader import LayoutReader, open_layout_reader
 from .workers import Record
 
 #: `targets` values: how text targets are kept (see the module docstring).
@@ -127,12 +127,7 @@ def layout_reader(old: str | Path, layout: str | Layout | None) -> LayoutReader 
     what it holds). A given `layout` that does not fit is its one-line error.
     """
     if layout is not None:
-        try:
-            return LayoutReader(old, layout)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, CaffeLmdbError):
-                raise
-            raise InputError(f"{old}: {exc}") from None
+        return open_layout_reader(old, layout)
     try:
         reader = LayoutReader(old)
     except CaffeLmdbError:

@@ -39,7 +39,7 @@ import lmdb
 import numpy as np
 
 from .datum import parse_datum_view
-from .errors import DatumError, KeysFileError, KeysFileWarning, LmdbFormatError
+from .errors import CaffeLmdbError, DatumError, InputError, KeysFileError, KeysFileWarning, LmdbFormatError
 from .key_index import kept_index
 from .keys import load_keys, txn_keys
 from .layout_basicsr import BasicSRLayout, EdvrLayout
@@ -326,6 +326,19 @@ def detected_layout(lmdb_path: str | os.PathLike) -> Layout:
     path = os.fspath(lmdb_path)
     with shared_readonly(path) as env, begin_read(env, buffers=True) as txn:
         return detect_layout(Probe.of(path, txn, file_identity(data_file(path))), LAYOUTS)
+
+
+def open_layout_reader(lmdb_path: str | os.PathLike, layout: str | Layout) -> LayoutReader:
+    """`LayoutReader(lmdb_path, layout)` for the tools and `migrate`: an unknown name is an InputError naming the LMDB.
+
+    A usage error (exit 2), not a failure: the name comes from `--layout`.
+    """
+    try:
+        return LayoutReader(lmdb_path, layout)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CaffeLmdbError):
+            raise
+        raise InputError(f"{lmdb_path}: {exc}") from None
 
 
 def checked_index(root: str, index: Any, count: int) -> int:
