@@ -25,7 +25,7 @@ from them; without them the keys come from the cached key index (`Probe.all_keys
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,16 +132,9 @@ class TensorpackLayout(Layout):
 
     @classmethod
     def detect(cls, probe: Probe) -> TensorpackLayout | None:
-        found = _foreign_first_value(probe, _TENSORPACK_KEY)
-        if found is None:
-            return None
-        key, (serializer, obj) = found
-        try:
-            _datapoint(obj)
-        except ValueError as exc:
-            raise LmdbFormatError(f"{probe.path}: key {key!r}: not a tensorpack [image, label] datapoint: {exc}") \
-                from None
-        return cls(serializer)
+        serializer = _first_sample_serializer(probe, _TENSORPACK_KEY, _datapoint,
+                                              "a tensorpack [image, label] datapoint")
+        return None if serializer is None else cls(serializer)
 
     def open(self, probe: Probe) -> None:
         value = probe.value(b"__keys__")
@@ -179,16 +172,8 @@ class Folder2LmdbLayout(Layout):
 
     @classmethod
     def detect(cls, probe: Probe) -> Folder2LmdbLayout | None:
-        found = _foreign_first_value(probe, _NUMBER_KEY)
-        if found is None:
-            return None
-        key, (serializer, obj) = found
-        try:
-            _record(obj)
-        except ValueError as exc:
-            raise LmdbFormatError(f"{probe.path}: key {key!r}: not a folder2lmdb (image, label) record: {exc}") \
-                from None
-        return cls(serializer)
+        serializer = _first_sample_serializer(probe, _NUMBER_KEY, _record, "a folder2lmdb (image, label) record")
+        return None if serializer is None else cls(serializer)
 
     def open(self, probe: Probe) -> None:
         listed, counted = probe.value(b"__keys__"), probe.value(b"__len__")
@@ -234,12 +219,14 @@ def _record(obj: Any) -> tuple[tuple[bytes | np.ndarray], Any]:
     return (pixels[:, :, 0] if pixels.shape[2] == 1 else pixels[:, :, :3],), label_target(record.label)
 
 
-def _foreign_first_value(probe: Probe, scheme: re.Pattern[bytes]) -> tuple[bytes, tuple[str, Any]] | None:
-    """The first sample key and its decoded value, when the first keys follow `scheme` and it is pickle/msgpack.
+def _first_sample_serializer(probe: Probe, scheme: re.Pattern[bytes], parse: Callable[[Any], Any],
+                             what: str) -> str | None:
+    """The serializer of the first sample, when the first keys follow `scheme` and its value is `what` (`parse`).
 
-    None when they do not, or the value is not a pickle, msgpack or pyarrow value (a Datum under
-    numbered keys, as Caffe's MNIST example writes). A value that is foreign but cannot be read
-    (a refused global, pyarrow) is an error here, naming the key, rather than "unknown layout".
+    None when the keys do not follow it, or the value is not a pickle, msgpack or pyarrow value (a
+    Datum under numbered keys, as Caffe's MNIST example writes). A value that is foreign but cannot
+    be read (a refused global, pyarrow) or that `parse` refuses is an error here, naming the key,
+    rather than "unknown layout".
     """
     samples = [key for key in probe.first_keys if key not in META_KEYS]
     if not samples or not all(scheme.fullmatch(key) for key in samples):
@@ -249,9 +236,14 @@ def _foreign_first_value(probe: Probe, scheme: re.Pattern[bytes]) -> tuple[bytes
     if value is None or foreign_kind(value) is None:
         return None
     try:
-        return key, decode_value(value)
+        serializer, obj = decode_value(value)
     except UnreadableValueError as exc:
         raise LmdbFormatError(f"{probe.path}: key {key!r}: {exc}") from None
+    try:
+        parse(obj)
+    except ValueError as exc:
+        raise LmdbFormatError(f"{probe.path}: key {key!r}: not {what}: {exc}") from None
+    return serializer
 
 
 def _listed_keys(probe: Probe, value: Any, samples: int, *, exact: bool) -> np.ndarray:
