@@ -57,6 +57,15 @@ def basicsr_key(line: str) -> bytes | None:
     return key.encode("utf-8") if "." in name and key else None
 
 
+def _bounded_bytes(path: Path, hint: str = "") -> bytes:
+    """A meta_info file's bytes, its size checked against `MAX_META_BYTES` before anything is read."""
+    size = path.stat().st_size
+    if size > MAX_META_BYTES:
+        raise LmdbFormatError(f"{path}: {size} bytes is more than a {path.name} may hold "
+                              f"({MAX_META_BYTES >> 20} MiB){hint}")
+    return path.read_bytes()
+
+
 def read_meta_info(path: Path) -> np.ndarray:
     """The keys listed by a BasicSR meta_info.txt, in file order, as a numpy bytes array.
 
@@ -68,11 +77,7 @@ def read_meta_info(path: Path) -> np.ndarray:
         LmdbFormatError: the file is larger than `MAX_META_BYTES`, holds no line, or a line is
             not UTF-8 or not `name.ext (H,W,C) level` (naming the file and the line number).
     """
-    size = path.stat().st_size
-    if size > MAX_META_BYTES:
-        raise LmdbFormatError(f"{path}: {size} bytes is more than a meta_info.txt may hold "
-                              f"({MAX_META_BYTES >> 20} MiB); is it the file BasicSR wrote?")
-    data = path.read_bytes()
+    data = _bounded_bytes(path, "; is it the file BasicSR wrote?")
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -160,11 +165,7 @@ def read_edvr_meta(path: Path) -> dict[str, Any] | None:
         LmdbFormatError: the file is larger than `MAX_META_BYTES`, or the pickle names a global
             outside the allow-list (nothing of it has run), or it cannot be unpickled.
     """
-    size = path.stat().st_size
-    if size > MAX_META_BYTES:
-        raise LmdbFormatError(f"{path}: {size} bytes is more than a meta_info.pkl may hold "
-                              f"({MAX_META_BYTES >> 20} MiB)")
-    data = path.read_bytes()
+    data = _bounded_bytes(path)
     try:
         meta = safe_unpickle(data)
     except UnsafePickleError as exc:
