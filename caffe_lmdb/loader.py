@@ -65,6 +65,7 @@ from .batch_workers import (
 )
 from .dataset import LmdbDataset_train
 from .errors import CaffeLmdbError, InputError, LmdbFormatError, LoaderError
+from .layouts import Layout
 from .lmdb_dataset import LmdbDataset
 from .loader_state import (
     STATE_FORMAT,
@@ -113,8 +114,9 @@ def _parts(source: Any) -> list[LmdbDataset_train | LmdbDataset]:
     if isinstance(source, ConcatDataset):
         return [part for dataset in source.datasets for part in _parts(dataset)]
     if isinstance(source, str | os.PathLike):
-        if _other_layout(source):
-            return [LmdbDataset(source)]
+        layout = _other_layout(source)
+        if layout is not None:
+            return [LmdbDataset(source, layout)]  # detected once: the instance is used as it is
         return [LmdbDataset_train(source, keys_path=keys_file_for(source))]
     if isinstance(source, Sequence) and source:
         return [part for item in source for part in _parts(item)]
@@ -124,15 +126,16 @@ def _parts(source: Any) -> list[LmdbDataset_train | LmdbDataset]:
     )
 
 
-def _other_layout(path: str | os.PathLike) -> bool:
-    """Whether a path holds an LMDB of a layout other than Caffe's Datums (LSUN, tensorpack, ...).
+def _other_layout(path: str | os.PathLike) -> Layout | None:
+    """The layout of a path's LMDB when it is not Caffe's Datums (LSUN, tensorpack, ...), else None.
 
     Anything that fails detection is read as Datums, so that `LmdbDataset_train` says what is wrong.
     """
     try:
-        return detected_layout(path).name != "datum"
+        layout = detected_layout(path)
     except CaffeLmdbError:
-        return False
+        return None
+    return None if layout.name == "datum" else layout
 
 
 # --------------------------------------------------------------------------- the loader
