@@ -87,14 +87,23 @@ def caffe_raw_datum(pixels: np.ndarray, label: int, explicit_encoded: bool = Tru
     return datum
 
 
-def write_lmdb(path: Path, records: dict[bytes, bytes]) -> Path:
-    """Write `records` (key -> value) to a new LMDB directory with py-lmdb alone, in one commit."""
+def write_lmdb(path: Path, records: dict[bytes, bytes], subdir: bool = True) -> Path:
+    """Write `records` (key -> value) to a new LMDB (a directory, or with `subdir=False` a single file) with
+    py-lmdb alone, in one commit; missing parent folders are made."""
+    return edit_lmdb(path, put=records, subdir=subdir)
+
+
+def edit_lmdb(path: Path, put: dict[bytes, bytes] = (), delete: tuple[bytes, ...] = (), subdir: bool = True) -> Path:
+    """Put and delete records of an LMDB (made if missing) with py-lmdb alone, in one commit: a fixture, or damage."""
     import lmdb
 
-    env = lmdb.open(str(path), map_size=1 << 24)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=1 << 26, subdir=subdir)
     with env.begin(write=True) as txn:
-        for key, value in records.items():
+        for key, value in dict(put).items():
             txn.put(key, value)
+        for key in delete:
+            txn.delete(key)
     env.close()
     return path
 

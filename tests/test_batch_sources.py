@@ -16,6 +16,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from conftest import write_lmdb
 from PIL import Image
 
 from caffe_lmdb import LmdbDataset, LmdbDataset_train, caffe_pb2, open_tree, write_dataset
@@ -28,23 +29,13 @@ from caffe_lmdb.transform import CaffeTransform
 COUNT, HEIGHT, WIDTH, CROP, BATCH = 26, 20, 24, 16, 5  # 26 = 5 x 5 + 1: a short last batch
 
 
-def _put(path, records: dict[bytes, bytes]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for key, value in records.items():
-            txn.put(key, value)
-    env.close()
-    return path
-
-
 def write_folder2lmdb(path, samples: list[tuple[bytes, int]]):
     """folder2lmdb's layout: `str(i)` keys, pickled `(image file bytes, label)`, `__keys__` and `__len__`."""
     keys = [str(i).encode() for i in range(len(samples))]
     records = {key: pickle.dumps(sample, protocol=4) for key, sample in zip(keys, samples, strict=True)}
     records[b"__keys__"] = pickle.dumps(keys, protocol=4)
     records[b"__len__"] = pickle.dumps(len(keys), protocol=4)
-    return _put(path, records)
+    return write_lmdb(path, records)
 
 
 def write_tensorpack(path, datapoints: list[list]):
@@ -52,7 +43,7 @@ def write_tensorpack(path, datapoints: list[list]):
     keys = [b"%08d" % i for i in range(len(datapoints))]
     records = {key: pickle.dumps(point, protocol=4) for key, point in zip(keys, datapoints, strict=True)}
     records[b"__keys__"] = pickle.dumps(keys, protocol=4)
-    return _put(path, records)
+    return write_lmdb(path, records)
 
 
 def write_crnn(path, texts: list[str], image: bytes):
@@ -61,7 +52,7 @@ def write_crnn(path, texts: list[str], image: bytes):
     for i, text in enumerate(texts, start=1):
         records[b"image-%09d" % i] = image
         records[b"label-%09d" % i] = text.encode()
-    return _put(path, records)
+    return write_lmdb(path, records)
 
 
 def _png(pixels: np.ndarray) -> bytes:

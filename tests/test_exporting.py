@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, caffe_key, png_bytes, run_cli, save_image, tree_snapshot
+from conftest import assert_one_line_error, caffe_key, edit_lmdb, png_bytes, run_cli, save_image, tree_snapshot
 from lmdbread import read_datums
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, legacy_encoded, raw_value
@@ -393,19 +393,6 @@ def test_image_name_that_is_a_fifo_says_so(legacy_rgb_lmdb, tmp_path):
 
 # ---------------------------------------------------------------- other layouts (LSUN, CRNN, tensorpack)
 
-def _lmdb_edit(path, put: dict[bytes, bytes] = (), delete: tuple[bytes, ...] = ()) -> None:
-    """Damage a fixture LMDB in place: replace values, remove keys."""
-    import lmdb
-
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for key, value in dict(put).items():
-            txn.put(key, value)
-        for key in delete:
-            txn.delete(key)
-    env.close()
-
-
 def _list_lines(out) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in (out / LIST_NAME).read_text(encoding="utf-8").splitlines()]
 
@@ -473,7 +460,7 @@ def test_damaged_samples_are_named_and_the_rest_exported_with_their_texts_in_lin
 
     path = tmp_path / "ocr_lmdb"
     images = make_crnn(path, OCR_TEXTS[:6], rng)
-    _lmdb_edit(path, put={b"image-000000002": b"not an image", b"label-000000004": b"\xff\xfe"},
+    edit_lmdb(path, put={b"image-000000002": b"not an image", b"label-000000004": b"\xff\xfe"},
                delete=(b"image-000000005",))
     out = tmp_path / "out"
     assert main(["export", str(path), str(out), "-q"]) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import NO_IDAT_KEY, assert_one_line_error, caffe_key, run_cli
+from conftest import NO_IDAT_KEY, assert_one_line_error, caffe_key, edit_lmdb, run_cli
 from PIL import Image
 from toollmdbs import converted, encoded_datum, hand_written, raw_value
 
@@ -124,18 +124,6 @@ def test_grid_into_a_folder_or_an_unread_fifo_is_refused_before_reading_in_one_l
 
 # ---------------------------------------------------------------- other layouts (LSUN, CRNN)
 
-def _damage(path, put: dict[bytes, bytes] = (), delete: tuple[bytes, ...] = ()) -> None:
-    import lmdb
-
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for key, value in dict(put).items():
-            txn.put(key, value)
-        for key in delete:
-            txn.delete(key)
-    env.close()
-
-
 def _tile_origin(sheet: Grid, i: int, tile: int) -> tuple[int, int]:
     caption_height = (sheet.image.height - PAD) // sheet.rows - tile - PAD
     return PAD + (i % sheet.columns) * (tile + PAD), PAD + (i // sheet.columns) * (tile + caption_height + PAD)
@@ -168,7 +156,7 @@ def test_grid_of_crnn_draws_a_damaged_sample_as_a_broken_tile_and_names_its_key(
 
     path = tmp_path / "ocr_lmdb"
     make_crnn(path, LABELS[:5], rng)
-    _damage(path, put={b"image-000000003": b"not an image"}, delete=(b"label-000000005",))
+    edit_lmdb(path, put={b"image-000000003": b"not an image"}, delete=(b"label-000000005",))
     out = tmp_path / "ocr.png"
     result = run_cli("grid", path, "-o", out, "--n", "5", "--tile", "32")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

@@ -12,7 +12,7 @@ import cv2
 import lmdb
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, write_lmdb
 from PIL import Image
 from wire import field_bytes, field_varint, packed_doubles, packed_floats, packed_varints
 
@@ -55,14 +55,6 @@ def _label(*values: int) -> TensorProto:
     return TensorProto(data_type=TensorProto.INT32, int32_data=list(values))
 
 
-def _write(path, records: dict[bytes, bytes]) -> None:
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for key, value in records.items():
-            txn.put(key, value)
-    env.close()
-
-
 # ---------------------------------------------------------------- the vendored schema: Caffe2's numbers
 
 def test_tensorproto_field_numbers_and_wire_types_are_caffe2s():
@@ -92,7 +84,7 @@ def test_encoded_records_read_back_opencvs_pixels_and_labels_in_numeric_key_orde
     for i in range(12):  # 12: key order is 0, 1, 10, 11, 2, ...; samples are 0, 1, 2, ..., 11
         data = _encoded(rng.integers(0, 256, size=(5 + i % 3, 8, 3), dtype=np.uint8), "JPEG" if i % 2 else "PNG")
         stored.append((data, i % 4))
-    _write(tmp_path / "c2.lmdb", {str(i).encode(): _record(_encoded_image(data), _label(label))
+    write_lmdb(tmp_path / "c2.lmdb", {str(i).encode(): _record(_encoded_image(data), _label(label))
                                   for i, (data, label) in enumerate(stored)})
     dataset = LmdbDataset(tmp_path / "c2.lmdb")
     assert dataset.layout.name == "caffe2" and len(dataset) == 12
@@ -109,7 +101,7 @@ def test_raw_byte_records_are_hwc_bgr_pixels_color_and_gray(tmp_path, rng):
     color = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)  # BGR, as OpenCV holds it
     gray = rng.integers(0, 256, size=(4, 6), dtype=np.uint8)
     one_channel = rng.integers(0, 256, size=(3, 5, 1), dtype=np.uint8)
-    _write(tmp_path / "raw.lmdb", {b"0": _record(_raw_image(color), _label(1)),
+    write_lmdb(tmp_path / "raw.lmdb", {b"0": _record(_raw_image(color), _label(1)),
                                    b"1": _record(_raw_image(gray), _label(2)),
                                    b"2": _record(_raw_image(one_channel), _label(0))})
     dataset = LmdbDataset(tmp_path / "raw.lmdb")
@@ -128,7 +120,7 @@ def test_labels_multi_label_float_none_and_extra_tensors(tmp_path, rng):
     data = _encoded(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8), "PNG")
     box = TensorProto(data_type=TensorProto.INT32, int32_data=[0, 0, 2, 2])  # Caffe2's bounding box: not read
     weights = TensorProto(data_type=TensorProto.FLOAT, float_data=[0.5, 0.25])
-    _write(tmp_path / "labels.lmdb", {
+    write_lmdb(tmp_path / "labels.lmdb", {
         b"0": _record(_encoded_image(data), _label(4), box),
         b"1": _record(_encoded_image(data), _label(2, 7), weights),
         b"2": _record(_encoded_image(data), TensorProto(data_type=TensorProto.FLOAT, float_data=[0.75])),
@@ -142,7 +134,7 @@ def test_labels_multi_label_float_none_and_extra_tensors(tmp_path, rng):
 
 def test_the_dataset_pickles_to_workers(tmp_path, rng):
     data = _encoded(rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8), "PNG")
-    _write(tmp_path / "p.lmdb", {str(i).encode(): _record(_encoded_image(data), _label(i)) for i in range(3)})
+    write_lmdb(tmp_path / "p.lmdb", {str(i).encode(): _record(_encoded_image(data), _label(i)) for i in range(3)})
     copy = pickle.loads(pickle.dumps(LmdbDataset(tmp_path / "p.lmdb")))
     assert [copy[i][1] for i in range(3)] == [0, 1, 2]
 
@@ -152,11 +144,11 @@ def test_the_dataset_pickles_to_workers(tmp_path, rng):
 def test_keys_with_gaps_sort_numerically_and_other_keys_keep_lmdb_order(tmp_path, rng):
     data = _encoded(rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8), "PNG")
     numbers = [0, 2, 5, 10, 100]
-    _write(tmp_path / "gaps.lmdb", {str(n).encode(): _record(_encoded_image(data), _label(n)) for n in numbers})
+    write_lmdb(tmp_path / "gaps.lmdb", {str(n).encode(): _record(_encoded_image(data), _label(n)) for n in numbers})
     dataset = LmdbDataset(tmp_path / "gaps.lmdb")
     assert [dataset[i][1] for i in range(len(dataset))] == numbers
     names = [b"b-img", b"a-img", b"c-img"]
-    _write(tmp_path / "names.lmdb", {key: _record(_encoded_image(data), _label(i)) for i, key in enumerate(names)})
+    write_lmdb(tmp_path / "names.lmdb", {key: _record(_encoded_image(data), _label(i)) for i, key in enumerate(names)})
     assert LmdbDataset(tmp_path / "names.lmdb").layout.keys.tolist() == sorted(names)
 
 
@@ -178,7 +170,7 @@ def test_declared_sizes_are_checked_before_any_allocation(tmp_path):
     floats = TensorProto(data_type=TensorProto.FLOAT, dims=[3, 2, 2], float_data=[0.5] * 12)
     odd = TensorProto(data_type=TensorProto.BYTE, dims=[2, 2, 4], byte_data=b"\0" * 16)
     empty = TensorProto(data_type=TensorProto.STRING)
-    _write(tmp_path / "bad.lmdb", {b"0": _record(huge, _label(1)), b"1": _record(short, _label(1)),
+    write_lmdb(tmp_path / "bad.lmdb", {b"0": _record(huge, _label(1)), b"1": _record(short, _label(1)),
                                    b"2": _record(floats, _label(1)), b"3": _record(odd, _label(1)),
                                    b"4": _record(empty, _label(1)),
                                    b"5": _record(_encoded_image(b"x"), TensorProto(data_type=TensorProto.STRING))})
@@ -215,7 +207,7 @@ def test_a_datum_lmdb_is_not_caffe2_and_a_caffe2_lmdb_is_not_datum(tmp_path, rng
         with pytest.raises(DatumError, match="not a Caffe2 TensorProtos"):
             parse_tensor_protos(value)
     record = _record(_encoded_image(_encoded(samples[0][0], "PNG")), _label(1))
-    _write(tmp_path / "c2.lmdb", {b"0": record})
+    write_lmdb(tmp_path / "c2.lmdb", {b"0": record})
     with pytest.raises(DatumError, match="field 1 with wire type 2"):
         parse_datum_view(record)
     with pytest.raises(LmdbFormatError, match="does not hold the 'datum' layout"):
@@ -227,7 +219,7 @@ def test_values_that_are_not_image_tensorprotos_are_not_detected(tmp_path):
     for value in (b"world", b"", caffe2_pb2.TensorProtos().SerializeToString(),
                   _record(TensorProto(dims=[1])), unknown_type,
                   field_bytes(1, field_varint(2, 4) + field_varint(12, 1))):  # a field TensorProto lacks
-        _write(tmp_path / "x.lmdb", {b"0": value})
+        write_lmdb(tmp_path / "x.lmdb", {b"0": value})
         with pytest.raises(LmdbFormatError, match="does not hold the 'caffe2' layout"):
             LmdbDataset(tmp_path / "x.lmdb", layout="caffe2")
         shutil.rmtree(tmp_path / "x.lmdb")

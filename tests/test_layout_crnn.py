@@ -6,9 +6,9 @@ import io
 import pickle
 
 import cv2
-import lmdb
 import numpy as np
 import pytest
+from conftest import write_lmdb
 from PIL import Image
 
 from caffe_lmdb import LmdbDataset, open_tree
@@ -29,15 +29,6 @@ def _opencv_rgb(data: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
 
 
-def _put_all(path, records: dict[bytes, bytes], subdir: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 26, subdir=subdir)
-    with env.begin(write=True) as txn:
-        for key, value in records.items():
-            txn.put(key, value)
-    env.close()
-
-
 def make_crnn(path, labels, rng, *, subdir: bool = True, lexicon: bool = False) -> list[bytes]:
     """An LMDB as create_lmdb_dataset.py writes one: image-/label-%09d from 1, num-samples; the image bytes."""
     records, images = {}, []
@@ -50,7 +41,7 @@ def make_crnn(path, labels, rng, *, subdir: bool = True, lexicon: bool = False) 
         if lexicon:
             records[b"lexicon-%09d" % i] = b"word1 word2"
     records[b"num-samples"] = str(len(labels)).encode()
-    _put_all(path, records, subdir)
+    write_lmdb(path, records, subdir)
     return images
 
 
@@ -97,7 +88,7 @@ def test_crnn_is_forced_by_name_and_pickles_to_workers(tmp_path, rng):
 @pytest.mark.parametrize("count", [b"1000000000000000000", b"12abc", b"-1", b"\xff\xfe"])
 def test_a_hostile_num_samples_is_one_line_naming_the_lmdb_and_the_key(tmp_path, rng, count):
     make_crnn(tmp_path / "bad_lmdb", LABELS[:2], rng)
-    _put_all(tmp_path / "bad_lmdb", {b"num-samples": count})
+    write_lmdb(tmp_path / "bad_lmdb", {b"num-samples": count})
     with pytest.raises(LmdbFormatError, match=r"bad_lmdb: key b'num-samples': ") as raised:
         LmdbDataset(tmp_path / "bad_lmdb")
     assert "\n" not in str(raised.value)
@@ -105,7 +96,7 @@ def test_a_hostile_num_samples_is_one_line_naming_the_lmdb_and_the_key(tmp_path,
 
 def test_a_num_samples_beyond_the_images_present_reads_as_a_missing_key(tmp_path, rng):
     make_crnn(tmp_path / "short_lmdb", LABELS[:3], rng, lexicon=True)  # 3 samples, 10 entries
-    _put_all(tmp_path / "short_lmdb", {b"num-samples": b"5"})
+    write_lmdb(tmp_path / "short_lmdb", {b"num-samples": b"5"})
     dataset = LmdbDataset(tmp_path / "short_lmdb")
     assert len(dataset) == 5 and dataset[2][1] == LABELS[2]
     with pytest.raises(KeysFileError, match=r"short_lmdb: key b'image-000000004' is not in the LMDB"):
@@ -114,7 +105,7 @@ def test_a_num_samples_beyond_the_images_present_reads_as_a_missing_key(tmp_path
 
 def test_a_label_that_is_not_utf8_names_the_lmdb_and_the_label_key(tmp_path, rng):
     make_crnn(tmp_path / "latin1_lmdb", LABELS[:3], rng)
-    _put_all(tmp_path / "latin1_lmdb", {b"label-000000002": "café".encode("latin-1"),
+    write_lmdb(tmp_path / "latin1_lmdb", {b"label-000000002": "café".encode("latin-1"),
                                           b"image-000000003": b"not an image"})
     dataset = LmdbDataset(tmp_path / "latin1_lmdb")
     assert dataset[0][1] == LABELS[0]
@@ -125,7 +116,7 @@ def test_a_label_that_is_not_utf8_names_the_lmdb_and_the_label_key(tmp_path, rng
 
 
 def test_an_empty_crnn_lmdb_has_no_samples(tmp_path):
-    _put_all(tmp_path / "empty_lmdb", {b"num-samples": b"0"})
+    write_lmdb(tmp_path / "empty_lmdb", {b"num-samples": b"0"})
     dataset = LmdbDataset(tmp_path / "empty_lmdb")
     assert dataset.layout.name == "crnn" and len(dataset) == 0
 
@@ -141,7 +132,7 @@ def make_crnn_sr(path, labels, rng) -> list[tuple[bytes, bytes]]:
         records[b"image_lr-%09d" % i] = low
         records[b"label-%09d" % i] = label.encode("utf-8")
     records[b"num-samples"] = str(len(labels)).encode()
-    _put_all(path, records)
+    write_lmdb(path, records)
     return pairs
 
 
@@ -158,11 +149,11 @@ def test_crnn_sr_gives_the_low_resolution_input_first(tmp_path, rng):
 
 def test_crnn_sr_counts_three_entries_a_sample_and_names_the_bad_image(tmp_path, rng):
     make_crnn_sr(tmp_path / "sr_lmdb", LABELS[:2], rng)  # 7 entries: room for 2 samples, not 3
-    _put_all(tmp_path / "sr_lmdb", {b"num-samples": b"3"})
+    write_lmdb(tmp_path / "sr_lmdb", {b"num-samples": b"3"})
     with pytest.raises(LmdbFormatError, match="sr_lmdb: key b'num-samples': claims 3 samples but the LMDB has only 7"):
         LmdbDataset(tmp_path / "sr_lmdb")
     make_crnn_sr(tmp_path / "sr2_lmdb", LABELS[:2], rng)
-    _put_all(tmp_path / "sr2_lmdb", {b"image_hr-000000002": b"garbage"})
+    write_lmdb(tmp_path / "sr2_lmdb", {b"image_hr-000000002": b"garbage"})
     dataset = LmdbDataset(tmp_path / "sr2_lmdb")
     with pytest.raises(DatumError, match=r"sr2_lmdb: key b'image_hr-000000002': cannot decode"):
         dataset[1]

@@ -20,9 +20,9 @@ from __future__ import annotations
 import io
 
 import cv2
-import lmdb
 import numpy as np
 import pytest
+from conftest import write_lmdb
 from PIL import Image
 
 from caffe_lmdb import LmdbDataset, LmdbDataset_train, open_tree
@@ -53,14 +53,6 @@ def _digits_encoded(rgb: np.ndarray, label: int, fmt: str) -> tuple[bytes, bytes
     return datum.SerializeToString(), data
 
 
-def _write(path, records: dict[bytes, bytes]) -> None:
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for key, value in records.items():
-            txn.put(key, value)
-    env.close()
-
-
 def _opencv(data: bytes, flags: int) -> np.ndarray:
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     return decoded[:, :, ::-1] if decoded.ndim == 3 else decoded
@@ -79,7 +71,7 @@ def test_digits_raw_classification_lmdb_reads_back_the_images_and_labels(tmp_pat
     (job / "labels.txt").write_text("cat\ndog\nfox\n")
     images = _images(rng, 11, gray_every=4)
     labels = [i % 3 for i in range(11)]
-    _write(job / "train_db", {b"%08d_%d" % (i, label): _digits_raw(image, label)
+    write_lmdb(job / "train_db", {b"%08d_%d" % (i, label): _digits_raw(image, label)
                               for i, (image, label) in enumerate(zip(images, labels, strict=True))})
     dataset = LmdbDataset(job / "train_db")
     train = LmdbDataset_train(job / "train_db", output="numpy")
@@ -104,7 +96,7 @@ def test_digits_encoded_classification_lmdb_reads_opencvs_pixels(tmp_path, rng, 
     for i, image in enumerate(images):
         record, data = _digits_encoded(image, i % 2, fmt)
         stored[b"%08d_%d" % (i, i % 2)] = (record, data)
-    _write(tmp_path / "val_db", {key: record for key, (record, _) in stored.items()})
+    write_lmdb(tmp_path / "val_db", {key: record for key, (record, _) in stored.items()})
     dataset = LmdbDataset(tmp_path / "val_db")
     train = LmdbDataset_train(tmp_path / "val_db")
     color = LmdbDataset_train(tmp_path / "val_db", mode="color")
@@ -128,7 +120,7 @@ def test_a_digits_job_folder_opens_as_a_tree_of_its_lmdbs(tmp_path, rng):
     job.mkdir()
     (job / "labels.txt").write_text("a\nb\n")
     for name, count in (("train_db", 4), ("val_db", 2)):
-        _write(job / name, {b"%08d_%d" % (i, i % 2): _digits_raw(image, i % 2)
+        write_lmdb(job / name, {b"%08d_%d" % (i, i % 2): _digits_raw(image, i % 2)
                             for i, image in enumerate(_images(rng, count))})
     tree = open_tree(job)
     assert len(tree) == 6 and [s.rsplit("/", 1)[-1] for s in tree.sources] == ["train_db", "val_db"]
@@ -141,7 +133,7 @@ def test_digits_generic_features_with_scalar_labels(tmp_path, rng):
     features = [rng.integers(0, 256, size=(3, 5, 4), dtype=np.uint8) for _ in range(5)]  # C x H x W, RGB
     stage = tmp_path / "train"
     stage.mkdir()
-    _write(stage / "features", {b"%09d" % i: _pycaffe_datum(chw[[2, 1, 0], ...], i + 10)
+    write_lmdb(stage / "features", {b"%09d" % i: _pycaffe_datum(chw[[2, 1, 0], ...], i + 10)
                                 for i, chw in enumerate(features)})
     dataset = LmdbDataset(stage / "features")
     train = LmdbDataset_train(stage / "features", output="numpy")
@@ -163,8 +155,8 @@ def test_digits_generic_features_with_a_labels_lmdb_of_float_vectors(tmp_path, r
         record, data = _digits_encoded(image, 0, "PNG")  # label 0: the labels LMDB holds the labels
         encoded[b"%09d" % i] = record
         assert _opencv(data, cv2.IMREAD_COLOR).tolist() == image.tolist()
-    _write(stage / "features", encoded)
-    _write(stage / "labels", {b"%09d" % i: _pycaffe_datum(vector, 0) for i, vector in enumerate(vectors)})
+    write_lmdb(stage / "features", encoded)
+    write_lmdb(stage / "labels", {b"%09d" % i: _pycaffe_datum(vector, 0) for i, vector in enumerate(vectors)})
     images = LmdbDataset(stage / "features")
     labels = LmdbDataset_train(stage / "labels", output="numpy")  # float records keep their values here
     assert len(images) == len(labels) == 4

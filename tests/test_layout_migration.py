@@ -17,7 +17,7 @@ import lmdb
 import numpy as np
 import pytest
 import test_layout_caffe2 as caffe2
-from conftest import assert_one_line_error, run_cli, tree_snapshot
+from conftest import assert_one_line_error, run_cli, tree_snapshot, write_lmdb
 from lmdbread import read_all, read_datums
 from PIL import Image
 from test_layout_basicsr import make_basicsr, make_edvr
@@ -327,12 +327,12 @@ def _roundtrip_source(case: str, tmp_path, rng) -> tuple[Any, dict[str, Any], in
         write_folder2lmdb(source, [(d, (7 * i) % 4) for i, d in enumerate(files(12))])
         return source, {}, None, "int"
     if case == "caffe2-encoded":
-        caffe2._write(source, {str(i).encode(): caffe2._record(caffe2._encoded_image(d), caffe2._label(i % 4))
+        write_lmdb(source, {str(i).encode(): caffe2._record(caffe2._encoded_image(d), caffe2._label(i % 4))
                                for i, d in enumerate(files(12))})
         return source, {}, None, "int"
     if case == "caffe2-raw":
         raws = [noise(5, 7, 3), noise(4, 6), noise(3, 5, 1), noise(6, 4, 3)]  # BGR, gray, one channel
-        caffe2._write(source, {str(i).encode(): caffe2._record(caffe2._raw_image(bgr), caffe2._label(i))
+        write_lmdb(source, {str(i).encode(): caffe2._record(caffe2._raw_image(bgr), caffe2._label(i))
                                for i, bgr in enumerate(raws)})
         return source, {}, None, "int"
     assert case == "lsun"
