@@ -108,17 +108,22 @@ def prepare(workdir: Path, n: int, seed: int) -> dict[str, Any]:
     return {"lmdb": lmdb_path, "origin": stamp.read_text().split("\n")[1]}
 
 
-def records(lmdb_path: Path) -> list[bytes]:
-    """Every record's JPEG bytes, in key (dataset index) order."""
+def _datums(lmdb_path: Path) -> list[caffe_pb2.Datum]:
+    """Every record, parsed, in key (dataset index) order."""
     env = lmdb.open(str(lmdb_path), readonly=True, lock=False)
     out = []
     with env.begin() as txn:
         for _, value in txn.cursor():
             datum = caffe_pb2.Datum()
             datum.ParseFromString(value)
-            out.append(datum.data)
+            out.append(datum)
     env.close()
     return out
+
+
+def records(lmdb_path: Path) -> list[bytes]:
+    """Every record's JPEG bytes, in key (dataset index) order."""
+    return [datum.data for datum in _datums(lmdb_path)]
 
 
 # --------------------------------------------------------------------------- the Pillow baselines
@@ -252,15 +257,8 @@ def bench_fast_resize(workdir: Path, n: int, passes: int) -> dict[str, Any]:
 
 
 def _planes(lmdb_path: Path) -> list[np.ndarray]:
-    env = lmdb.open(str(lmdb_path), readonly=True, lock=False)
-    out = []
-    with env.begin() as txn:
-        for _, value in txn.cursor():
-            datum = caffe_pb2.Datum()
-            datum.ParseFromString(value)
-            out.append(np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width))
-    env.close()
-    return out
+    return [np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width)
+            for datum in _datums(lmdb_path)]
 
 
 # --------------------------------------------------------------------------- the section
